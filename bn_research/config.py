@@ -1,0 +1,182 @@
+"""The config schema every experiment shares, and its validation.
+
+Config files in `configs/` start from `base_config()` so that scripts, sweeps and the
+compare tools can rely on the same keys. `validate_config` checks a resolved config
+before any data is loaded or anything is compiled; every error is one line that names
+the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from bn_research import normalization
+
+PARALLELISMS = ('jit', 'pmap')
+OPTIMIZERS = ('sgd', 'momentum')
+ACTIVATIONS = ('sigmoid', 'relu', 'tanh')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the engine reads, with defaults. Config files override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 32                # global, over all devices and hosts
+  c.num_train_steps = 1000
+  c.eval_every_steps = 500
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.eval_batch_size = 1000
+  # Training steps run per dispatch (a lax.scan over a chunk of steps), so that for
+  # small models Python overhead does not dominate. Chunks always end at log, eval and
+  # checkpoint steps, which keeps resumed runs bitwise identical.
+  c.steps_per_dispatch = 1
+  c.parallelism = 'jit'            # 'jit' over a 1-D device mesh, or 'pmap'
+  c.num_devices = 0                # 0: all local devices
+  c.distributed = False            # call jax.distributed.initialize() (multi-host)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'momentum'    # 'sgd' | 'momentum'
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9       # the paper's value
+  c.optimizer.nesterov = False
+  # Exponential decay lr * decay_rate ** (step / decay_steps); decay_rate 1.0 = constant.
+  # "Decay 6x faster" (Section 4.2.1) is decay_steps / 6.
+  c.optimizer.decay_rate = 1.0
+  c.optimizer.decay_steps = 1000
+  c.optimizer.staircase = False
+  # L2 weight regularisation, wd/2 * ||W||^2 added to the loss (applied as wd * W in
+  # the gradient, before momentum). Kernels only; BN's gamma/beta only if asked.
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.regularize_batch_norm = False
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'mlp'
+  c.model.normalizer = 'batch_norm'   # 'batch_norm' | 'virtual_batch_norm' | 'none'
+  c.model.activation = 'sigmoid'
+  c.model.hidden_sizes = (100, 100, 100)
+  c.model.init_stddev = 0.1           # Gaussian init of dense kernels
+  c.model.dropout_rate = 0.0
+  c.model.bn_momentum = 0.99
+  c.model.bn_epsilon = 1e-5
+  c.model.virtual_batch_size = 0      # 0: statistics over the whole (global) batch
+  c.model.unbiased_running_var = True
+  c.model.dtype = 'float32'
+  # Inception-only options (ignored by the MLP).
+  c.model.use_lrn = False
+  c.model.width_multiplier = 1.0
+  c.model.small_inputs = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'synthetic'
+  c.data.source = 'synthetic'
+  c.data.data_dir = ''
+  c.data.binarize = False
+  c.data.binarize_threshold = 0.5
+  c.data.num_test = 1000
+  c.data.split_seed = 0
+  c.data.num_train = 2000
+  c.data.image_size = 8
+  c.data.channels = 1
+  c.data.num_classes = 10
+  # ImageNet pipeline options (ignored by in-memory datasets).
+  c.data.distortions = 'full'
+  c.data.shuffle = 'thorough'
+  c.data.num_workers = 8
+  c.data.prefetch = 2
+
+  # Activation tracking (the paper's Figure 1): percentiles of the input to one unit's
+  # nonlinearity, on a fixed batch of held-out examples, at every eval.
+  c.probe = ml_collections.ConfigDict()
+  c.probe.enabled = False
+  c.probe.layer = -1                  # hidden layer index; -1: the last
+  c.probe.unit = 0
+  c.probe.num_examples = 1000
+  c.probe.percentiles = (15.0, 50.0, 85.0)
+  return c
+
+
+def _positive_int(name, value):
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f'{name}={value!r} must be a positive integer.')
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+  """Raises ValueError naming the first bad value; cheap (no data, no compilation).
+
+  Args:
+    config: a resolved config.
+    num_devices: devices the batch is split over (checked for divisibility), or None.
+  """
+  for key in ('batch_size', 'num_train_steps', 'eval_every_steps', 'log_every_steps',
+              'checkpoint_every_steps', 'eval_batch_size', 'steps_per_dispatch'):
+    _positive_int(key, config[key])
+  if config.parallelism not in PARALLELISMS:
+    raise ValueError(f'parallelism={config.parallelism!r}; allowed: {", ".join(PARALLELISMS)}.')
+  if config.num_devices < 0:
+    raise ValueError(f'num_devices={config.num_devices!r} must be >= 0 (0: all local devices).')
+  if num_devices is not None and config.batch_size % num_devices:
+    raise ValueError(
+        f'batch_size={config.batch_size} is not divisible by the {num_devices} devices '
+        'it is split over; use a multiple of the device count (or set num_devices).')
+  opt = config.optimizer
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f'optimizer.name={opt.name!r}; allowed: {", ".join(OPTIMIZERS)}.')
+  if not opt.learning_rate > 0:
+    raise ValueError(f'optimizer.learning_rate={opt.learning_rate!r} must be > 0.')
+  if not 0 <= opt.momentum < 1:
+    raise ValueError(f'optimizer.momentum={opt.momentum!r} must be in [0, 1).')
+  if not 0 < opt.decay_rate <= 1:
+    raise ValueError(f'optimizer.decay_rate={opt.decay_rate!r} must be in (0, 1].')
+  _positive_int('optimizer.decay_steps', opt.decay_steps)
+  if opt.weight_decay < 0:
+    raise ValueError(f'optimizer.weight_decay={opt.weight_decay!r} must be >= 0.')
+
+  m = config.model
+  from bn_research import models  # local import: models import flax modules
+  if m.name not in models.MODELS:
+    raise ValueError(f'model.name={m.name!r}; allowed: {", ".join(sorted(models.MODELS))}.')
+  if m.normalizer not in normalization.NORMALIZERS:
+    raise ValueError(f'model.normalizer={m.normalizer!r}; allowed: '
+                     f'{", ".join(normalization.NORMALIZERS)}.')
+  if m.normalizer == 'virtual_batch_norm' and m.virtual_batch_size <= 0:
+    raise ValueError("model.normalizer='virtual_batch_norm' needs model.virtual_batch_size "
+                     f'> 0, got {m.virtual_batch_size!r}.')
+  if m.virtual_batch_size < 0:
+    raise ValueError(f'model.virtual_batch_size={m.virtual_batch_size!r} must be >= 0.')
+  if m.virtual_batch_size and m.normalizer != 'none':
+    per_device = config.batch_size // (num_devices or 1)
+    if per_device % m.virtual_batch_size:
+      raise ValueError(
+          f'model.virtual_batch_size={m.virtual_batch_size} does not divide the per-device '
+          f'batch of {per_device} (batch_size={config.batch_size} over {num_devices or 1} devices).')
+  if not m.bn_epsilon > 0:
+    raise ValueError(f'model.bn_epsilon={m.bn_epsilon!r} must be > 0.')
+  if not 0 <= m.bn_momentum <= 1:
+    raise ValueError(f'model.bn_momentum={m.bn_momentum!r} must be in [0, 1].')
+  if not 0 <= m.dropout_rate < 1:
+    raise ValueError(f'model.dropout_rate={m.dropout_rate!r} must be in [0, 1).')
+  if m.dtype not in ('float32', 'bfloat16', 'float16'):
+    raise ValueError(f'model.dtype={m.dtype!r}; allowed: float32, bfloat16, float16.')
+  models.validate_model_config(m)
+
+  if config.data.name == 'imagenet2012':
+    from bn_research.data import imagenet
+    imagenet.validate_imagenet_config(config.data)
+  else:
+    from bn_research import data
+    data.validate_data_config(config.data)
+
+  if config.probe.enabled:
+    _positive_int('probe.num_examples', config.probe.num_examples)
+    for p in config.probe.percentiles:
+      if not 0 <= p <= 100:
+        raise ValueError(f'probe.percentiles contains {p!r}; each must be in [0, 100].')
+
+
+def check_workdir_parent(workdir: str) -> None:
+  parent = os.path.dirname(os.path.abspath(workdir))
+  if not os.path.isdir(parent):
+    raise ValueError(f'--workdir={workdir!r}: its parent directory {parent!r} does not exist.')

