@@ -1,0 +1,621 @@
+"""Hyperparameter sweeps: grids, run names, launch commands, skip/resume.
+
+A sweep is an ordered mapping from dotted config keys to lists of values.
+Its grid is the Cartesian product, with the first key varying slowest. Every
+grid point becomes one training run in its own sub-directory whose name is
+built from the point's values only, so the same command always maps a point
+to the same directory: re-running a sweep finds earlier runs, skips finished
+ones and relaunches the rest (the engine resumes those from checkpoints).
+
+This module is the library behind `scripts/sweep.py`; it never imports the
+training engine, which is started as a subprocess through a launcher function
+that tests replace.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import importlib.util
+import itertools
+import json
+import logging
+import pathlib
+import re
+import subprocess
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from bn_research.analysis import runs as runs_lib
+
+Sweep = dict[str, list[Any]]
+Launcher = Callable[[Sequence[str]], int]
+
+_KEY_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
+# Characters kept verbatim in directory names. ',' and '=' separate the parts
+# of a name, so a value containing them is hashed instead.
+_SAFE_VALUE_RE = re.compile(r'^[A-Za-z0-9._+-]+$')
+# Well under the usual 255-byte limit on one path component.
+_MAX_NAME_LEN = 200
+# `--config.key=v`, `--config.key v`, `--config.flag` and `--noconfig.flag`,
+# with one or two dashes, as ml_collections' config flag accepts them.
+_OVERRIDE_RE = re.compile(r'^--?(no)?config\.([^=]+)(=.*)?$', re.DOTALL)
+
+
+class SweepError(ValueError):
+  """A sweep definition or command line that cannot be run."""
+
+
+# ---------------------------------------------------------------- values
+
+
+def parse_value(text: str) -> Any:
+  """Parses one sweep value the way ml_collections parses a literal override.
+
+  Python literals (ints, floats, bools, None, tuples, lists) are evaluated;
+  absl's lower-case `true`/`false` are bools; anything else is a string.
+  The training engine parses the value again with the config field's type,
+  so this parse only decides the run name and what sweep.json records.
+
+  Args:
+    text: The value as written after `KEY=`.
+
+  Returns:
+    The parsed value.
+  """
+  text = text.strip()
+  if text in ('true', 'false'):
+    return text == 'true'
+  try:
+    return ast.literal_eval(text)
+  except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+    return text
+
+
+def format_value(value: Any) -> str:
+  """Writes a value as a command-line override text.
+
+  Args:
+    value: A parsed or Python-defined sweep value.
+
+  Returns:
+    The text after `--config.KEY=`: bools in absl's lower case, floats in
+    shortest round-trip form (so 1e-1 and 0.1 give the same text), strings as
+    they are, containers as Python literals.
+
+  Raises:
+    SweepError: For values no override could express (objects, functions).
+  """
+  if isinstance(value, bool):
+    return 'true' if value else 'false'
+  if value is None or isinstance(value, (int, float)):
+    return repr(value)
+  if isinstance(value, str):
+    return value
+  if isinstance(value, (tuple, list, dict)):
+    try:
+      if ast.literal_eval(repr(value)) == value:
+        return repr(value)
+    except (SyntaxError, ValueError):
+      pass
+  raise SweepError(
+      f'sweep value {value!r} of type {type(value).__name__} cannot be '
+      'written as a --config override; use numbers, bools, strings, None, '
+      'or tuples/lists of them')
+
+
+def split_values(text: str) -> list[str]:
+  """Splits `V1,V2,...` at commas outside brackets and quotes.
+
+  Keeping bracketed commas lets tuple-valued fields be swept, e.g.
+  `model.hidden_sizes=(100,100),(50,50)`.
+
+  Args:
+    text: The part of a --sweep argument after `KEY=`.
+
+  Returns:
+    The value texts, unparsed.
+
+  Raises:
+    SweepError: If brackets or quotes are unbalanced.
+  """
+  parts, current, stack, quote = [], [], [], None
+  closing = {')': '(', ']': '[', '}': '{'}
+  for ch in text:
+    if quote:
+      if ch == quote:
+        quote = None
+    elif ch in '\'"':
+      quote = ch
+    elif ch in '([{':
+      stack.append(ch)
+    elif ch in ')]}':
+      if not stack or stack.pop() != closing[ch]:
+        raise SweepError(f'unbalanced {ch!r} in sweep values {text!r}')
+    elif ch == ',' and not stack:
+      parts.append(''.join(current))
+      current = []
+      continue
+    current.append(ch)
+  if quote or stack:
+    raise SweepError(f'unclosed {quote or stack[-1]!r} in sweep values {text!r}')
+  parts.append(''.join(current))
+  return parts
+
+
+def _check_key(key: str, where: str) -> None:
+  if not _KEY_RE.match(key):
+    raise SweepError(
+        f'{where}: {key!r} is not a dotted config key like '
+        '"optimizer.learning_rate"')
+
+
+def _check_distinct(key: str, values: Sequence[Any], where: str) -> None:
+  """Two equal values would launch the same run twice into one directory."""
+  seen: dict[str, Any] = {}
+  for value in values:
+    text = format_value(value)
+    if text in seen:
+      raise SweepError(f'{where}: value {value!r} of {key!r} is listed twice')
+    seen[text] = value
+
+
+def parse_sweep_arg(arg: str) -> tuple[str, list[Any]]:
+  """Parses one `--sweep=KEY=V1,V2,...` argument.
+
+  Args:
+    arg: The flag value, `KEY=V1,V2,...`.
+
+  Returns:
+    (key, parsed values).
+
+  Raises:
+    SweepError: Naming the argument and the offending part.
+  """
+  where = f'--sweep={arg}'
+  if '=' not in arg:
+    raise SweepError(f'{where}: expected KEY=V1,V2,... (no "=" found)')
+  key, _, text = arg.partition('=')
+  key = key.strip()
+  _check_key(key, where)
+  try:
+    texts = split_values(text)
+  except SweepError as e:
+    raise SweepError(f'{where}: {e}') from None
+  values = []
+  for i, value_text in enumerate(texts, 1):
+    if not value_text.strip():
+      raise SweepError(f'{where}: value #{i} of {key!r} is empty')
+    values.append(parse_value(value_text))
+  _check_distinct(key, values, where)
+  return key, values
+
+
+def check_sweep(sweep: Any, where: str) -> Sweep:
+  """Validates a sweep defined in Python (an experiments/ file).
+
+  Args:
+    sweep: Should be a mapping from dotted keys to non-empty lists of values.
+    where: Names the source in error messages.
+
+  Returns:
+    A fresh dict with list values.
+
+  Raises:
+    SweepError: Naming the key or value at fault.
+  """
+  if not isinstance(sweep, Mapping):
+    raise SweepError(f'{where}: SWEEP must be a dict, got {type(sweep).__name__}')
+  out: Sweep = {}
+  for key, values in sweep.items():
+    if not isinstance(key, str):
+      raise SweepError(f'{where}: key {key!r} is not a string')
+    _check_key(key, where)
+    # A bare string would otherwise be swept character by character.
+    if not isinstance(values, (list, tuple)) or not values:
+      raise SweepError(
+          f'{where}: values of {key!r} must be a non-empty list, got {values!r}')
+    for value in values:
+      format_value(value)
+    _check_distinct(key, values, where)
+    out[key] = list(values)
+  return out
+
+
+def merge_sweeps(base: Mapping[str, list[Any]],
+                 sweep_args: Iterable[str]) -> Sweep:
+  """Adds command-line --sweep arguments to a (file-defined) sweep.
+
+  A command-line key that the file also sweeps replaces the file's values,
+  so a file's grid can be narrowed without editing it.
+
+  Args:
+    base: Sweep from `--sweep_file`, or {}.
+    sweep_args: The `--sweep` flag values.
+
+  Returns:
+    The combined sweep, file keys first.
+
+  Raises:
+    SweepError: On bad syntax or a key given twice on the command line.
+  """
+  merged = dict(base)
+  seen = set()
+  for arg in sweep_args:
+    key, values = parse_sweep_arg(arg)
+    if key in seen:
+      raise SweepError(f'--sweep={arg}: {key!r} is already swept by an earlier '
+                       '--sweep; list all its values in one flag')
+    if key in merged:
+      logging.info('--sweep for %s replaces the sweep file\'s values.', key)
+    seen.add(key)
+    merged[key] = values
+  return merged
+
+
+def expand_grid(sweep: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+  """Expands a sweep into its grid points.
+
+  Args:
+    sweep: Ordered mapping of keys to values.
+
+  Returns:
+    One dict per point, keys in sweep order; the first key varies slowest.
+    An empty sweep has one point, the unmodified config.
+  """
+  keys = list(sweep)
+  return [dict(zip(keys, combo))
+          for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+# ---------------------------------------------------------------- naming
+
+
+def _short_hash(text: str) -> str:
+  return hashlib.sha1(text.encode('utf-8')).hexdigest()[:8]
+
+
+def _name_part(value: Any) -> str:
+  text = format_value(value)
+  if _SAFE_VALUE_RE.match(text):
+    return text
+  # Keep a readable hint, and a hash so distinct values stay distinct.
+  hint = re.sub(r'[^A-Za-z0-9._+-]+', '_', text).strip('_.')[:40]
+  return f'{hint}-{_short_hash(text)}' if hint else _short_hash(text)
+
+
+def run_name(params: Mapping[str, Any]) -> str:
+  """Directory name of one grid point, e.g. `optimizer.learning_rate=0.1`.
+
+  Args:
+    params: The point's key -> value, in sweep order.
+
+  Returns:
+    `KEY=VALUE` parts joined with ','. Values with characters outside
+    [A-Za-z0-9._+-] are replaced by a sanitized hint plus a hash of their
+    text, and over-long names are cut and hashed, so names are filesystem
+    safe, unique per point and the same every time. `base` for no params.
+  """
+  if not params:
+    return 'base'
+  name = ','.join(f'{k}={_name_part(v)}' for k, v in params.items())
+  if len(name) > _MAX_NAME_LEN:
+    name = f'{name[:_MAX_NAME_LEN - 9]}-{_short_hash(name)}'
+  return name
+
+
+# ---------------------------------------------------------------- commands
+
+
+def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.KEY...` overrides from the other arguments.
+
+  The sweep script passes overrides through to every run untouched, so it
+  does not need to know their types; absl would reject them as unknown
+  flags, hence they are removed before absl parses the rest.
+
+  Args:
+    argv: Command-line arguments (without the program name).
+
+  Returns:
+    (overrides, remaining arguments). `--config.KEY VALUE` is joined into
+    `--config.KEY=VALUE`; bare boolean forms are kept as written.
+  """
+  overrides, rest = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    match = _OVERRIDE_RE.match(arg)
+    if arg == '--':
+      rest.extend(argv[i:])
+      break
+    if match is None:
+      rest.append(arg)
+    elif match.group(3) is None and not match.group(1) and (
+        i + 1 < len(argv) and not argv[i + 1].startswith('-')):
+      overrides.append(f'{arg}={argv[i + 1]}')
+      i += 1
+    else:
+      overrides.append(arg)
+    i += 1
+  return overrides, rest
+
+
+def override_key(override: str) -> str:
+  """The dotted key of a `--config.KEY=VALUE` override."""
+  match = _OVERRIDE_RE.match(override)
+  if match is None:
+    raise SweepError(f'{override!r} is not a --config.KEY=VALUE override')
+  return match.group(2)
+
+
+def build_command(python: str, config: str, workdir: str | pathlib.Path,
+                  params: Mapping[str, Any],
+                  overrides: Sequence[str] = ()) -> list[str]:
+  """Builds the argv launching one run of the training engine.
+
+  Args:
+    python: Interpreter to run (`sys.executable` by default in the script).
+    config: `configs/<file>.py[:args]`.
+    workdir: The run's own directory.
+    params: The grid point, passed as `--config.KEY=VALUE`.
+    overrides: Extra `--config...` arguments common to all runs; they come
+      first so that nothing can silently override a swept key after it.
+
+  Returns:
+    The argv list.
+  """
+  return ([python, '-m', 'bn_research.main', f'--config={config}',
+           f'--workdir={workdir}'] + list(overrides)
+          + [f'--config.{k}={format_value(v)}' for k, v in params.items()])
+
+
+@dataclasses.dataclass
+class PlannedRun:
+  """One grid point ready to launch.
+
+  Attributes:
+    name: Sub-directory name (see `run_name`).
+    params: The grid point.
+    workdir: The run's directory.
+    command: argv launching the run.
+  """
+
+  name: str
+  params: dict[str, Any]
+  workdir: pathlib.Path
+  command: list[str]
+
+
+def plan_sweep(config: str, sweep_dir: str | pathlib.Path,
+               sweep: Mapping[str, Sequence[Any]],
+               overrides: Sequence[str] = (),
+               python: str = 'python') -> list[PlannedRun]:
+  """Turns a sweep into the runs to launch, in grid order.
+
+  Args:
+    config: `configs/<file>.py[:args]`.
+    sweep_dir: The sweep's directory; runs go in sub-directories.
+    sweep: Key -> values.
+    overrides: `--config.KEY=VALUE` arguments common to all runs.
+    python: Interpreter for the commands.
+
+  Returns:
+    The planned runs.
+
+  Raises:
+    SweepError: If an override sets a swept key, or two points share a name.
+  """
+  for override in overrides:
+    key = override_key(override)
+    if key in sweep:
+      raise SweepError(f'{override} sets {key!r}, which the sweep also varies')
+  sweep_dir = pathlib.Path(sweep_dir)
+  planned, names = [], set()
+  for params in expand_grid(sweep):
+    name = run_name(params)
+    if name in names:
+      raise SweepError(f'two grid points share the run name {name!r}')
+    names.add(name)
+    workdir = sweep_dir / name
+    planned.append(PlannedRun(
+        name=name, params=params, workdir=workdir,
+        command=build_command(python, config, workdir, params, overrides)))
+  return planned
+
+
+# ---------------------------------------------------------------- files
+
+
+def load_python_file(path: str | pathlib.Path, module_name: str) -> Any:
+  """Executes a Python file as a fresh module (config and sweep files)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise SweepError(f'{str(path)!r} does not exist')
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_sweep_file(path: str | pathlib.Path) -> tuple[Sweep, str | None]:
+  """Loads `SWEEP` (and optional `CONFIG`) from an experiments/ file.
+
+  Args:
+    path: Python file defining `SWEEP = {"key": [values...]}` and optionally
+      `CONFIG = "configs/x.py:args"`.
+
+  Returns:
+    (validated sweep, CONFIG or None).
+
+  Raises:
+    SweepError: If the file is missing, lacks SWEEP, or SWEEP is malformed.
+  """
+  module = load_python_file(path, '_bn_research_sweep_file')
+  if not hasattr(module, 'SWEEP'):
+    raise SweepError(f'{str(path)!r} does not define SWEEP')
+  config = getattr(module, 'CONFIG', None)
+  if config is not None and not isinstance(config, str):
+    raise SweepError(f'{str(path)!r}: CONFIG must be a string like '
+                     '"configs/x.py:args"')
+  return check_sweep(module.SWEEP, str(path)), config
+
+
+def load_config(spec: str) -> Any:
+  """Loads a config as `--config=path.py[:args]` would (ml_collections).
+
+  Args:
+    spec: `path.py` or `path.py:args`; args go to `get_config` as one string.
+
+  Returns:
+    The object `get_config` returns.
+  """
+  path, *args = spec.split(':', 1)
+  module = load_python_file(path, '_bn_research_sweep_config')
+  if not hasattr(module, 'get_config'):
+    raise SweepError(f'config file {path!r} defines no get_config()')
+  try:
+    return module.get_config(*args)
+  except Exception as e:  # Reported as a sweep error, before any launch.
+    raise SweepError(f'get_config() of {spec!r} failed: {e!r}') from e
+
+
+def has_key(config: Any, key: str) -> bool:
+  """Returns whether a dotted key exists in a ConfigDict or nested dict."""
+  node = config
+  for part in key.split('.'):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError, IndexError):
+      return False
+  return True
+
+
+def check_keys(config: Any, keys: Iterable[str], config_spec: str) -> None:
+  """Fails before launching anything if a key is not in the config.
+
+  Without this, a typo in a swept key would only surface when the first
+  run starts, possibly hours into a queue.
+
+  Raises:
+    SweepError: Listing the unknown keys.
+  """
+  unknown = [k for k in keys if not has_key(config, k)]
+  if unknown:
+    raise SweepError(f'not in config {config_spec!r}: '
+                     + ', '.join(repr(k) for k in unknown))
+
+
+def write_sweep_json(sweep_dir: str | pathlib.Path, config: str,
+                     sweep: Mapping[str, Sequence[Any]],
+                     overrides: Sequence[str],
+                     planned: Sequence[PlannedRun]) -> pathlib.Path:
+  """Writes (or extends) `sweep_dir/sweep.json`.
+
+  Run names only encode swept values, so a directory reused with another
+  base config or other common overrides would mix incomparable runs and
+  skip runs that were never done with these settings; that is refused.
+  Reusing it with more values of the same keys extends the run list.
+
+  Args:
+    sweep_dir: The sweep's directory (created if needed).
+    config: The config spec.
+    sweep: Key -> values of this invocation.
+    overrides: Common `--config` overrides.
+    planned: The runs of this invocation.
+
+  Returns:
+    Path of sweep.json.
+
+  Raises:
+    SweepError: If the directory holds a sweep with a different base.
+  """
+  sweep_dir = pathlib.Path(sweep_dir)
+  path = sweep_dir / runs_lib.SWEEP_FILE
+  runs = [{'name': r.name, 'params': r.params} for r in planned]
+  if path.is_file():
+    old = json.loads(path.read_text())
+    if (old.get('config') != config
+        or sorted(old.get('overrides', [])) != sorted(overrides)):
+      raise SweepError(
+          f'{str(sweep_dir)!r} already holds a sweep of config '
+          f'{old.get("config")!r} with overrides {old.get("overrides")}; '
+          'use another --workdir for a different base config')
+    names = {r['name'] for r in runs}
+    runs += [r for r in old.get('runs', []) if r.get('name') not in names]
+  sweep_dir.mkdir(parents=True, exist_ok=True)
+  record = {'config': config, 'overrides': list(overrides),
+            'sweep': {k: list(v) for k, v in sweep.items()}, 'runs': runs}
+  tmp = path.with_suffix('.json.tmp')
+  # default=repr: tuples become lists anyway; anything odd stays readable.
+  tmp.write_text(json.dumps(record, indent=2, default=repr) + '\n')
+  tmp.replace(path)  # Atomic, so compare never reads half a file.
+  return path
+
+
+# ---------------------------------------------------------------- running
+
+
+def subprocess_launcher(command: Sequence[str]) -> int:
+  """Runs one training run in the foreground and returns its exit code."""
+  return subprocess.call(list(command))
+
+
+def needs_launch(run: PlannedRun) -> tuple[bool, str]:
+  """Decides whether a run must be (re)launched.
+
+  `done` and `diverged` are final results. `running`, `failed` or no status
+  are relaunched: the engine resumes from the last checkpoint. A `running`
+  status is usually a run that was killed; launch sweeps one at a time.
+
+  Returns:
+    (launch?, the status found or "new").
+  """
+  status = runs_lib.read_status(run.workdir)
+  state = 'new' if status is None else str(status.get('status', 'unknown'))
+  return state not in runs_lib.FINISHED_STATUSES, state
+
+
+@dataclasses.dataclass
+class SweepResult:
+  """What `run_sweep` did.
+
+  Attributes:
+    skipped: (name, status) of runs already finished.
+    launched: Names of runs launched, in order.
+    failed: (name, exit code) of launched runs that exited non-zero.
+  """
+
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  launched: list[str] = dataclasses.field(default_factory=list)
+  failed: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+
+
+def run_sweep(planned: Sequence[PlannedRun],
+              launcher: Launcher = subprocess_launcher) -> SweepResult:
+  """Launches the unfinished runs of a sweep one after another.
+
+  A failing run does not stop the sweep: the others are independent, and
+  re-running the sweep retries only what is unfinished.
+
+  Args:
+    planned: Runs from `plan_sweep`.
+    launcher: Runs one command and returns its exit code; replaced in tests.
+
+  Returns:
+    What was skipped, launched and failed.
+  """
+  result = SweepResult()
+  for i, run in enumerate(planned, 1):
+    launch, state = needs_launch(run)
+    if not launch:
+      logging.info('[%d/%d] %s: %s, skipping.', i, len(planned), run.name, state)
+      result.skipped.append((run.name, state))
+      continue
+    logging.info('[%d/%d] %s: %s, launching.', i, len(planned), run.name, state)
+    result.launched.append(run.name)
+    code = launcher(run.command)
+    if code != 0:
+      logging.error('%s exited with code %d.', run.name, code)
+      result.failed.append((run.name, code))
+  return result

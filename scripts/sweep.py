@@ -1,0 +1,147 @@
+r"""Runs a grid of training runs, one sub-directory per grid point.
+
+Usage:
+  python -m scripts.sweep --config=configs/<file>.py[:args] --workdir=DIR \
+      --sweep=KEY=V1,V2,... [--sweep=KEY2=...] [--sweep_file=experiments/x.py] \
+      [--config.key=value ...] [--print_commands] [--python=INTERPRETER]
+
+Each grid point runs as
+  INTERPRETER -m bn_research.main --config=... --workdir=DIR/NAME \
+      [--config.key=value ...] --config.KEY=V ...
+one after another, where NAME is built from the point's values (e.g.
+`optimizer.learning_rate=0.1,model.normalizer=batch_norm`). Re-running the
+same command skips runs whose status is done or diverged and relaunches the
+others, which the engine resumes from their checkpoints. `--print_commands`
+prints the launch commands (one shell-quoted line each, finished runs left
+out) instead of running them, e.g. to feed a cluster queue. Either way
+DIR/sweep.json records the grid and run names; `scripts.compare DIR` reads it.
+
+A `--sweep_file` is a Python file defining `SWEEP = {"key": [values]}` and
+optionally `CONFIG = "configs/x.py:args"` (used when --config is not given).
+A --sweep flag for a key the file also sweeps replaces the file's values.
+
+How `--config.key=value` is handled: the overrides are taken out of argv by
+our own small parser before absl sees the rest, and passed to every run
+verbatim. We do not use `config_flags.DEFINE_config_file` here because it
+turns overrides into typed values, and the sweep would have to write them
+back as text, which can lose information (tuples, float formatting); the
+engine, which does use ml_collections, parses them once with the field
+types. The config file is still loaded once (unless --novalidate_keys) to
+check that every swept and overridden key exists before anything launches.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from bn_research import sweep as sweep_lib
+
+_CONFIG = flags.DEFINE_string(
+    'config', None, 'Config spec, configs/<file>.py[:args].')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Sweep directory; each run goes in a sub-directory.')
+_SWEEP = flags.DEFINE_multi_string(
+    'sweep', [], 'KEY=V1,V2,... (repeatable); the grid is the product.')
+_SWEEP_FILE = flags.DEFINE_string(
+    'sweep_file', None, 'Python file defining SWEEP (and optionally CONFIG).')
+_PRINT_COMMANDS = flags.DEFINE_bool(
+    'print_commands', False,
+    'Print one shell-quoted launch command per unfinished run; run nothing.')
+_PYTHON = flags.DEFINE_string(
+    'python', sys.executable, 'Interpreter in the launch commands.')
+_VALIDATE_KEYS = flags.DEFINE_bool(
+    'validate_keys', True,
+    'Load the config and check that swept/overridden keys exist.')
+
+# Filled by `_parse_flags` before `main` runs.
+_OVERRIDES: list[str] = []
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flags parser that first sets the `--config.*` overrides aside."""
+  overrides, rest = sweep_lib.split_config_overrides(list(argv[1:]))
+  _OVERRIDES[:] = overrides
+  return flags.FLAGS([argv[0]] + rest)
+
+
+def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
+          sweep_file: str | None, overrides: Sequence[str],
+          print_commands: bool = False, python: str = sys.executable,
+          validate_keys: bool = True,
+          launcher: sweep_lib.Launcher = sweep_lib.subprocess_launcher) -> int:
+  """Plans, records and runs (or prints) a sweep.
+
+  Args:
+    config: Config spec, or None to take CONFIG from the sweep file.
+    workdir: Sweep directory.
+    sweep_args: `--sweep` values.
+    sweep_file: Optional experiments/ file.
+    overrides: Common `--config.KEY=VALUE` arguments.
+    print_commands: Print commands instead of running them.
+    python: Interpreter for the commands.
+    validate_keys: Check keys against the loaded config first.
+    launcher: Runs one command (tests pass a fake).
+
+  Returns:
+    Process exit code: 0, or 1 if a launched run failed.
+
+  Raises:
+    SweepError: For any problem found before launching.
+  """
+  base, file_config = ({}, None)
+  if sweep_file:
+    base, file_config = sweep_lib.load_sweep_file(sweep_file)
+  grid = sweep_lib.merge_sweeps(base, sweep_args)
+  config = config or file_config
+  if not config:
+    raise sweep_lib.SweepError('no config: pass --config or define CONFIG in '
+                               'the --sweep_file')
+  if not grid:
+    raise sweep_lib.SweepError('nothing to sweep: pass --sweep or --sweep_file')
+  planned = sweep_lib.plan_sweep(config, workdir, grid, overrides, python)
+  if validate_keys:
+    keys = list(grid) + [sweep_lib.override_key(o) for o in overrides]
+    sweep_lib.check_keys(sweep_lib.load_config(config), keys, config)
+  sweep_lib.write_sweep_json(workdir, config, grid, overrides, planned)
+  logging.info('Sweep of %d runs in %s.', len(planned), workdir)
+
+  if print_commands:
+    for run in planned:
+      launch, state = sweep_lib.needs_launch(run)
+      if launch:
+        print(shlex.join(run.command), flush=True)
+      else:
+        logging.info('%s: %s, not printed.', run.name, state)
+    return 0
+
+  result = sweep_lib.run_sweep(planned, launcher)
+  logging.info('Sweep finished: %d launched, %d skipped as finished, '
+               '%d failed.', len(result.launched), len(result.skipped),
+               len(result.failed))
+  for name, code in result.failed:
+    logging.error('Failed (exit code %d): %s', code, name)
+  return 1 if result.failed else 0
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required')
+  try:
+    code = sweep(_CONFIG.value, _WORKDIR.value, _SWEEP.value,
+                 _SWEEP_FILE.value, _OVERRIDES, _PRINT_COMMANDS.value,
+                 _PYTHON.value, _VALIDATE_KEYS.value)
+  except sweep_lib.SweepError as e:
+    sys.exit(f'sweep: error: {e}')
+  sys.exit(code)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)
