@@ -37,3 +37,14 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def load_latest(workdir: str) -> Optional[Any]:
+  """The latest checkpoint of a run as a plain pytree of NumPy arrays (for analysis)."""
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')))
+  step = manager.latest_step()
+  if step is None:
+    return None
+  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return jax.tree_util.tree_map(jax.device_get, tree)

@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn_epsilon = 1e-5
   c.model.virtual_batch_size = 0      # 0: statistics over the whole (global) batch
   c.model.unbiased_running_var = True
+  # Under pmap: pool BN statistics across replicas (True), or per replica (False, the
+  # same as virtual_batch_size = per-device batch under jit).
+  c.model.bn_cross_replica = True
   c.model.dtype = 'float32'
   # Inception-only options (ignored by the MLP).
   c.model.use_lrn = False

@@ -43,13 +43,24 @@ def _quiet_libraries(record) -> bool:
       or '/experiments/' in record.pathname or '/scripts/' in record.pathname
 
 
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """Parses flags; a bad one (e.g. a misspelt --config.key) is one line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # config_flags raises AttributeError/KeyError/TypeError too
+    text = str(e)
+    if 'Traceback' in text:  # an error raised inside a config file: keep its last line
+      text = text.strip().splitlines()[-1]
+    text = text.replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    where = f' (config overrides given: {" ".join(bad)})' if bad else ''
+    print(f'bn_research: error: {type(e).__name__}: {text.strip()}{where}', file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
   logging.set_verbosity(logging.INFO)
-  try:
-    app.run(main)
-  except flags.Error as e:  # unknown --config.key etc., raised while parsing
-    print(f'bn_research: error: {e}', file=sys.stderr)
-    sys.exit(2)
+  app.run(main, flags_parser=parse_flags_or_exit)
 
 
 if __name__ == '__main__':

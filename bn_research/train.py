@@ -13,8 +13,9 @@ pure function `(state, batch) -> (state, metrics)`; a chunk of steps runs inside
 
 from __future__ import annotations
 
-import functools
 import math
+import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -84,6 +85,9 @@ def make_train_step(model, tx, schedule, *, axis_name: Optional[str]) -> Callabl
     if axis_name is not None:
       # Re-use the pmap axis_name that BN pools its statistics over.
       grads = jax.lax.pmean(grads, axis_name)
+      # Identical already when BN pools statistics across replicas; with per-replica
+      # statistics this is the mean over replicas, as virtual_batch_norm averages groups.
+      batch_stats = jax.lax.pmean(batch_stats, axis_name)
       loss = jax.lax.pmean(loss, axis_name)
       accuracy = jax.lax.pmean(accuracy, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -230,8 +234,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.warning('--overwrite: the previous run in %s was moved to %s', workdir, moved)
 
   files = run_files.RunFiles(workdir, is_writer=process_index == 0)
-  model = models.build_model(config.model, num_classes=num_classes,
-                             axis_name=PMAP_AXIS if use_pmap else None)
+  model = models.build_model(
+      config.model, num_classes=num_classes,
+      axis_name=PMAP_AXIS if use_pmap and config.model.bn_cross_replica else None)
 
   # ---- initial state -------------------------------------------------------------
   rng = jax.random.PRNGKey(config.seed)
@@ -281,8 +286,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   num_local = len(local_devices)
 
   if use_pmap:
-    state = jax.device_put_replicated(state, local_devices)
-    resident = jax.device_put_replicated(source.resident, local_devices)
+    # pmap runs on jit + shard_map: a leading device axis sharded over a 1-D mesh is
+    # what it expects (jax.device_put_replicated is deprecated).
+    pmap_sharding = NamedSharding(jax.sharding.Mesh(np.asarray(local_devices), ('d',)),
+                                  P('d'))
+
+    def replicate(tree):
+      return jax.device_put(jax.tree_util.tree_map(
+          lambda x: np.broadcast_to(np.asarray(x), (num_local,) + np.shape(x)), tree),
+          pmap_sharding)
+
+    state = replicate(state)
+    resident = replicate(source.resident)
     p_chunk = jax.pmap(run_chunk, axis_name=PMAP_AXIS, devices=devices,
                        donate_argnums=(0,))
 
@@ -355,6 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step = start_step
   last = {}
   if step == 0:
+    # A step-0 checkpoint: even a run that diverges at once keeps a finite state.
+    checkpointer.save(0, host_state(state))
     row = evaluate(state)
     if probe:
       row.update(probe(state))
@@ -372,6 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t_log, step_log = time.time(), step
   t_start, step_start = None, step
   status, extra = 'done', {}
+  # Fault injection for the resume tests: a real SIGKILL once this step is passed.
+  kill_at = int(os.environ.get('BN_RESEARCH_KILL_AT_STEP', '0') or 0)
   try:
     while step < config.num_train_steps:
       end = _chunk_end(step, config)
@@ -387,8 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         files.write_metrics(diverged_at, {'train_loss': float('nan')})
         status, extra = 'diverged', {'diverged_step': diverged_at,
                                      'message': f'non-finite loss or parameters at step {diverged_at}'}
-        # Keep the last finite state: the state before this chunk.
-        checkpointer.save(step, host_state(state))
+        # The checkpoints on disk (at least step 0's) all hold finite states.
         step = diverged_at
         break
       state, step = new_state, end
@@ -428,6 +446,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % config.checkpoint_every_steps == 0 and step < config.num_train_steps:
         checkpointer.save(step, host_state(state))
         files.write_status('running', step)
+      if kill_at and step >= kill_at:
+        checkpointer.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
     if status == 'done':
       checkpointer.save(step, host_state(state))
   except BaseException as e:  # record the failure, keep everything written so far

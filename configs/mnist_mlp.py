@@ -67,4 +67,10 @@ def get_config(arg: str = 'bn') -> ml_collections.ConfigDict:
     for p in path[:-1]:
       node = node[p]
     node[path[-1]] = type(node[path[-1]])(value)
+  if c.data.source == 'synthetic':
+    # Stand-in data of MNIST's shape, for tests and benchmarks.
+    c.data.name = 'synthetic'
+    c.data.image_size = 28
+    c.data.num_train = 2000
+    c.data.num_test = 500
   return c

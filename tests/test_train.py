@@ -1,0 +1,241 @@
+"""The training engine end to end: files, parallel layouts, resume, divergence, bad input."""
+
+import glob
+import json
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+from tests import helpers
+
+
+def _train(config, workdir, **kw):
+  from bn_research import train
+  return train.train_and_evaluate(config, str(workdir), **kw)
+
+
+def test_main_entry_point_writes_the_run_files(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = helpers.run_main([
+      '--config=configs/mnist_mlp.py:bn,source=synthetic', f'--workdir={workdir}',
+      '--config.num_train_steps=30', '--config.eval_every_steps=10',
+      '--config.log_every_steps=10', '--config.checkpoint_every_steps=20',
+      '--config.steps_per_dispatch=10', '--config.data.image_size=8',
+      '--config.data.num_train=256', '--config.data.num_test=64'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = helpers.read_json(workdir / 'config.json')
+  assert config['num_train_steps'] == 30 and config['model']['normalizer'] == 'batch_norm'
+  for key in ('seed', 'batch_size', 'eval_every_steps', 'log_every_steps',
+              'checkpoint_every_steps'):
+    assert key in config
+  assert config['optimizer']['learning_rate'] > 0
+  data = helpers.read_json(workdir / 'data.json')
+  assert data['num_params'] > 0
+  status = helpers.read_json(workdir / 'status.json')
+  assert status['status'] == 'done' and status['step'] == 30
+  rows = helpers.read_jsonl(workdir / 'metrics.jsonl')
+  train_rows = [r for r in rows if 'train_loss' in r]
+  eval_rows = [r for r in rows if 'eval_accuracy' in r]
+  assert [r['step'] for r in train_rows] == [10, 20, 30]
+  assert [r['step'] for r in eval_rows] == [0, 10, 20, 30]
+  for r in train_rows:
+    assert {'train_accuracy', 'learning_rate'} <= set(r)
+    assert np.isfinite(r['train_loss'])
+  assert all(0 <= r['eval_accuracy'] <= 1 for r in eval_rows)
+  assert all('act_p50' in r for r in eval_rows)  # the Figure 1 probe rides with evals
+  assert glob.glob(str(workdir / 'events.out.tfevents.*'))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['20', '30']
+  # Progress lines carry throughput and an ETA.
+  assert 'steps/s' in proc.stderr and 'ETA' in proc.stderr
+
+
+def test_training_learns_and_bn_has_batch_stats(tmp_path):
+  config = helpers.tiny_mlp_config(num_train_steps=100, eval_every_steps=100)
+  result = _train(config, tmp_path / 'bn')
+  assert result['status'] == 'done'
+  assert result['eval_accuracy'] > 0.5  # 10 classes: chance is 0.1
+  from bn_research import checkpoint
+  state = checkpoint.load_latest(str(tmp_path / 'bn'))
+  assert 'bn_0' in state['batch_stats'] and 'bias' not in state['params']['dense_0']
+  config = helpers.tiny_mlp_config(**{'model.normalizer': 'none', 'num_train_steps': 20})
+  _train(config, tmp_path / 'none')
+  state = checkpoint.load_latest(str(tmp_path / 'none'))
+  assert not state['batch_stats'] and 'bias' in state['params']['dense_0']
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+  args = ['--config=configs/mnist_mlp.py:bn,source=synthetic',
+          '--config.num_train_steps=120', '--config.eval_every_steps=20',
+          '--config.log_every_steps=10', '--config.checkpoint_every_steps=40',
+          '--config.steps_per_dispatch=10', '--config.data.image_size=8',
+          '--config.data.num_train=200', '--config.data.num_test=64',
+          '--config.batch_size=30']  # 200 / 30: batches straddle epochs
+  whole = helpers.run_main(args + [f'--workdir={tmp_path / "whole"}'])
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  killed = helpers.run_main(args + [f'--workdir={tmp_path / "resumed"}'],
+                            env={'BN_RESEARCH_KILL_AT_STEP': '90'})
+  assert killed.returncode != 0  # SIGKILL: no clean shutdown happened
+  status = helpers.read_json(tmp_path / 'resumed' / 'status.json')
+  assert status['status'] == 'running' and status['step'] == 80
+  resumed = helpers.run_main(args + [f'--workdir={tmp_path / "resumed"}'])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from the checkpoint at step 80' in resumed.stderr
+
+  from bn_research import checkpoint
+  a = checkpoint.load_latest(str(tmp_path / 'whole'))
+  b = checkpoint.load_latest(str(tmp_path / 'resumed'))
+  import jax
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)  # bitwise on CPU
+  drop = ('steps_per_second',)
+  rows_a = [{k: v for k, v in r.items() if k not in drop}
+            for r in helpers.read_jsonl(tmp_path / 'whole' / 'metrics.jsonl')]
+  rows_b = [{k: v for k, v in r.items() if k not in drop}
+            for r in helpers.read_jsonl(tmp_path / 'resumed' / 'metrics.jsonl')]
+  assert rows_a == rows_b
+
+  # Running the finished command again changes nothing.
+  again = helpers.run_main(args + [f'--workdir={tmp_path / "resumed"}'])
+  assert again.returncode == 0 and 'nothing to do' in again.stderr
+
+
+def test_divergence_is_recorded_not_raised(tmp_path):
+  config = helpers.tiny_mlp_config(**{
+      'model.normalizer': 'none', 'model.activation': 'relu',
+      'model.init_stddev': 1.0, 'optimizer.learning_rate': 1e4,
+      'num_train_steps': 60})
+  result = _train(config, tmp_path / 'run')
+  assert result['status'] == 'diverged'
+  status = helpers.read_json(tmp_path / 'run' / 'status.json')
+  assert status['status'] == 'diverged'
+  assert 1 <= status['diverged_step'] <= 60
+  from bn_research import checkpoint
+  import jax
+  kept = checkpoint.load_latest(str(tmp_path / 'run'))
+  assert kept is not None  # the last finite state
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(kept['params']))
+
+
+def test_same_learning_rate_with_bn_does_not_diverge(tmp_path):
+  # The paper's claim in miniature: BN's scale invariance keeps a high rate stable.
+  config = helpers.tiny_mlp_config(**{
+      'model.activation': 'relu', 'model.init_stddev': 1.0,
+      'optimizer.learning_rate': 10.0, 'num_train_steps': 60})
+  assert _train(config, tmp_path / 'run')['status'] == 'done'
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('optimizer.learning_rate', 0.0, 'optimizer.learning_rate=0.0'),
+    ('optimizer.learning_rate', -1.0, 'optimizer.learning_rate=-1.0'),
+    ('batch_size', 0, 'batch_size=0'),
+    ('model.name', 'resnet', "model.name='resnet'"),
+    ('model.normalizer', 'layer_norm', "model.normalizer='layer_norm'"),
+    ('data.name', 'cifar', "data.name='cifar'"),
+    ('data.data_dir', '/no/such/dir', '/no/such/dir'),
+    ('parallelism', 'pjit', "parallelism='pjit'"),
+])
+def test_bad_config_values_fail_before_touching_the_workdir(tmp_path, key, value, needle):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('keep me')
+  config = helpers.tiny_mlp_config(**{key: value})
+  with pytest.raises(ValueError, match=None) as err:
+    _train(config, workdir)
+  assert needle in str(err.value)
+  assert '\n' not in str(err.value)
+  assert sorted(os.listdir(workdir)) == ['notes.txt']
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = helpers.run_main(['--config=configs/mnist_mlp.py:bn,source=synthetic',
+                           f'--workdir={workdir}', '--config.optimizer.learning_rat=0.1'])
+  assert proc.returncode == 2
+  assert 'learning_rat' in proc.stderr
+  assert not workdir.exists()
+  proc = helpers.run_main(['--config=configs/mnist_mlp.py:bn,source=synthetic',
+                           f'--workdir={workdir}', '--config.batch_size=-4'])
+  assert proc.returncode == 2 and 'batch_size=-4' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_workdir_of_another_config_is_refused_then_overwritten_safely(tmp_path):
+  workdir = tmp_path / 'run'
+  _train(helpers.tiny_mlp_config(num_train_steps=20), workdir)
+  before = sorted(os.listdir(workdir))
+  other = helpers.tiny_mlp_config(num_train_steps=20, seed=7)
+  with pytest.raises(ValueError, match='different config.*seed'):
+    _train(other, workdir)
+  assert sorted(os.listdir(workdir)) == before
+  assert _train(other, workdir, overwrite=True)['status'] == 'done'
+  moved = glob.glob(str(workdir) + '.replaced-*')
+  assert len(moved) == 1 and os.path.exists(os.path.join(moved[0], 'metrics.jsonl'))
+  assert helpers.read_json(workdir / 'config.json')['seed'] == 7
+
+
+MULTI_DEVICE = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, '.')
+    from tests import helpers
+    from bn_research import train, checkpoint
+    assert jax.device_count() == 8, jax.devices()
+    root = sys.argv[1] if len(sys.argv) > 1 else {root!r}
+
+    def run(name, **kw):
+        c = helpers.tiny_mlp_config(num_train_steps=10, eval_every_steps=10,
+                                    log_every_steps=5, checkpoint_every_steps=10,
+                                    steps_per_dispatch=5, batch_size=32, **kw)
+        train.train_and_evaluate(c, root + '/' + name)
+        state = checkpoint.load_latest(root + '/' + name)
+        rows = helpers.read_jsonl(root + '/' + name + '/metrics.jsonl')
+        return state, [r['train_loss'] for r in rows if 'train_loss' in r]
+
+    out = {{}}
+    one, loss1 = run('one', num_devices=1)
+    for name, kw in {{'jit8': dict(num_devices=8),
+                     'pmap8': dict(num_devices=8, parallelism='pmap')}}.items():
+        s, l = run(name, **kw)
+        out[name] = dict(
+            loss=float(np.max(np.abs(np.array(l) - np.array(loss1)))),
+            params=max(float(np.max(np.abs(a - b))) for a, b in zip(
+                jax.tree_util.tree_leaves(s['params']), jax.tree_util.tree_leaves(one['params']))),
+            stats=max(float(np.max(np.abs(a - b))) for a, b in zip(
+                jax.tree_util.tree_leaves(s['batch_stats']), jax.tree_util.tree_leaves(one['batch_stats']))))
+    # Per-device statistics == ghost batches of the per-device size on one device.
+    ghost, lg = run('ghost1', num_devices=1, **{{'model.virtual_batch_size': 4}})
+    for name, kw in {{'pmap_local': dict(num_devices=8, parallelism='pmap',
+                                        **{{'model.bn_cross_replica': False}}),
+                     'jit_ghost': dict(num_devices=8, **{{'model.virtual_batch_size': 4}})}}.items():
+        s, l = run(name, **kw)
+        out[name] = dict(
+            loss=float(np.max(np.abs(np.array(l) - np.array(lg)))),
+            params=max(float(np.max(np.abs(a - b))) for a, b in zip(
+                jax.tree_util.tree_leaves(s['params']), jax.tree_util.tree_leaves(ghost['params']))),
+            stats=max(float(np.max(np.abs(a - b))) for a, b in zip(
+                jax.tree_util.tree_leaves(s['batch_stats']), jax.tree_util.tree_leaves(ghost['batch_stats']))))
+    out['ghost_vs_global'] = max(float(np.max(np.abs(a - b))) for a, b in zip(
+        jax.tree_util.tree_leaves(ghost['params']), jax.tree_util.tree_leaves(one['params'])))
+    # A batch that does not split over the devices is refused before compiling.
+    try:
+        train.train_and_evaluate(helpers.tiny_mlp_config(batch_size=12, num_devices=8), root + '/bad')
+        out['bad'] = None
+    except ValueError as e:
+        out['bad'] = str(e)
+    print('RESULT' + json.dumps(out))
+''')
+
+
+def test_jit_mesh_and_pmap_on_8_devices_match_one_device(tmp_path):
+  proc = helpers.run_python(MULTI_DEVICE.format(root=str(tmp_path)), devices=8)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.split('RESULT')[-1])
+  for name in ('jit8', 'pmap8', 'pmap_local', 'jit_ghost'):
+    assert out[name]['loss'] < 1e-4, (name, out[name])
+    assert out[name]['params'] < 1e-4, (name, out[name])
+    assert out[name]['stats'] < 1e-4, (name, out[name])
+  # ...and the comparison is not vacuous: ghost statistics do change training.
+  assert out['ghost_vs_global'] > 1e-3
+  assert out['bad'] is not None and 'batch_size=12' in out['bad'] and '8 devices' in out['bad']
