@@ -61,6 +61,38 @@ def _check_epsilon(epsilon: float) -> None:
                      'sqrt(var + epsilon) away from zero for constant inputs).')
 
 
+def _stat_dtype(dtype: Any) -> Any:
+  """Statistics are accumulated in float32, or wider when x is wider."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _expand(v: Array, x: Array, axes: Tuple[int, ...]) -> Array:
+  """Broadcasts per-statistic v (x's shape without `axes`) back to x's shape.
+
+  An explicit broadcast_in_dim of the reduced array (rather than keepdims arrays with
+  size-1 axes) keeps the HLO simple for XLA to fuse into the consuming loops.
+  """
+  kept = tuple(d for d in range(x.ndim) if d not in axes)
+  return jax.lax.broadcast_in_dim(v, x.shape, kept)
+
+
+def _moments(x: Array, axes: Tuple[int, ...], axis_name: Optional[str]
+             ) -> Tuple[Array, Array]:
+  """Two-pass (mean, biased var) over sorted non-negative `axes`, axes removed.
+
+  var = mean((x - mean)^2), never E[x^2] - E[x]^2: it cannot come out negative and
+  keeps its precision when |mean| >> std. (On CPU each moment is one read of x either
+  way; XLA does not merge sibling reductions there.)
+  """
+  mean = jnp.mean(x, axis=axes)
+  if axis_name is not None:
+    mean = jax.lax.pmean(mean, axis_name)
+  var = jnp.mean(jnp.square(x - _expand(mean, x, axes)), axis=axes)
+  if axis_name is not None:
+    var = jax.lax.pmean(var, axis_name)
+  return mean, var
+
+
 def batch_moments(
     x: Array,
     *,
@@ -75,21 +107,15 @@ def batch_moments(
 
   Args:
     x: activations.
-    axes: axes to reduce over (already validated).
+    axes: axes to reduce over.
     axis_name: if given, a mapped axis (pmap / shard_map) whose devices' batches are
       pooled, so statistics are over the concatenated batch (equal per-device sizes).
 
   Returns:
     (mean, var), each of x's shape with `axes` removed.
   """
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  mean = jnp.mean(x, axis=axes, keepdims=True)
-  if axis_name is not None:
-    mean = jax.lax.pmean(mean, axis_name)
-  var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
-  if axis_name is not None:
-    var = jax.lax.pmean(var, axis_name)
-  return jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+  axes = _canonical_axes(x.ndim, axes)
+  return _moments(x.astype(_stat_dtype(x.dtype)), axes, axis_name)
 
 
 def _normalize(x: Array, mean: Array, var: Array, scale: Optional[Array],
@@ -104,6 +130,76 @@ def _normalize(x: Array, mean: Array, var: Array, scale: Optional[Array],
   shift = jnp.reshape(shift, shape)
   y = x.astype(mul.dtype) * mul + shift
   return y.astype(x.dtype)
+
+
+def _train_output(xf, mean, inv_std, scale, bias, axes):
+  """y = gamma * (x - mu) / sqrt(var + eps) + beta as one multiply-add per element.
+
+  x * m + (beta - mu * m) with m = gamma / sqrt(var + eps) is Algorithm 2's form. Its
+  rounding error is about float_eps * |mu| / sqrt(var + eps) in units of gamma,
+  negligible unless |mean| >> std; it is used (rather than (x - mu) * m + beta) so that
+  no x - mu array is shared with the variance reduction, see the JVP rule.
+  """
+  mul = inv_std * scale
+  return xf * _expand(mul, xf, axes) + _expand(bias - mean * mul, xf, axes)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _batch_norm_train(x, scale, bias, axes, epsilon, axis_name):
+  """Algorithm 1; scale and bias are shaped like the statistics. Returns (y, mean, var)."""
+  xf = x.astype(_stat_dtype(x.dtype))
+  mean, var = _moments(xf, axes, axis_name)
+  y = _train_output(xf, mean, jax.lax.rsqrt(var + epsilon), scale, bias, axes)
+  return y.astype(x.dtype), mean, var
+
+
+@_batch_norm_train.defjvp
+def _batch_norm_train_jvp(axes, epsilon, axis_name, primals, tangents):
+  """The paper's closed-form derivatives (Section 3), as a JVP.
+
+  With xhat = (x - mu) / sqrt(var + eps), a = mean(dx) and c = mean(xhat * dx),
+  Algorithm 1 differentiates to
+
+      d mu   = a
+      d var  = 2 mean((x - mu) dx) = 2 sqrt(var + eps) c
+      d xhat = (dx - a - xhat c) / sqrt(var + eps)
+      d y    = gamma d xhat + d gamma xhat + d beta.
+
+  d y is written as m * dx + (x - mu) * (per-statistic) + (per-statistic), with
+  m = gamma / sqrt(var + eps), so that its transpose (the backward pass of jax.grad) is
+  the paper's chain rule for dl/dx with two reductions, sum(dl/dy) and
+  sum(dl/dy * (x - mu)), which also give dl/dbeta and dl/dgamma. Being a JVP, the rule
+  serves forward and reverse mode, at any order.
+
+  Performance note (XLA CPU): a reduction fuses the elementwise work that feeds it
+  only if no other consumer shares that work. The variance reduces (x - mu)^2 with
+  x - mu spelled x - bcast(mu) (in _moments); the backward reduces
+  dl/dy * (x + bcast(-mu)), a different spelling of the same values; the elementwise
+  passes use x * bcast(.) + bcast(.). So no full-size temporary is written: x and
+  dl/dy are each read once per reduction and once by the final dl/dx pass.
+  """
+  x, scale, bias = primals
+  dx, dscale, dbias = tangents
+  dtype = _stat_dtype(x.dtype)
+  xf = x.astype(dtype)
+  mean, var = _moments(xf, axes, axis_name)
+  inv_std = jax.lax.rsqrt(var + epsilon)
+  mul = inv_std * scale
+  y = _train_output(xf, mean, inv_std, scale, bias, axes)
+
+  dxf = dx.astype(dtype)
+  a = jnp.mean(dxf, axis=axes)
+  # xhat as x * (1/std) - mu/std: only elementwise consumers after transposition.
+  xhat = xf * _expand(inv_std, xf, axes) + _expand(-mean * inv_std, xf, axes)
+  c = jnp.mean(xhat * dxf, axis=axes)
+  if axis_name is not None:
+    a, c = jax.lax.pmean((a, c), axis_name)
+  centered = xf + _expand(-mean, xf, axes)
+  dy = (_expand(mul, xf, axes) * dxf
+        + centered * _expand(inv_std * (dscale - mul * c), xf, axes)
+        + _expand(dbias - mul * a, xf, axes))
+  dvar = 2.0 * c / inv_std
+  return (y.astype(x.dtype), mean, var), (dy.astype(x.dtype), a, dvar)
 
 
 def batch_norm(
@@ -122,8 +218,10 @@ def batch_norm(
       xhat_i = (x_i - mu_B) / sqrt(var_B + eps)
       y_i    = gamma * xhat_i + beta
 
-  Gradients flow through mu_B and var_B (plain autodiff of the above), which the
-  paper's Section 2 shows is necessary.
+  Gradients flow through mu_B and var_B, which the paper's Section 2 shows is
+  necessary. They are the paper's closed-form chain rule (Section 3), supplied as a
+  custom JVP so that the backward pass needs only two reductions per statistic;
+  forward and reverse mode work, at any order.
 
   Args:
     x: activations, e.g. (batch, features) or (batch, height, width, channels).
@@ -147,9 +245,12 @@ def batch_norm(
         f'batch_norm needs at least 2 values per statistic in training mode, got '
         f'{count} (input shape {tuple(x.shape)}, axes {axes}): a batch of one '
         'example has zero variance. Use a larger batch or inference mode.')
-  mean, var = batch_moments(x, axes=axes, axis_name=axis_name)
-  y = _normalize(x, mean, var, scale, bias, epsilon, axes)
-  return y, mean, var
+  kept = tuple(x.shape[d] for d in range(x.ndim) if d not in axes)
+  dtype = _stat_dtype(x.dtype)
+  # gamma / beta broadcast to the statistics' shape (e.g. over ghost-batch groups).
+  scale = jnp.ones(kept, dtype) if scale is None else jnp.broadcast_to(scale, kept)
+  bias = jnp.zeros(kept, dtype) if bias is None else jnp.broadcast_to(bias, kept)
+  return _batch_norm_train(x, scale, bias, axes, float(epsilon), axis_name)
 
 
 def batch_norm_inference(
@@ -283,7 +384,9 @@ class BatchNorm(nn.Module):
     axis_name: mapped axis (pmap / shard_map) to pool statistics over.
     virtual_batch_size: ghost batch norm: statistics per group of this many
       consecutive examples (per device), so e.g. the paper's batch-32 statistics hold
-      at any global batch size. None: the whole (per-axis_name) batch.
+      at any global batch size. With axis_name, groups are not pooled across devices;
+      only the moving averages average over all groups of all devices.
+      None: the whole (per-axis_name) batch.
     unbiased_running_var: track m/(m-1) * var_B (Algorithm 2's estimator) rather than
       the biased var_B (Flax's choice).
     use_scale, use_bias: learn gamma / beta.
@@ -328,6 +431,9 @@ class BatchNorm(nn.Module):
                                epsilon=self.epsilon)
       return y.astype(out_dtype)
 
+    # Flax's convention: no collectives while initializing, so `init` works outside
+    # pmap / shard_map (the statistics computed then are discarded).
+    axis_name = None if self.is_initializing() else self.axis_name
     vbs = self.virtual_batch_size
     if vbs is not None:
       batch = x.shape[0]
@@ -337,19 +443,25 @@ class BatchNorm(nn.Module):
             f'batch size {batch}.')
       groups = batch // vbs
       xg = x.reshape((groups, vbs) + x.shape[1:])
-      # Statistics per ghost batch: reduce over every axis but the group and feature
-      # axes; gamma/beta broadcast over groups.
+      # Statistics per ghost batch of vbs consecutive examples on this device (never
+      # pooled across devices, so the ghost batch size does not depend on the device
+      # count): reduce over every axis but the group and feature axes; gamma/beta
+      # broadcast over groups.
       y, mean, var = batch_norm(xg, scale, bias, axes=tuple(range(1, xg.ndim - 1)),
-                                epsilon=self.epsilon, axis_name=self.axis_name)
+                                epsilon=self.epsilon, axis_name=None)
       y = y.reshape(x.shape)
+      # Moving averages / population statistics: E_B[mu_B] and E_B[var_B] over all
+      # ghost batches, on all devices (which keeps replicas' batch_stats identical).
       mean, var = jnp.mean(mean, axis=0), jnp.mean(var, axis=0)
+      if axis_name is not None:
+        mean, var = jax.lax.pmean((mean, var), axis_name)
       count = np.prod(xg.shape[1:-1])
     else:
       y, mean, var = batch_norm(x, scale, bias, axes=axes, epsilon=self.epsilon,
-                                axis_name=self.axis_name)
+                                axis_name=axis_name)
       count = np.prod(x.shape[:-1])
-    if self.axis_name is not None:
-      count = count * jax.lax.psum(1, self.axis_name)
+      if axis_name is not None:
+        count = count * jax.lax.psum(1, axis_name)
 
     if not self.is_initializing():
       # Only stored when the caller makes 'batch_moments' mutable, for
