@@ -25,6 +25,8 @@ def validate_model_config(m: ml_collections.ConfigDict) -> None:
   elif m.name == 'inception':
     if m.activation not in ('relu', 'sigmoid'):
       raise ValueError(f'model.activation={m.activation!r}; allowed for inception: relu, sigmoid.')
+    if m.stem_stride not in (1, 2):
+      raise ValueError(f'model.stem_stride={m.stem_stride!r}; allowed: 1, 2.')
     if not m.width_multiplier > 0:
       raise ValueError(f'model.width_multiplier={m.width_multiplier!r} must be > 0.')
 
@@ -56,5 +58,7 @@ def build_model(m: ml_collections.ConfigDict, *, num_classes: int,
                      use_lrn=m.use_lrn, width_multiplier=m.width_multiplier,
                      small_inputs=m.small_inputs, bn_momentum=m.bn_momentum,
                      bn_epsilon=m.bn_epsilon, axis_name=axis_name,
-                     virtual_batch_size=m.virtual_batch_size or None, dtype=dtype)
+                     virtual_batch_size=m.virtual_batch_size or None, dtype=dtype,
+                     unbiased_running_var=m.unbiased_running_var,
+                     stem_stride=m.stem_stride)
   raise ValueError(f'model.name={m.name!r}; allowed: {", ".join(MODELS)}.')
