@@ -3,7 +3,7 @@ r"""Runs a grid of training runs, one sub-directory per grid point.
 Usage:
   python -m scripts.sweep --config=configs/<file>.py[:args] --workdir=DIR \
       --sweep=KEY=V1,V2,... [--sweep=KEY2=...] [--sweep_file=experiments/x.py] \
-      [--config.key=value ...] [--print_commands] [--python=INTERPRETER]
+      [--config.key=value ...] [--print_commands] [--python=INTERPRETER] [--vmap]
 
 Each grid point runs as
   INTERPRETER -m bn_research.main --config=... --workdir=DIR/NAME \
@@ -15,6 +15,12 @@ others, which the engine resumes from their checkpoints. `--print_commands`
 prints the launch commands (one shell-quoted line each, finished runs left
 out) instead of running them, e.g. to feed a cluster queue. Either way
 DIR/sweep.json records the grid and run names; `scripts.compare DIR` reads it.
+
+`--vmap` trains all grid points in this process as ONE compiled program, vmapped
+over the swept values (`bn_research.vmap_sweep`): only `optimizer.learning_rate`,
+`model.init_stddev` and `seed` (or their product) can be swept that way, for the MLP
+on in-memory data. Each point still gets its own run directory in the engine's
+format, and re-running skips finished points and resumes the rest.
 
 A `--sweep_file` is a Python file defining `SWEEP = {"key": [values]}` and
 optionally `CONFIG = "configs/x.py:args"` (used when --config is not given).
@@ -55,6 +61,10 @@ _PRINT_COMMANDS = flags.DEFINE_bool(
     'Print one shell-quoted launch command per unfinished run; run nothing.')
 _PYTHON = flags.DEFINE_string(
     'python', sys.executable, 'Interpreter in the launch commands.')
+_VMAP = flags.DEFINE_bool(
+    'vmap', False,
+    'Train all grid points at once in this process, vmapped over the swept values '
+    '(optimizer.learning_rate, model.init_stddev, seed; MLP only).')
 _VALIDATE_KEYS = flags.DEFINE_bool(
     'validate_keys', True,
     'Load the config and check that swept/overridden keys exist.')
@@ -74,7 +84,8 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
           sweep_file: str | None, overrides: Sequence[str],
           print_commands: bool = False, python: str = sys.executable,
           validate_keys: bool = True,
-          launcher: sweep_lib.Launcher = sweep_lib.subprocess_launcher) -> int:
+          launcher: sweep_lib.Launcher = sweep_lib.subprocess_launcher,
+          vmap: bool = False) -> int:
   """Plans, records and runs (or prints) a sweep.
 
   Args:
@@ -87,6 +98,7 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
     python: Interpreter for the commands.
     validate_keys: Check keys against the loaded config first.
     launcher: Runs one command (tests pass a fake).
+    vmap: Train every point in this process as one vmapped program.
 
   Returns:
     Process exit code: 0, or 1 if a launched run failed.
@@ -108,6 +120,18 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
   if validate_keys:
     keys = list(grid) + [sweep_lib.override_key(o) for o in overrides]
     sweep_lib.check_keys(sweep_lib.load_config(config), keys, config)
+  if vmap:
+    if print_commands:
+      raise sweep_lib.SweepError('--vmap trains every point in this process; there '
+                                 'are no per-run commands for --print_commands')
+    # Imported here: the sequential path never loads JAX in this process.
+    from bn_research import vmap_sweep
+    vmap_sweep.quiet_library_logs()
+    try:
+      base = vmap_sweep.load_config(config, overrides)
+      vmap_sweep.check_vmappable(base, list(grid))
+    except ValueError as e:
+      raise sweep_lib.SweepError(str(e)) from None
   sweep_lib.write_sweep_json(workdir, config, grid, overrides, planned)
   logging.info('Sweep of %d runs in %s.', len(planned), workdir)
 
@@ -118,6 +142,18 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
         print(shlex.join(run.command), flush=True)
       else:
         logging.info('%s: %s, not printed.', run.name, state)
+    return 0
+
+  if vmap:
+    logging.info('Training the %d runs as one vmapped program.', len(planned))
+    try:
+      results = vmap_sweep.train_members(
+          base, [(str(run.workdir), run.params) for run in planned])
+    except ValueError as e:
+      raise sweep_lib.SweepError(str(e)) from None
+    for run, res in zip(planned, results):
+      logging.info('%s: %s at step %s, eval_accuracy %s', run.name, res.get('status'),
+                   res.get('step'), res.get('eval_accuracy'))
     return 0
 
   result = sweep_lib.run_sweep(planned, launcher)
@@ -137,7 +173,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     code = sweep(_CONFIG.value, _WORKDIR.value, _SWEEP.value,
                  _SWEEP_FILE.value, _OVERRIDES, _PRINT_COMMANDS.value,
-                 _PYTHON.value, _VALIDATE_KEYS.value)
+                 _PYTHON.value, _VALIDATE_KEYS.value, vmap=_VMAP.value)
   except sweep_lib.SweepError as e:
     sys.exit(f'sweep: error: {e}')
   sys.exit(code)
