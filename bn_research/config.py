@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
   c.eval_batch_size = 1000
+  c.num_eval_examples = 0          # evaluate on the first N held-out examples; 0: all
   # Training steps run per dispatch (a lax.scan over a chunk of steps), so that for
   # small models Python overhead does not dominate. Chunks always end at log, eval and
   # checkpoint steps, which keeps resumed runs bitwise identical.
@@ -71,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.use_lrn = False
   c.model.width_multiplier = 1.0
   c.model.small_inputs = False
+  c.model.stem_stride = 1
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'synthetic'
@@ -113,6 +115,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     config: a resolved config.
     num_devices: devices the batch is split over (checked for divisibility), or None.
   """
+  if config.num_eval_examples < 0:
+    raise ValueError(f'num_eval_examples={config.num_eval_examples!r} must be >= 0 (0: all).')
   for key in ('batch_size', 'num_train_steps', 'eval_every_steps', 'log_every_steps',
               'checkpoint_every_steps', 'eval_batch_size', 'steps_per_dispatch'):
     _positive_int(key, config[key])

@@ -46,7 +46,7 @@ def get_config(arg: str = 'bn') -> ml_collections.ConfigDict:
   c.model.normalizer = 'batch_norm' if variant == 'bn' else 'none'
   c.model.activation = 'sigmoid'
   c.model.hidden_sizes = (100, 100, 100)
-  c.model.init_stddev = 0.1
+  c.model.init_stddev = 0.01
 
   c.data.name = 'mnist'
   c.data.source = 'auto'

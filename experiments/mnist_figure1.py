@@ -35,6 +35,8 @@ _SOURCE = flags.DEFINE_string('source', None, "Data source: auto (default: MNIST
                               'synthetic.')
 _EVAL_EVERY = flags.DEFINE_integer('eval_every', None, 'Steps between evals and probes.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Passed on to both runs.')
+_SET = flags.DEFINE_multi_string('set', [], 'Config override for both networks, '
+                                  'e.g. --set=optimizer.learning_rate=0.5 (repeatable).')
 _SEQUENTIAL = flags.DEFINE_bool('sequential', False, 'Train the networks one after the '
                                 'other instead of side by side.')
 
@@ -56,6 +58,7 @@ def run_command(network: str, workdir: str) -> list[str]:
     cmd += [f'--config.eval_every_steps={_EVAL_EVERY.value}',
             f'--config.log_every_steps={_EVAL_EVERY.value}',
             f'--config.steps_per_dispatch={_EVAL_EVERY.value}']
+  cmd += [f'--config.{kv}' for kv in _SET.value]
   if _OVERWRITE.value:
     cmd += ['--overwrite']
   return cmd

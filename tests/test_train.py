@@ -104,7 +104,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
 def test_divergence_is_recorded_not_raised(tmp_path):
   config = helpers.tiny_mlp_config(**{
       'model.normalizer': 'none', 'model.activation': 'relu',
-      'model.init_stddev': 1.0, 'optimizer.learning_rate': 1e4,
+      'model.init_stddev': 1.0, 'optimizer.learning_rate': 1e38,
       'num_train_steps': 60})
   result = _train(config, tmp_path / 'run')
   assert result['status'] == 'diverged'
