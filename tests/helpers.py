@@ -66,3 +66,19 @@ def read_jsonl(path: str) -> list[dict]:
 def read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
+
+
+def run_module(module: str, args: list[str], *, env: dict | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+  """Runs `python -m module args` from the repository root."""
+  full_env = dict(os.environ)
+  full_env['PYTHONPATH'] = REPO + os.pathsep + full_env.get('PYTHONPATH', '')
+  full_env.update(env or {})
+  return subprocess.run([sys.executable, '-m', module, *args], env=full_env, cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def flat(config) -> dict:
+  """A ConfigDict as {'dotted.key': value}."""
+  from bn_research import run_files
+  return run_files.flatten(run_files.config_to_dict(config))

@@ -1,0 +1,148 @@
+r"""Training-step throughput of the Figure 1 MLP: ours (JAX) next to plain PyTorch on CPU.
+
+    python -m scripts.bench_mnist [--steps=20000] [--threads=1] [--normalizer=batch_norm]
+
+Both sides train the same network (784-100-100-100-10, sigmoid, BN before each sigmoid
+or none, batch 60, SGD with momentum 0.9) on the same in-memory data for the same
+number of steps; compile time is reported apart from the steady state. Ours runs the
+engine's own chunk function (`train.make_chunk_fn`, `steps_per_dispatch` steps per
+dispatch); PyTorch runs a plain eager loop. PyTorch is optional: without it only our
+figure is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+_STEPS = flags.DEFINE_integer('steps', 20_000, 'Timed training steps per side.')
+_DISPATCH = flags.DEFINE_integer('steps_per_dispatch', 500, 'Our steps per dispatch.')
+_THREADS = flags.DEFINE_integer('threads', 1, 'CPU threads for each framework.')
+_NORMALIZER = flags.DEFINE_enum('normalizer', 'batch_norm', ['batch_norm', 'none'],
+                                'With or without BN.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repetitions; the median is shown.')
+
+
+def bench_ours(images, labels, steps: int) -> tuple[float, float]:
+  """Returns (compile seconds, steps per second) for our engine's training step."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from bn_research import inputs, models, optim, train
+  from configs import mnist_mlp
+
+  config = mnist_mlp.get_config('bn' if _NORMALIZER.value == 'batch_norm' else 'baseline')
+  model = models.build_model(config.model, num_classes=10)
+  init_key, state_key = train.run_keys(0)
+  variables = jax.jit(lambda k: model.init({'params': k}, images[:2], train=False))(init_key)
+  tx = optim.make_optimizer(config.optimizer, variables['params'],
+                            variables.get('batch_stats', {}))
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                           batch_stats=variables.get('batch_stats', {}),
+                           opt_state=tx.init(variables['params']), rng=state_key)
+  step = train.make_train_step(model, tx, optim.learning_rate_schedule(config.optimizer),
+                               axis_name=None)
+  chunk_fn = jax.jit(train.make_chunk_fn(step, inputs.InMemoryInput.materialize),
+                     donate_argnums=(0,))
+  source = inputs.InMemoryInput(images, labels, batch_size=60, seed=0)
+  resident = jax.device_put(source.resident)
+  k = _DISPATCH.value
+  t = time.perf_counter()
+  state, metrics, _ = chunk_fn(state, resident, source.chunk(0, k))
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t
+  rates = []
+  done = k
+  for _ in range(_REPEATS.value):
+    chunks = [source.chunk(done + i * k, k) for i in range(steps // k)]
+    t = time.perf_counter()
+    for c in chunks:
+      state, metrics, _ = chunk_fn(state, resident, c)
+    jax.block_until_ready(metrics)
+    rates.append(len(chunks) * k / (time.perf_counter() - t))
+    done += len(chunks) * k
+  loss = float(np.asarray(metrics['loss'])[-1])
+  print(f'  ours: final loss {loss:.4f}')
+  return compile_s, sorted(rates)[len(rates) // 2]
+
+
+def bench_torch(images, labels, steps: int) -> tuple[float, float] | None:
+  try:
+    import torch
+  except ImportError:
+    return None
+  torch.set_num_threads(_THREADS.value)
+  torch.manual_seed(0)
+  layers = []
+  width_in = 784
+  for _ in range(3):
+    layers.append(torch.nn.Linear(width_in, 100, bias=_NORMALIZER.value == 'none'))
+    if _NORMALIZER.value == 'batch_norm':
+      layers.append(torch.nn.BatchNorm1d(100, eps=1e-5, momentum=0.01))
+    layers.append(torch.nn.Sigmoid())
+    width_in = 100
+  layers.append(torch.nn.Linear(100, 10))
+  net = torch.nn.Sequential(*layers)
+  for m in net:
+    if isinstance(m, torch.nn.Linear):
+      torch.nn.init.normal_(m.weight, std=0.01)
+  opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+  x_all = torch.from_numpy(images.reshape(len(images), -1))
+  y_all = torch.from_numpy(labels.astype('int64'))
+  gen = torch.Generator().manual_seed(0)
+  loss_fn = torch.nn.CrossEntropyLoss()
+
+  def run(n):
+    for _ in range(n):
+      idx = torch.randint(0, len(y_all), (60,), generator=gen)
+      opt.zero_grad(set_to_none=True)
+      loss = loss_fn(net(x_all[idx]), y_all[idx])
+      loss.backward()
+      opt.step()
+    return float(loss)
+
+  t = time.perf_counter()
+  run(50)  # warm-up (allocator, first-call overheads)
+  warm = time.perf_counter() - t
+  rates = []
+  for _ in range(_REPEATS.value):
+    t = time.perf_counter()
+    loss = run(steps)
+    rates.append(steps / (time.perf_counter() - t))
+  print(f'  torch {torch.__version__}: final loss {loss:.4f}')
+  return warm, sorted(rates)[len(rates) // 2]
+
+
+def main(argv):
+  del argv
+  import numpy as np
+  # One thread for XLA too, so the comparison is per core; set before JAX starts.
+  if _THREADS.value == 1 and 'jax' not in sys.modules:
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' --xla_cpu_multi_thread_eigen=false'
+                               ' intra_op_parallelism_threads=1').strip()
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 4000).astype(np.int32)
+  prototypes = rng.random((10, 28, 28, 1), dtype=np.float32)
+  images = np.clip(prototypes[labels] + 0.3 * rng.standard_normal(
+      (4000, 28, 28, 1), dtype=np.float32), 0, 1).astype(np.float32)
+  steps = _STEPS.value
+  print(f'MNIST MLP 784-100-100-100-10 sigmoid, normalizer={_NORMALIZER.value}, batch 60, '
+        f'{steps} timed steps x {_REPEATS.value}, {_THREADS.value} thread(s)')
+  ours = bench_ours(images, labels, steps)
+  theirs = bench_torch(images, labels, steps)
+  print(f'{"":12s}{"setup/compile s":>16s}{"steps/s":>12s}')
+  print(f'{"ours (JAX)":12s}{ours[0]:16.2f}{ours[1]:12.0f}')
+  if theirs is None:
+    print('PyTorch not installed: pip install torch==2.13.0 (CPU) to compare.')
+    return
+  print(f'{"PyTorch":12s}{theirs[0]:16.2f}{theirs[1]:12.0f}')
+  print(f'ratio ours/PyTorch: {ours[1] / theirs[1]:.2f}x')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,106 @@
+"""The Section 4.2 ablation: every model's config says what the paper says, and trains.
+
+Each of the seven ImageNet configs runs real training steps through the engine and the
+ImageNet pipeline under `tfds.testing.mock_data` (shrunk: width 1/8, 32x32 crops,
+batch 4); the small preset runs through the ablation experiment itself. XLA's optimisations are
+off here: compiling seven Inceptions is what costs time on CPU, not running them.
+"""
+
+import math
+import os
+
+import jax
+import pytest
+
+from tests import helpers
+
+MODELS = ('inception', 'bn_baseline', 'bn_x5', 'bn_x30', 'bn_x5_sigmoid',
+          'inception_x5', 'inception_sigmoid')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def fast_compiles():
+  old = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', old)
+
+
+def _imagenet(model, **kw):
+  from configs import imagenet_inception
+  return imagenet_inception.get_config(f'model={model}' + ''.join(f',{k}={v}' for k, v in kw.items()))
+
+
+def test_imagenet_configs_set_exactly_the_paper_changes():
+  lr = {m: _imagenet(m).optimizer.learning_rate for m in MODELS}
+  assert lr['inception'] == pytest.approx(0.0015) and lr['bn_baseline'] == pytest.approx(0.0015)
+  assert lr['bn_x5'] == pytest.approx(0.0075) and lr['bn_x5_sigmoid'] == pytest.approx(0.0075)
+  assert lr['bn_x30'] == pytest.approx(0.045) and lr['inception_x5'] == pytest.approx(0.0075)
+  base, fast = _imagenet('inception'), _imagenet('bn_x5')
+  assert base.batch_size == 32 and fast.batch_size == 32
+  assert base.model.normalizer == 'none' and fast.model.normalizer == 'batch_norm'
+  assert base.model.dropout_rate > 0 and fast.model.dropout_rate == 0
+  assert fast.optimizer.weight_decay == pytest.approx(base.optimizer.weight_decay / 5)
+  assert fast.optimizer.decay_steps == round(base.optimizer.decay_steps / 6)
+  assert base.model.use_lrn and not fast.model.use_lrn
+  assert (base.data.shuffle, fast.data.shuffle) == ('within_shard', 'thorough')
+  assert (base.data.distortions, fast.data.distortions) == ('full', 'reduced')
+  assert _imagenet('bn_x5_sigmoid').model.activation == 'sigmoid'
+  assert _imagenet('bn_baseline').model.use_lrn  # BN-Baseline changes nothing else
+  # Apart from those keys, BN-x5 and BN-x30 are the same run.
+  x5 = helpers.flat(_imagenet('bn_x5'))
+  x30 = helpers.flat(_imagenet('bn_x30'))
+  assert {k for k in x5 if x5[k] != x30[k]} == {'optimizer.learning_rate'}
+
+
+def test_imagenet_many_devices_keep_batch_32_statistics():
+  c = _imagenet('bn_x30', batch=256)
+  assert c.model.virtual_batch_size == 32
+  assert c.optimizer.learning_rate == pytest.approx(0.045 * 8)
+  assert _imagenet('bn_x30', batch=256, lr_scaling='none').optimizer.learning_rate == pytest.approx(0.045)
+  with pytest.raises(ValueError, match='batch=100'):
+    _imagenet('bn_x30', batch=100)
+  with pytest.raises(ValueError, match="'resnet'"):
+    _imagenet('resnet')
+
+
+@pytest.mark.parametrize('model', MODELS)
+def test_every_imagenet_config_trains_on_mock_data(tmp_path, model):
+  import tensorflow_datasets as tfds
+  from bn_research import train
+  c = _imagenet(model)
+  c.data.data_dir = str(tmp_path)
+  c.data.image_size = 32
+  c.data.num_workers = 1
+  c.model.width_multiplier = 0.125
+  c.batch_size = 4
+  c.eval_batch_size = 8
+  c.num_train_steps = 2
+  c.eval_every_steps = 2
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  with tfds.testing.mock_data(num_examples=8):
+    result = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert result['status'] == 'done' and result['step'] == 2
+  rows = helpers.read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
+  assert [r['step'] for r in rows if 'train_loss' in r] == [1, 2]
+  assert all(math.isfinite(r['train_loss']) for r in rows if 'train_loss' in r)
+  assert 0 <= rows[-1]['eval_accuracy'] <= 1
+
+
+def test_ablation_experiment_writes_figures_2_and_3(tmp_path):
+  proc = helpers.run_module(
+      'experiments.inception_ablation',
+      [f'--workdir={tmp_path}', '--preset=small', '--data=synthetic', '--steps=4',
+       '--models=inception,bn_x30', '--set=eval_every_steps=2', '--set=log_every_steps=2',
+       '--set=checkpoint_every_steps=4', '--set=num_eval_examples=32'],
+      env={'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = helpers.read_json(tmp_path / 'figure3.json')
+  assert set(table['models']) == {'inception', 'bn_x30'}
+  inception = table['models']['inception']
+  # The target is the inception model's own maximum, so it reaches it at its step of max.
+  assert table['target'] == pytest.approx(inception['max_accuracy'])
+  assert inception['steps_to_inception_max'] == inception['step_of_max']
+  assert os.path.getsize(tmp_path / 'figure2.png') > 1000
+  assert '| bn_x30 |' in (tmp_path / 'figure3.md').read_text()

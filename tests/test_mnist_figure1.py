@@ -1,0 +1,47 @@
+"""The Figure 1 job (on synthetic data, few steps) and its activation tracker."""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from tests import helpers
+
+
+def test_probe_percentiles_match_numpy_on_an_independent_forward_pass():
+  from bn_research import train
+  from bn_research.models.mlp import MLP
+  model = MLP(hidden_sizes=(7, 5), num_classes=3, activation='sigmoid', normalizer='none',
+              init_stddev=0.5)
+  rng = np.random.default_rng(0)
+  images = rng.random((97, 4, 4, 1)).astype(np.float32)
+  variables = model.init(jax.random.key(0), images[:2], train=False)
+  probe = ml_collections.ConfigDict({'layer': -1, 'unit': 3, 'percentiles': (15.0, 50.0, 85.0)})
+  got = np.asarray(train.make_probe_fn(model, probe, 2)(variables['params'], {}, images))
+  # The last hidden layer's pre-sigmoid input, by hand in float64.
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables['params'])
+  h = images.reshape(97, -1).astype(np.float64)
+  h = 1 / (1 + np.exp(-(h @ p['dense_0']['kernel'] + p['dense_0']['bias'])))
+  z = h @ p['dense_1']['kernel'] + p['dense_1']['bias']
+  np.testing.assert_allclose(got, np.percentile(z[:, 3], [15, 50, 85]), rtol=1e-5, atol=1e-6)
+
+
+def test_figure1_job_writes_figure_and_numbers(tmp_path):
+  proc = helpers.run_module(
+      'experiments.mnist_figure1',
+      [f'--workdir={tmp_path}', '--source=synthetic', '--steps=40', '--eval_every=20',
+       '--set=data.num_train=300', '--set=data.num_test=100', '--set=probe.num_examples=50'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = helpers.read_json(tmp_path / 'figure1.json')
+  for net in ('bn', 'baseline'):
+    s = summary[net]
+    assert [a[0] for a in s['test_accuracy']] == [0, 20, 40]
+    assert s['final_test_accuracy'] == s['test_accuracy'][-1][1]
+    assert [len(row) for row in s['percentiles']] == [4, 4, 4]
+    for _, p15, p50, p85 in s['percentiles']:
+      assert p15 <= p50 <= p85
+    assert helpers.read_json(tmp_path / net / 'status.json')['status'] == 'done'
+  assert summary['data']['dataset'] and summary['data']['num_train'] == 300
+  assert os.path.getsize(tmp_path / 'figure1.png') > 10_000
+  assert '| bn ' in proc.stdout and '| baseline ' in proc.stdout
