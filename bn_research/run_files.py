@@ -33,15 +33,17 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def flatten(d: Mapping, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, Mapping):
-      out.update(flatten(v, key + '.'))
+def flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """A nested config dict as dotted keys ("optimizer.learning_rate"); empty dicts and
+  non-dict values (lists included) are leaves."""
+  flat = {}
+  for key, value in config.items():
+    full = f'{prefix}{key}'
+    if isinstance(value, Mapping) and value:
+      flat.update(flatten(value, full + '.'))
     else:
-      out[key] = v
-  return out
+      flat[full] = value
+  return flat
 
 
 def config_differences(a: Mapping, b: Mapping) -> list[str]:

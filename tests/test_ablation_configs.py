@@ -18,12 +18,7 @@ MODELS = ('inception', 'bn_baseline', 'bn_x5', 'bn_x30', 'bn_x5_sigmoid',
           'inception_x5', 'inception_sigmoid')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def fast_compiles():
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _imagenet(model, **kw):

@@ -7,14 +7,7 @@ import pytest
 from tests import helpers
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-  """XLA optimizations off: compiling, not running, is what these tests spend time on."""
-  import jax
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', before)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def test_lr_sweep_writes_table_json_and_plot(tmp_path):

@@ -29,14 +29,7 @@ TINY_OVERRIDES = [  # tests.helpers.tiny_mlp_config, written as --config overrid
     '--config.optimizer.learning_rate=0.1']
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-  """XLA optimizations off: compiling, not running, is what these tests spend time on."""
-  import jax
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', before)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _config(lr=0.1, seed=0, init=0.1):

@@ -12,6 +12,7 @@ import json
 import math
 from typing import Any, Mapping, Sequence
 
+from bn_research import run_files
 from bn_research.analysis import runs as runs_lib
 
 
@@ -65,24 +66,8 @@ def final_value(values: Sequence[float]) -> float | None:
   return values[-1] if values else None
 
 
-def flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  """Flattens a nested config dict to dotted keys ("optimizer.learning_rate").
-
-  Args:
-    config: Nested dict as stored in config.json.
-    prefix: Key prefix used in the recursion.
-
-  Returns:
-    A flat dict; non-dict leaves (lists included) are kept as they are.
-  """
-  flat = {}
-  for key, value in config.items():
-    full = f'{prefix}{key}'
-    if isinstance(value, Mapping) and value:
-      flat.update(flatten(value, full + '.'))
-    else:
-      flat[full] = value
-  return flat
+# One definition of a config's flat keys for the engine and the analysis tools.
+flatten = run_files.flatten
 
 
 _MISSING = object()
