@@ -191,33 +191,28 @@ MULTI_DEVICE = textwrap.dedent('''
         train.train_and_evaluate(c, root + '/' + name)
         state = checkpoint.load_latest(root + '/' + name)
         rows = helpers.read_jsonl(root + '/' + name + '/metrics.jsonl')
-        return state, [r['train_loss'] for r in rows if 'train_loss' in r]
+        return state, np.array([r['train_loss'] for r in rows if 'train_loss' in r])
+
+    def max_diff(a, b):
+        return max(float(np.max(np.abs(x - y))) for x, y in zip(
+            jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+    def compare(name, reference, ref_loss, **kw):
+        s, l = run(name, **kw)
+        out[name] = dict(loss=max_diff(l, ref_loss),
+                         params=max_diff(s['params'], reference['params']),
+                         stats=max_diff(s['batch_stats'], reference['batch_stats']))
 
     out = {{}}
     one, loss1 = run('one', num_devices=1)
-    for name, kw in {{'jit8': dict(num_devices=8),
-                     'pmap8': dict(num_devices=8, parallelism='pmap')}}.items():
-        s, l = run(name, **kw)
-        out[name] = dict(
-            loss=float(np.max(np.abs(np.array(l) - np.array(loss1)))),
-            params=max(float(np.max(np.abs(a - b))) for a, b in zip(
-                jax.tree_util.tree_leaves(s['params']), jax.tree_util.tree_leaves(one['params']))),
-            stats=max(float(np.max(np.abs(a - b))) for a, b in zip(
-                jax.tree_util.tree_leaves(s['batch_stats']), jax.tree_util.tree_leaves(one['batch_stats']))))
+    compare('jit8', one, loss1, num_devices=8)
+    compare('pmap8', one, loss1, num_devices=8, parallelism='pmap')
     # Per-device statistics == ghost batches of the per-device size on one device.
     ghost, lg = run('ghost1', num_devices=1, **{{'model.virtual_batch_size': 4}})
-    for name, kw in {{'pmap_local': dict(num_devices=8, parallelism='pmap',
-                                        **{{'model.bn_cross_replica': False}}),
-                     'jit_ghost': dict(num_devices=8, **{{'model.virtual_batch_size': 4}})}}.items():
-        s, l = run(name, **kw)
-        out[name] = dict(
-            loss=float(np.max(np.abs(np.array(l) - np.array(lg)))),
-            params=max(float(np.max(np.abs(a - b))) for a, b in zip(
-                jax.tree_util.tree_leaves(s['params']), jax.tree_util.tree_leaves(ghost['params']))),
-            stats=max(float(np.max(np.abs(a - b))) for a, b in zip(
-                jax.tree_util.tree_leaves(s['batch_stats']), jax.tree_util.tree_leaves(ghost['batch_stats']))))
-    out['ghost_vs_global'] = max(float(np.max(np.abs(a - b))) for a, b in zip(
-        jax.tree_util.tree_leaves(ghost['params']), jax.tree_util.tree_leaves(one['params'])))
+    compare('pmap_local', ghost, lg, num_devices=8, parallelism='pmap',
+            **{{'model.bn_cross_replica': False}})
+    compare('jit_ghost', ghost, lg, num_devices=8, **{{'model.virtual_batch_size': 4}})
+    out['ghost_vs_global'] = max_diff(ghost['params'], one['params'])
     # A batch that does not split over the devices is refused before compiling.
     try:
         train.train_and_evaluate(helpers.tiny_mlp_config(batch_size=12, num_devices=8), root + '/bad')
