@@ -230,7 +230,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return status
 
   if config.distributed:
-    jax.distributed.initialize()
+    # TPU pods, SLURM and Open MPI are detected by JAX itself. Elsewhere, set
+    # JAX_COORDINATOR_ADDRESS (read by JAX) and these two, per process.
+    kwargs = {key: int(os.environ[env]) for key, env in (
+        ('num_processes', 'BN_RESEARCH_NUM_PROCESSES'),
+        ('process_id', 'BN_RESEARCH_PROCESS_ID')) if os.environ.get(env)}
+    jax.distributed.initialize(**kwargs)
   process_index, process_count = jax.process_index(), jax.process_count()
   local_devices = jax.local_devices()
   if config.num_devices:
