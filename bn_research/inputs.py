@@ -76,14 +76,22 @@ class InMemoryInput:
 
 
 class StreamInput:
-  """A host pipeline with `train_batches(start_step)` yielding this host's batches."""
+  """A host pipeline with `train_batches(start_step)` yielding this host's batches.
 
-  def __init__(self, pipeline: Any, *, start_step: int):
+  The stream is opened at the first chunk asked for, so a resumed run starts reading
+  at its checkpoint's step; later chunks must follow on.
+  """
+
+  def __init__(self, pipeline: Any):
     self.resident: dict = {}
-    self._iterator: Iterator[dict] = iter(pipeline.train_batches(start_step))
-    self._next_step = start_step
+    self._pipeline = pipeline
+    self._iterator: Optional[Iterator[dict]] = None
+    self._next_step = 0
 
   def chunk(self, start_step: int, num_steps: int) -> dict:
+    if self._iterator is None:
+      self._iterator = iter(self._pipeline.train_batches(start_step))
+      self._next_step = start_step
     if start_step != self._next_step:
       raise RuntimeError(f'stream input asked for step {start_step}, '
                          f'expected {self._next_step}')

@@ -68,6 +68,34 @@ def run_keys(seed) -> tuple[jax.Array, jax.Array]:
   return init_key, state_key
 
 
+def create_train_state(model, config: ml_collections.ConfigDict, sample_image: Any
+                       ) -> tuple[TrainState, optax.GradientTransformation, optax.Schedule]:
+  """A run's step-0 state, its optimizer and its learning-rate schedule.
+
+  Args:
+    model: the built model.
+    config: the run's config (seed, optimizer).
+    sample_image: at least two example inputs (BN refuses a batch of one in training
+      mode); only their shape matters.
+  """
+  init_rng, state_rng = run_keys(config.seed)
+
+  def init_variables(key):
+    return model.init({'params': key, 'dropout': key}, sample_image, train=False)
+
+  # Init runs once: compile it without XLA's backend optimisations (2x faster to build
+  # for Inception on CPU; the run time of one forward pass does not matter).
+  variables = jax.jit(init_variables).lower(init_rng).compile(
+      {'xla_backend_optimization_level': 0})(init_rng)
+  params = variables['params']
+  batch_stats = variables.get('batch_stats', {})
+  schedule = optim.learning_rate_schedule(config.optimizer)
+  tx = optim.make_optimizer(config.optimizer, params, batch_stats)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     opt_state=tx.init(params), rng=state_rng)
+  return state, tx, schedule
+
+
 def tree_all_finite(tree: Any) -> jax.Array:
   leaves = jax.tree_util.tree_leaves(tree)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
@@ -172,8 +200,7 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def _load_data(config: ml_collections.ConfigDict, process_index: int, process_count: int,
-               start_step: int):
+def _load_data(config: ml_collections.ConfigDict, process_index: int, process_count: int):
   """Returns (input, eval_batches_fn, num_classes, probe_images, description)."""
   local_batch = config.batch_size // process_count
   if config.data.name == 'imagenet2012':
@@ -182,7 +209,7 @@ def _load_data(config: ml_collections.ConfigDict, process_index: int, process_co
         config.data, batch_size=local_batch, seed=config.seed,
         process_index=process_index, process_count=process_count)
     eval_batch = config.eval_batch_size // process_count
-    return (inputs_lib.StreamInput(pipeline, start_step=start_step),
+    return (inputs_lib.StreamInput(pipeline),
             lambda: pipeline.eval_batches(eval_batch), pipeline.num_classes, None,
             {'dataset': 'imagenet2012', 'num_train': pipeline.num_train_examples})
   from bn_research import data as data_lib
@@ -237,7 +264,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ('process_id', 'BN_RESEARCH_PROCESS_ID')) if os.environ.get(env)}
     jax.distributed.initialize(**kwargs)
   process_index, process_count = jax.process_index(), jax.process_count()
-  local_devices = jax.local_devices()
   if config.num_devices:
     if config.num_devices > jax.device_count():
       raise ValueError(f'num_devices={config.num_devices} but only {jax.device_count()} '
@@ -251,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # Everything that can fail on bad input happens before the workdir is touched.
   source, eval_batches, num_classes, probe_images, description = _load_data(
-      config, process_index, process_count, start_step=0)
+      config, process_index, process_count)
   if mode == 'new' and overwrite:
     moved = run_files.move_aside(workdir) if process_index == 0 else None
     if moved:
@@ -263,26 +289,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       axis_name=PMAP_AXIS if use_pmap and config.model.bn_cross_replica else None)
 
   # ---- initial state -------------------------------------------------------------
-  init_rng, state_rng = run_keys(config.seed)
   if isinstance(source, inputs_lib.InMemoryInput):
     sample_image = np.asarray(source.resident['image'][:2])
   else:
     sample_image = np.asarray(next(iter(eval_batches()))['image'][:2])
-  # (Two examples, not one: BN refuses a batch of one in training mode.)
-
-  def init_variables(key):
-    return model.init({'params': key, 'dropout': key}, sample_image, train=False)
-
-  # Init runs once: compile it without XLA's backend optimisations (2x faster to build
-  # for Inception on CPU; the run time of one forward pass does not matter).
-  variables = jax.jit(init_variables).lower(init_rng).compile(
-      {'xla_backend_optimization_level': 0})(init_rng)
-  params = variables['params']
-  batch_stats = variables.get('batch_stats', {})
-  schedule = optim.learning_rate_schedule(config.optimizer)
-  tx = optim.make_optimizer(config.optimizer, params, batch_stats)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                     opt_state=tx.init(params), rng=state_rng)
+  state, tx, schedule = create_train_state(model, config, sample_image)
+  params = state.params
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
 
   checkpointer = checkpoint_lib.Checkpointer(workdir)
@@ -291,8 +303,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = checkpointer.restore(state)
     start_step = int(state.step)
     logging.info('Resumed from the checkpoint at step %d.', start_step)
-    if start_step and isinstance(source, inputs_lib.StreamInput):
-      source, *_ = _load_data(config, process_index, process_count, start_step)
   files.truncate_metrics(start_step)
   files.write_config(config)
   files.write_description({**description, 'num_params': num_params,

@@ -15,7 +15,7 @@ What can be swept (`VMAP_KEYS`), and how each becomes a traced per-member value:
 * `model.init_stddev`: the model is initialised with stddev 1 and every dense kernel
   is then multiplied by the member's stddev, which is how `normal(stddev)` draws it.
 * `seed`: the init key and the state key are derived from the seed as the engine
-  derives them (`engine_keys`), and each member reads its own data order
+  derives them (`train.run_keys`), and each member reads its own data order
   (`InMemoryInput` with its seed; the chunk is a stacked (K, steps, B) index array).
   Members with equal seeds share one (steps, B) index chunk.
 
@@ -159,11 +159,6 @@ def member_config(base: ml_collections.ConfigDict,
 # ---------------------------------------------------------------- the program
 
 
-def engine_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(init key, state key) of a run with this seed: the engine's own `run_keys`."""
-  return train.run_keys(seed)
-
-
 def _scale_kernels(params: Any, stddev: jax.Array) -> Any:
   """Turns the MLP's stddev-1 Gaussian kernels into stddev-`stddev` ones.
 
@@ -219,7 +214,7 @@ def build_program(config: ml_collections.ConfigDict, num_classes: int,
   def init_variables(key):
     return model.init({'params': key, 'dropout': key}, sample_image, train=False)
 
-  shapes = jax.eval_shape(lambda seed: init_variables(engine_keys(seed)[0]), np.int32(0))
+  shapes = jax.eval_shape(lambda seed: init_variables(train.run_keys(seed)[0]), np.int32(0))
 
   def make_tx(learning_rate):
     # The engine's optimizer at lr 1, then the member's lr as an injected (traced,
@@ -229,7 +224,7 @@ def build_program(config: ml_collections.ConfigDict, num_classes: int,
         optax.inject_hyperparams(optax.scale)(step_size=learning_rate))
 
   def init_member(seed, stddev, learning_rate):
-    init_key, state_key = engine_keys(seed)
+    init_key, state_key = train.run_keys(seed)
     variables = init_variables(init_key)
     params = _scale_kernels(variables['params'], stddev)
     return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -342,7 +337,7 @@ def train_members(base: ml_collections.ConfigDict,
     return results
 
   source, eval_batches, num_classes, probe_images, description = train._load_data(
-      members[todo[0][0]].config, 0, 1, start_step=0)
+      members[todo[0][0]].config, 0, 1)
   if not isinstance(source, inputs_lib.InMemoryInput):
     raise VmapSweepError('--vmap needs an in-memory dataset.')
   groups: dict[int, list[int]] = {}

@@ -30,22 +30,14 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repetitions; the median is 
 def bench_ours(images, labels, steps: int) -> tuple[float, float]:
   """Returns (compile seconds, steps per second) for our engine's training step."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  from bn_research import inputs, models, optim, train
+  from bn_research import inputs, models, train
   from configs import mnist_mlp
 
   config = mnist_mlp.get_config('bn' if _NORMALIZER.value == 'batch_norm' else 'baseline')
   model = models.build_model(config.model, num_classes=10)
-  init_key, state_key = train.run_keys(0)
-  variables = jax.jit(lambda k: model.init({'params': k}, images[:2], train=False))(init_key)
-  tx = optim.make_optimizer(config.optimizer, variables['params'],
-                            variables.get('batch_stats', {}))
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                           batch_stats=variables.get('batch_stats', {}),
-                           opt_state=tx.init(variables['params']), rng=state_key)
-  step = train.make_train_step(model, tx, optim.learning_rate_schedule(config.optimizer),
-                               axis_name=None)
+  state, tx, schedule = train.create_train_state(model, config, images[:2])
+  step = train.make_train_step(model, tx, schedule, axis_name=None)
   chunk_fn = jax.jit(train.make_chunk_fn(step, inputs.InMemoryInput.materialize),
                      donate_argnums=(0,))
   source = inputs.InMemoryInput(images, labels, batch_size=60, seed=0)

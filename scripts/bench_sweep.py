@@ -63,9 +63,8 @@ def _run_chunks(compiled, state, resident, chunks, block):
 def bench_sequential(config, lrs: Sequence[float], ds) -> dict:
   """The engine's program, compiled and run once per setting."""
   import jax
-  import jax.numpy as jnp
   from bn_research import inputs as inputs_lib
-  from bn_research import models, optim, train
+  from bn_research import models, train
   from bn_research import vmap_sweep
 
   source = inputs_lib.InMemoryInput(ds.train_images, ds.train_labels,
@@ -78,15 +77,7 @@ def bench_sequential(config, lrs: Sequence[float], ds) -> dict:
     c = vmap_sweep.member_config(config, {'optimizer.learning_rate': lr})
     model = models.build_model(c.model, num_classes=ds.num_classes)
     t = time.perf_counter()
-    init_key, state_key = vmap_sweep.engine_keys(c.seed)  # as train_and_evaluate does
-    variables = jax.jit(lambda k: model.init({'params': k, 'dropout': k},
-                                             ds.train_images[:2], train=False))(init_key)
-    schedule = optim.learning_rate_schedule(c.optimizer)
-    tx = optim.make_optimizer(c.optimizer, variables['params'],
-                              variables.get('batch_stats', {}))
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                             batch_stats=variables.get('batch_stats', {}),
-                             opt_state=tx.init(variables['params']), rng=state_key)
+    state, tx, schedule = train.create_train_state(model, c, ds.train_images[:2])
     run_chunk = train.make_chunk_fn(train.make_train_step(model, tx, schedule, axis_name=None),
                                     source.materialize)
     compiled = jax.jit(run_chunk, donate_argnums=(0,)).lower(

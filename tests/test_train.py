@@ -234,3 +234,25 @@ def test_jit_mesh_and_pmap_on_8_devices_match_one_device(tmp_path):
   # ...and the comparison is not vacuous: ghost statistics do change training.
   assert out['ghost_vs_global'] > 1e-3
   assert out['bad'] is not None and 'batch_size=12' in out['bad'] and '8 devices' in out['bad']
+
+
+def test_stream_input_opens_at_the_first_step_asked_for():
+  from bn_research import inputs
+
+  class Pipeline:
+    opened = []
+
+    def train_batches(self, start_step):
+      self.opened.append(start_step)
+      step = start_step
+      while True:
+        yield {'image': np.full((2, 1), step, np.float32), 'label': np.full(2, step, np.int32)}
+        step += 1
+
+  source = inputs.StreamInput(Pipeline())
+  chunk = source.chunk(40, 3)  # a run resumed at step 40
+  assert chunk['label'][:, 0].tolist() == [40, 41, 42]
+  assert source.chunk(43, 1)['label'][0, 0] == 43
+  assert Pipeline.opened == [40]
+  with pytest.raises(RuntimeError, match='step 50'):
+    source.chunk(50, 1)
