@@ -22,6 +22,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the run\'s files.
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'If the workdir holds a run of a different config, move it '
     'aside (renamed, never deleted) and start afresh.')
+_CACHE = flags.DEFINE_string(
+    'compilation_cache_dir', None, "JAX's persistent compilation cache, so a repeated "
+    'run skips compiling (default: $JAX_COMPILATION_CACHE_DIR, else '
+    "~/.cache/bn_research/jax; 'none': off).")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -29,6 +33,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.get_absl_logger().addFilter(_quiet_libraries)
+  from bn_research import compile_cache  # pylint: disable=g-import-not-at-top
+  compile_cache.enable(_CACHE.value if _CACHE.value is not None
+                       else compile_cache.default_dir())
   from bn_research import train  # after flag parsing: keeps --help fast
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)

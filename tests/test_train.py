@@ -51,6 +51,51 @@ def test_main_entry_point_writes_the_run_files(tmp_path):
   assert 'steps/s' in proc.stderr and 'ETA' in proc.stderr
 
 
+def test_compilation_cache_is_used_and_changes_no_result(tmp_path):
+  """A second identical run loads its programs from the persistent cache (fewer
+  compilations logged) and writes the same metrics; 'none' leaves no cache."""
+  cache = tmp_path / 'cache'
+  args = ['--config=configs/mnist_mlp.py:bn,source=synthetic,steps=20',
+          '--config.eval_every_steps=10', '--config.log_every_steps=10',
+          '--config.checkpoint_every_steps=20', '--config.steps_per_dispatch=10',
+          '--config.data.image_size=8', '--config.data.num_train=256',
+          '--config.data.num_test=64', f'--compilation_cache_dir={cache}']
+  logs = {}
+  for run in ('first', 'second'):
+    proc = helpers.run_main(args + [f'--workdir={tmp_path / run}'],
+                            env={'JAX_LOG_COMPILES': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs[run] = proc.stderr
+  assert any(name.endswith('-cache') for name in os.listdir(cache))
+  compiled = {run: log.count('Finished XLA compilation') for run, log in logs.items()}
+  assert compiled['first'] >= 4  # init, train chunk, eval, probe at least
+  hits = logs['second'].count('Persistent compilation cache hit')
+  assert hits >= 4, compiled
+  strip = lambda rows: [{k: v for k, v in r.items() if k != 'steps_per_second'}
+                        for r in rows]
+  assert strip(helpers.read_jsonl(tmp_path / 'first' / 'metrics.jsonl')) == strip(
+      helpers.read_jsonl(tmp_path / 'second' / 'metrics.jsonl'))
+
+  off = tmp_path / 'off_cache'
+  proc = helpers.run_main([a for a in args if not a.startswith('--compilation')] + [
+      f'--workdir={tmp_path / "off"}', '--compilation_cache_dir=none'],
+      env={'JAX_COMPILATION_CACHE_DIR': str(off)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not off.exists()
+
+
+def test_compilation_cache_default_location(monkeypatch):
+  from bn_research import compile_cache
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/somewhere/jax')
+  assert compile_cache.default_dir() == '/somewhere/jax'
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+  monkeypatch.setenv('XDG_CACHE_HOME', '/xdg')
+  assert compile_cache.default_dir() == '/xdg/bn_research/jax'
+  monkeypatch.delenv('XDG_CACHE_HOME')
+  assert compile_cache.default_dir() == os.path.expanduser('~/.cache/bn_research/jax')
+  assert compile_cache.enable('none') is None and compile_cache.enable('') is None
+
+
 def test_training_learns_and_bn_has_batch_stats(tmp_path):
   config = helpers.tiny_mlp_config(num_train_steps=100, eval_every_steps=100)
   result = _train(config, tmp_path / 'bn')
