@@ -82,10 +82,23 @@ def train_networks(root: str) -> None:
     if _SEQUENTIAL.value:
       p.wait()
   failed = []
-  for net, p, log in procs:
-    if p.wait() != 0:
-      failed.append(net)
-    log.close()
+  running = list(procs)
+  while running:
+    for item in list(running):
+      net, p, log = item
+      if p.poll() is None:
+        continue
+      running.remove(item)
+      log.close()
+      if p.returncode != 0:
+        failed.append(net)
+      if running and not failed:
+        # A core is free now: load the plotting library while the other network
+        # finishes, instead of after (about 0.7 s of the job's wall time).
+        import matplotlib  # pylint: disable=g-import-not-at-top
+        matplotlib.use('Agg')
+        import matplotlib.pyplot  # pylint: disable=g-import-not-at-top,unused-import
+    time.sleep(0.05)
   for net in failed:
     with open(os.path.join(root, f'{net}.log')) as f:
       tail = f.read()[-3000:]
