@@ -301,3 +301,22 @@ def test_stream_input_opens_at_the_first_step_asked_for():
   assert Pipeline.opened == [40]
   with pytest.raises(RuntimeError, match='step 50'):
     source.chunk(50, 1)
+
+
+def test_event_writer_import_leaves_torch_importable(tmp_path):
+  """TensorBoard's writer is loaded with torch hidden (a 2 s import it does not need);
+  the hiding must not outlive the import."""
+  code = textwrap.dedent('''
+      import sys
+      from bn_research import run_files
+      writer = run_files._summary_writer_class()
+      assert 'torch' not in sys.modules, 'torch was imported or its blocker left behind'
+      import importlib.util
+      print('torch installed' if importlib.util.find_spec('torch') else 'no torch')
+      w = writer(%r, flush_secs=1)
+      w.add_scalar('loss', 0.5, 3)
+      w.close()
+  ''' % str(tmp_path))
+  proc = helpers.run_python(code)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
