@@ -8,6 +8,17 @@ number of steps; compile time is reported apart from the steady state. Ours runs
 engine's own chunk function (`train.make_chunk_fn`, `steps_per_dispatch` steps per
 dispatch); PyTorch runs a plain eager loop. PyTorch is optional: without it only our
 figure is printed.
+
+Two more peers put our figure in context:
+
+* the matrix multiplies alone: the network's eleven products (four forward, four weight
+  gradients, three input gradients) at the same shapes, in the same compiled loop and on the same gathered
+  batches, with none of BN, the sigmoids, the loss or the optimizer. It is a floor our
+  step cannot beat on this machine; the ratio says how much of a step is everything else.
+* `--processes=2` runs the whole benchmark in two processes at once, as the Figure 1
+  job runs its two networks, and reports each process's figure next to the
+  single-process one: on a machine whose two cores share vector units or caches,
+  running side by side gives less than 2x.
 """
 
 from __future__ import annotations
@@ -25,6 +36,9 @@ _THREADS = flags.DEFINE_integer('threads', 1, 'CPU threads for each framework.')
 _NORMALIZER = flags.DEFINE_enum('normalizer', 'batch_norm', ['batch_norm', 'none'],
                                 'With or without BN.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repetitions; the median is shown.')
+_PROCESSES = flags.DEFINE_integer('processes', 1, 'Run the JAX benchmarks in this many '
+                                  'processes at once (each with --threads threads).')
+_TORCH = flags.DEFINE_bool('torch', True, 'Also time PyTorch, when it is installed.')
 
 
 def bench_ours(images, labels, steps: int) -> tuple[float, float]:
@@ -62,6 +76,49 @@ def bench_ours(images, labels, steps: int) -> tuple[float, float]:
   return compile_s, sorted(rates)[len(rates) // 2]
 
 
+def bench_matmul_floor(images, steps: int) -> float:
+  """Steps/s of the network's eleven matrix products alone, same shapes and batches."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from bn_research import inputs
+
+  source = inputs.InMemoryInput(images.reshape(len(images), -1), np.zeros(len(images),
+                                np.int32), batch_size=60, seed=0)
+  resident = jax.device_put(source.resident['image'])
+  rng = np.random.default_rng(0)
+  w = [jnp.asarray(0.01 * rng.standard_normal(shape, dtype=np.float32))
+       for shape in ((784, 100), (100, 100), (100, 100), (100, 10))]
+
+  def body(carry, index):
+    x = jnp.take(resident, index, axis=0)
+    h1 = x @ w[0] + carry
+    h2 = h1 @ w[1]
+    h3 = h2 @ w[2]
+    out = h3 @ w[3]
+    d3 = out @ w[3].T          # input gradients of the three upper layers
+    d2 = d3 @ w[2].T
+    d1 = d2 @ w[1].T
+    g = [x.T @ d1, h1.T @ d2, h2.T @ d3, h3.T @ out]   # weight gradients
+    # A tiny dependence on every product keeps each one live and the loop sequential.
+    return carry + 1e-30 * sum(jnp.sum(v[:1, :1]) for v in g), None
+
+  k = _DISPATCH.value
+  run = jax.jit(lambda carry, idx: jax.lax.scan(body, carry, idx)[0])
+  carry = jnp.zeros((60, 100), jnp.float32)
+  jax.block_until_ready(run(carry, source.example_indices(0, k)))
+  rates, done = [], k
+  for _ in range(_REPEATS.value):
+    chunks = [source.example_indices(done + i * k, k) for i in range(steps // k)]
+    t = time.perf_counter()
+    for c in chunks:
+      carry = run(carry, c)
+    jax.block_until_ready(carry)
+    rates.append(len(chunks) * k / (time.perf_counter() - t))
+    done += len(chunks) * k
+  return sorted(rates)[len(rates) // 2]
+
+
 def bench_torch(images, labels, steps: int) -> tuple[float, float] | None:
   try:
     import torch
@@ -95,7 +152,7 @@ def bench_torch(images, labels, steps: int) -> tuple[float, float] | None:
       loss = loss_fn(net(x_all[idx]), y_all[idx])
       loss.backward()
       opt.step()
-    return float(loss)
+    return float(loss.detach())
 
   t = time.perf_counter()
   run(50)  # warm-up (allocator, first-call overheads)
@@ -126,14 +183,46 @@ def main(argv):
   print(f'MNIST MLP 784-100-100-100-10 sigmoid, normalizer={_NORMALIZER.value}, batch 60, '
         f'{steps} timed steps x {_REPEATS.value}, {_THREADS.value} thread(s)')
   ours = bench_ours(images, labels, steps)
-  theirs = bench_torch(images, labels, steps)
-  print(f'{"":12s}{"setup/compile s":>16s}{"steps/s":>12s}')
-  print(f'{"ours (JAX)":12s}{ours[0]:16.2f}{ours[1]:12.0f}')
-  if theirs is None:
+  floor = bench_matmul_floor(images, steps)
+  theirs = bench_torch(images, labels, steps) if _TORCH.value else None
+  print(f'{"":16s}{"setup/compile s":>16s}{"steps/s":>12s}')
+  print(f'{"ours (JAX)":16s}{ours[0]:16.2f}{ours[1]:12.0f}')
+  print(f'{"matmuls alone":16s}{"":16s}{floor:12.0f}')
+  print(f'ratio ours/matmuls alone: {ours[1] / floor:.2f}')
+  if theirs is not None:
+    print(f'{"PyTorch":16s}{theirs[0]:16.2f}{theirs[1]:12.0f}')
+    print(f'ratio ours/PyTorch: {ours[1] / theirs[1]:.2f}x')
+  elif _TORCH.value:
     print('PyTorch not installed: pip install torch==2.13.0 (CPU) to compare.')
-    return
-  print(f'{"PyTorch":12s}{theirs[0]:16.2f}{theirs[1]:12.0f}')
-  print(f'ratio ours/PyTorch: {ours[1] / theirs[1]:.2f}x')
+  if _PROCESSES.value > 1:
+    side_by_side(ours[1], floor)
+
+
+def side_by_side(ours_alone: float, floor_alone: float) -> None:
+  """The same JAX benchmarks in N processes at once; each one's figures."""
+  import re
+  import subprocess
+  n = _PROCESSES.value
+  cmd = [sys.executable, '-m', 'scripts.bench_mnist', f'--steps={_STEPS.value}',
+         f'--steps_per_dispatch={_DISPATCH.value}', f'--threads={_THREADS.value}',
+         f'--normalizer={_NORMALIZER.value}', f'--repeats={_REPEATS.value}',
+         '--processes=1', '--notorch']
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  procs = [subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True) for _ in range(n)]
+  outs = [p.communicate()[0] for p in procs]
+  print(f'\n{n} processes side by side (steps/s of each; alone: ours {ours_alone:.0f}, '
+        f'matmuls {floor_alone:.0f}):')
+  for i, out in enumerate(outs):
+    ours = re.search(r'ours \(JAX\)\s+[\d.]+\s+(\d+)', out)
+    floor = re.search(r'matmuls alone\s+(\d+)', out)
+    if not (ours and floor):
+      print(f'  process {i}: failed:\n{out[-2000:]}')
+      continue
+    print(f'  process {i}: ours {ours.group(1)} ({int(ours.group(1)) / ours_alone:.2f} of '
+          f'alone), matmuls alone {floor.group(1)} '
+          f'({int(floor.group(1)) / floor_alone:.2f} of alone)')
 
 
 if __name__ == '__main__':
