@@ -9,6 +9,7 @@ the bad value and what is allowed.
 from __future__ import annotations
 
 import os
+import re
 
 import ml_collections
 
@@ -37,6 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallelism = 'jit'            # 'jit' over a 1-D device mesh, or 'pmap'
   c.num_devices = 0                # 0: all local devices
   c.distributed = False            # call jax.distributed.initialize() (multi-host)
+  # XLA compile options for the training chunk, eval and probe programs, as
+  # 'name=value,name=value' (e.g. 'xla_cpu_experimental_ynn_fusion_type=' to leave CPU
+  # matmuls to Eigen rather than YNNPACK). Performance only: checked by a trial compile
+  # before the run starts. Not applied under parallelism='pmap' (jax.pmap takes none).
+  c.compiler_options = ''
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'momentum'    # 'sgd' | 'momentum'
@@ -108,6 +114,49 @@ def _positive_int(name, value):
     raise ValueError(f'{name}={value!r} must be a positive integer.')
 
 
+_OPTION_NAME = re.compile(r'xla_[a-z0-9_]+')
+
+
+def parse_compiler_options(text: str) -> dict:
+  """'name=value,...' -> {name: value}; values 'true'/'false', ints and floats are typed.
+
+  Raises ValueError naming the malformed entry. Whether XLA knows an option is checked
+  by `check_compiler_options`, which compiles.
+  """
+  options = {}
+  for entry in filter(None, (e.strip() for e in str(text).split(','))):
+    name, sep, value = entry.partition('=')
+    name, value = name.strip(), value.strip()
+    if not sep or not _OPTION_NAME.fullmatch(name):
+      raise ValueError(f'compiler_options: {entry!r} is not name=value with an XLA option '
+                       "name (xla_...); e.g. 'xla_cpu_experimental_ynn_fusion_type='.")
+    if value.lower() in ('true', 'false'):
+      options[name] = value.lower() == 'true'
+    else:
+      for kind in (int, float):
+        try:
+          options[name] = kind(value)
+          break
+        except ValueError:
+          continue
+      else:
+        options[name] = value
+  return options
+
+
+def check_compiler_options(options: dict) -> None:
+  """Compiles a one-op program with `options`; ValueError naming the one XLA refuses."""
+  if not options:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  for name, value in options.items():
+    try:
+      jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(1.0).compile()
+    except Exception as e:  # XLA raises its own runtime error type
+      raise ValueError(f'compiler_options: XLA refuses {name}={value!r}: '
+                       f'{str(e).splitlines()[0]}') from None
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
   """Raises ValueError naming the first bad value; cheap (no data, no compilation).
 
@@ -124,6 +173,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     raise ValueError(f'parallelism={config.parallelism!r}; allowed: {", ".join(PARALLELISMS)}.')
   if config.num_devices < 0:
     raise ValueError(f'num_devices={config.num_devices!r} must be >= 0 (0: all local devices).')
+  parse_compiler_options(config.compiler_options)
   if num_devices is not None and config.batch_size % num_devices:
     raise ValueError(
         f'batch_size={config.batch_size} is not divisible by the {num_devices} devices '

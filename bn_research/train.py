@@ -278,6 +278,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   local_devices = [d for d in devices if d.process_index == process_index]
   config_lib.validate_config(config, num_devices=len(devices))
   use_pmap = config.parallelism == 'pmap'
+  compiler_options = config_lib.parse_compiler_options(config.compiler_options)
+  config_lib.check_compiler_options(compiler_options)
+  if compiler_options and use_pmap:
+    logging.warning('compiler_options %s are not applied under pmap (jax.pmap takes no '
+                    'compile options).', compiler_options)
 
   # Everything that can fail on bad input happens before the workdir is touched.
   source, eval_batches, num_classes, probe_images, description = _load_data(
@@ -363,7 +368,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     resident = jax.device_put(source.resident, replicated)
     chunk_sharding = NamedSharding(mesh, P(None, 'data'))
     j_chunk = jax.jit(run_chunk, donate_argnums=(0,),
-                      out_shardings=(replicated, replicated, replicated))
+                      out_shardings=(replicated, replicated, replicated),
+                      compiler_options=compiler_options or None)
 
     def to_global(x):
       global_shape = (x.shape[0], x.shape[1] * process_count) + x.shape[2:]
@@ -376,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return state
 
   batch_sharding = None if use_pmap else NamedSharding(mesh, P('data'))
-  j_eval = jax.jit(eval_step)
+  j_eval = jax.jit(eval_step, compiler_options=compiler_options or None)
   eval_cache: list = []
 
   def evaluate(state) -> dict:
@@ -398,7 +404,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   probe = None
   if config.probe.enabled and probe_images is not None and config.model.name == 'mlp':
-    j_probe = jax.jit(make_probe_fn(model, config.probe, len(config.model.hidden_sizes)))
+    j_probe = jax.jit(make_probe_fn(model, config.probe, len(config.model.hidden_sizes)),
+                      compiler_options=compiler_options or None)
     probe_images = jnp.asarray(probe_images)
 
     def probe(state) -> dict:

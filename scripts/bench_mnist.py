@@ -38,7 +38,20 @@ _NORMALIZER = flags.DEFINE_enum('normalizer', 'batch_norm', ['batch_norm', 'none
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repetitions; the median is shown.')
 _PROCESSES = flags.DEFINE_integer('processes', 1, 'Run the JAX benchmarks in this many '
                                   'processes at once (each with --threads threads).')
+_OPTIONS = flags.DEFINE_string('compiler_options', None, "XLA compile options for our "
+                                'programs (default: the config\'s; "" for none).')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time PyTorch, when it is installed.')
+
+
+def compiler_options() -> dict:
+  from bn_research import config as config_lib
+  from configs import mnist_mlp
+  text = _OPTIONS.value
+  if text is None:
+    text = mnist_mlp.get_config('bn').compiler_options
+  options = config_lib.parse_compiler_options(text)
+  config_lib.check_compiler_options(options)
+  return options
 
 
 def bench_ours(images, labels, steps: int) -> tuple[float, float]:
@@ -53,7 +66,7 @@ def bench_ours(images, labels, steps: int) -> tuple[float, float]:
   state, tx, schedule = train.create_train_state(model, config, images[:2])
   step = train.make_train_step(model, tx, schedule, axis_name=None)
   chunk_fn = jax.jit(train.make_chunk_fn(step, inputs.InMemoryInput.materialize),
-                     donate_argnums=(0,))
+                     donate_argnums=(0,), compiler_options=compiler_options() or None)
   source = inputs.InMemoryInput(images, labels, batch_size=60, seed=0)
   resident = jax.device_put(source.resident)
   k = _DISPATCH.value
@@ -104,7 +117,8 @@ def bench_matmul_floor(images, steps: int) -> float:
     return carry + 1e-30 * sum(jnp.sum(v[:1, :1]) for v in g), None
 
   k = _DISPATCH.value
-  run = jax.jit(lambda carry, idx: jax.lax.scan(body, carry, idx)[0])
+  run = jax.jit(lambda carry, idx: jax.lax.scan(body, carry, idx)[0],
+                compiler_options=compiler_options() or None)
   carry = jnp.zeros((60, 100), jnp.float32)
   jax.block_until_ready(run(carry, source.example_indices(0, k)))
   rates, done = [], k
@@ -181,7 +195,8 @@ def main(argv):
       (4000, 28, 28, 1), dtype=np.float32), 0, 1).astype(np.float32)
   steps = _STEPS.value
   print(f'MNIST MLP 784-100-100-100-10 sigmoid, normalizer={_NORMALIZER.value}, batch 60, '
-        f'{steps} timed steps x {_REPEATS.value}, {_THREADS.value} thread(s)')
+        f'{steps} timed steps x {_REPEATS.value}, {_THREADS.value} thread(s), '
+        f'XLA options {compiler_options() or "none"}')
   ours = bench_ours(images, labels, steps)
   floor = bench_matmul_floor(images, steps)
   theirs = bench_torch(images, labels, steps) if _TORCH.value else None
@@ -207,6 +222,8 @@ def side_by_side(ours_alone: float, floor_alone: float) -> None:
          f'--steps_per_dispatch={_DISPATCH.value}', f'--threads={_THREADS.value}',
          f'--normalizer={_NORMALIZER.value}', f'--repeats={_REPEATS.value}',
          '--processes=1', '--notorch']
+  if _OPTIONS.value is not None:
+    cmd.append(f'--compiler_options={_OPTIONS.value}')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
   procs = [subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,

@@ -84,6 +84,30 @@ def test_compilation_cache_is_used_and_changes_no_result(tmp_path):
   assert not off.exists()
 
 
+def test_compiler_options_parse_and_change_no_result():
+  """Options are typed as XLA expects; YNNPACK vs Eigen matmuls change only rounding."""
+  from bn_research import config as config_lib
+  from bn_research import train
+  assert config_lib.parse_compiler_options('') == {}
+  assert config_lib.parse_compiler_options(
+      'xla_cpu_experimental_ynn_fusion_type=, xla_cpu_enable_fast_math=false,'
+      'xla_backend_optimization_level=0') == {
+          'xla_cpu_experimental_ynn_fusion_type': '', 'xla_cpu_enable_fast_math': False,
+          'xla_backend_optimization_level': 0}
+  # The MNIST config's option is accepted by this XLA, and training with and without it
+  # agrees to float32 rounding.
+  results = {}
+  for options in ('xla_cpu_experimental_ynn_fusion_type=', ''):
+    config = helpers.tiny_mlp_config(compiler_options=options, num_train_steps=20,
+                                     checkpoint_every_steps=20)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+      results[options] = train.train_and_evaluate(config, d)
+  a, b = results.values()
+  assert a['status'] == b['status'] == 'done'
+  np.testing.assert_allclose(a['eval_loss'], b['eval_loss'], rtol=1e-4)
+
+
 def test_compilation_cache_default_location(monkeypatch):
   from bn_research import compile_cache
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/somewhere/jax')
@@ -180,6 +204,10 @@ def test_same_learning_rate_with_bn_does_not_diverge(tmp_path):
     ('data.name', 'cifar', "data.name='cifar'"),
     ('data.data_dir', '/no/such/dir', '/no/such/dir'),
     ('parallelism', 'pjit', "parallelism='pjit'"),
+    ('compiler_options', 'fast=1', "'fast=1'"),
+    ('compiler_options', 'xla_no_such_option=1', 'xla_no_such_option=1'),
+    ('compiler_options', 'xla_cpu_experimental_ynn_fusion_type=bogus',
+     "xla_cpu_experimental_ynn_fusion_type='bogus'"),
 ])
 def test_bad_config_values_fail_before_touching_the_workdir(tmp_path, key, value, needle):
   workdir = tmp_path / 'run'
