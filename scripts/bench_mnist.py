@@ -15,8 +15,8 @@ Two more peers put our figure in context:
   gradients, three input gradients) at the same shapes, in the same compiled loop and on the same gathered
   batches, with none of BN, the sigmoids, the loss or the optimizer. It is a floor our
   step cannot beat on this machine; the ratio says how much of a step is everything else.
-* `--processes=2` runs the whole benchmark in two processes at once, as the Figure 1
-  job runs its two networks, and reports each process's figure next to the
+* `--processes=2` runs the whole benchmark in two processes at once, each pinned to its
+  own core(s), as the Figure 1 job runs its two networks, and reports each process's figure next to the
   single-process one: on a machine whose two cores share vector units or caches,
   running side by side gives less than 2x.
 """
@@ -40,7 +40,11 @@ _PROCESSES = flags.DEFINE_integer('processes', 1, 'Run the JAX benchmarks in thi
                                   'processes at once (each with --threads threads).')
 _OPTIONS = flags.DEFINE_string('compiler_options', None, "XLA compile options for our "
                                 'programs (default: the config\'s; "" for none).')
+_PIN = flags.DEFINE_bool('pin', True, 'With --threads=1, pin to one core (Linux).')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time PyTorch, when it is installed.')
+
+
+_ALL_CORES: list = []  # the cores this process may use, before it pins itself
 
 
 def compiler_options() -> dict:
@@ -188,6 +192,11 @@ def main(argv):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                ' --xla_cpu_multi_thread_eigen=false'
                                ' intra_op_parallelism_threads=1').strip()
+    # ... and on one core: left to the scheduler, the threads of a process migrate
+    # between cores, which costs 20-35% on this project's 2-core machine.
+    if _PIN.value and hasattr(os, 'sched_getaffinity'):
+      _ALL_CORES.extend(sorted(os.sched_getaffinity(0)))
+      os.sched_setaffinity(0, {_ALL_CORES[0]})
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, 4000).astype(np.int32)
   prototypes = rng.random((10, 28, 28, 1), dtype=np.float32)
@@ -221,13 +230,23 @@ def side_by_side(ours_alone: float, floor_alone: float) -> None:
   cmd = [sys.executable, '-m', 'scripts.bench_mnist', f'--steps={_STEPS.value}',
          f'--steps_per_dispatch={_DISPATCH.value}', f'--threads={_THREADS.value}',
          f'--normalizer={_NORMALIZER.value}', f'--repeats={_REPEATS.value}',
-         '--processes=1', '--notorch']
+         '--processes=1', '--notorch', '--nopin']
   if _OPTIONS.value is not None:
     cmd.append(f'--compiler_options={_OPTIONS.value}')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  procs = [subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True) for _ in range(n)]
+  # Pinned one core (share) each, as the Figure 1 job pins its two networks. Set right
+  # after the start, before the child's interpreter starts threads (this process has
+  # JAX's threads, which makes a preexec_fn unsafe).
+  cores = _ALL_CORES or (sorted(os.sched_getaffinity(0))
+                         if hasattr(os, 'sched_getaffinity') else [])
+  per = len(cores) // n
+  procs = []
+  for i in range(n):
+    procs.append(subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True))
+    if per:
+      os.sched_setaffinity(procs[-1].pid, set(cores[i * per:(i + 1) * per]))
   outs = [p.communicate()[0] for p in procs]
   print(f'\n{n} processes side by side (steps/s of each; alone: ours {ours_alone:.0f}, '
         f'matmuls {floor_alone:.0f}):')
