@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   # XLA compile options for the training chunk, eval and probe programs, as
   # 'name=value,name=value' (e.g. 'xla_cpu_experimental_ynn_fusion_type=' to leave CPU
   # matmuls to Eigen rather than YNNPACK). Performance only: checked by a trial compile
-  # before the run starts. Not applied under parallelism='pmap' (jax.pmap takes none).
+  # before the run starts. Not applied under parallelism='pmap' (jax.pmap takes none)
+  # nor by the vmapped sweep (bn_research.vmap_sweep), whose batched matmuls were not
+  # measured with them.
   c.compiler_options = ''
 
   c.optimizer = ml_collections.ConfigDict()
