@@ -67,20 +67,6 @@ def run_command(network: str, workdir: str) -> list[str]:
   return cmd
 
 
-def core_shares(cores: list[int], n: int) -> list[set[int]] | None:
-  """Splits `cores` into n disjoint, equal, contiguous shares (None if fewer than n).
-
-  Each network's process is pinned to its own share. Left to the scheduler, the two
-  processes' threads (XLA keeps a few besides the one computing) migrate between
-  cores and often share one: the job ran in about 39 s unpinned against 27-30 s
-  pinned on this project's 2-core machine.
-  """
-  if len(cores) < n:
-    return None
-  per = len(cores) // n
-  return [set(cores[i * per:(i + 1) * per]) for i in range(n)]
-
-
 def train_networks(root: str) -> None:
   """Runs both networks as separate processes, each on one core."""
   env = dict(os.environ)
@@ -91,8 +77,10 @@ def train_networks(root: str) -> None:
   env['PYTHONPATH'] = repo + os.pathsep + env.get('PYTHONPATH', '')
   procs = []
   shares = None
-  if _PIN_CORES.value and not _SEQUENTIAL.value and hasattr(os, 'sched_getaffinity'):
-    shares = core_shares(sorted(os.sched_getaffinity(0)), len(NETWORKS))
+  if _PIN_CORES.value and not _SEQUENTIAL.value:
+    # Each network on its own core(s): see bn_research/cpu_placement.py for why.
+    from bn_research import cpu_placement  # pylint: disable=g-import-not-at-top
+    shares = cpu_placement.core_shares(cpu_placement.available_cores(), len(NETWORKS))
   for i, net in enumerate(NETWORKS):
     cmd = run_command(net, os.path.join(root, net))
     logging.info('launching: %s', ' '.join(cmd))

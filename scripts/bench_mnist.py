@@ -58,7 +58,7 @@ def compiler_options() -> dict:
   return options
 
 
-def bench_ours(images, labels, steps: int) -> tuple[float, float]:
+def bench_ours(images, labels, steps: int, options: dict) -> tuple[float, float]:
   """Returns (compile seconds, steps per second) for our engine's training step."""
   import jax
   import numpy as np
@@ -70,7 +70,7 @@ def bench_ours(images, labels, steps: int) -> tuple[float, float]:
   state, tx, schedule = train.create_train_state(model, config, images[:2])
   step = train.make_train_step(model, tx, schedule, axis_name=None)
   chunk_fn = jax.jit(train.make_chunk_fn(step, inputs.InMemoryInput.materialize),
-                     donate_argnums=(0,), compiler_options=compiler_options() or None)
+                     donate_argnums=(0,), compiler_options=options or None)
   source = inputs.InMemoryInput(images, labels, batch_size=60, seed=0)
   resident = jax.device_put(source.resident)
   k = _DISPATCH.value
@@ -93,7 +93,7 @@ def bench_ours(images, labels, steps: int) -> tuple[float, float]:
   return compile_s, sorted(rates)[len(rates) // 2]
 
 
-def bench_matmul_floor(images, steps: int) -> float:
+def bench_matmul_floor(images, steps: int, options: dict) -> float:
   """Steps/s of the network's eleven matrix products alone, same shapes and batches."""
   import jax
   import jax.numpy as jnp
@@ -122,7 +122,7 @@ def bench_matmul_floor(images, steps: int) -> float:
 
   k = _DISPATCH.value
   run = jax.jit(lambda carry, idx: jax.lax.scan(body, carry, idx)[0],
-                compiler_options=compiler_options() or None)
+                compiler_options=options or None)
   carry = jnp.zeros((60, 100), jnp.float32)
   jax.block_until_ready(run(carry, source.example_indices(0, k)))
   rates, done = [], k
@@ -194,8 +194,9 @@ def main(argv):
                                ' intra_op_parallelism_threads=1').strip()
     # ... and on one core: left to the scheduler, the threads of a process migrate
     # between cores, which costs 20-35% on this project's 2-core machine.
-    if _PIN.value and hasattr(os, 'sched_getaffinity'):
-      _ALL_CORES.extend(sorted(os.sched_getaffinity(0)))
+    from bn_research import cpu_placement
+    _ALL_CORES.extend(cpu_placement.available_cores())
+    if _PIN.value and _ALL_CORES:
       os.sched_setaffinity(0, {_ALL_CORES[0]})
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, 4000).astype(np.int32)
@@ -203,11 +204,12 @@ def main(argv):
   images = np.clip(prototypes[labels] + 0.3 * rng.standard_normal(
       (4000, 28, 28, 1), dtype=np.float32), 0, 1).astype(np.float32)
   steps = _STEPS.value
+  options = compiler_options()
   print(f'MNIST MLP 784-100-100-100-10 sigmoid, normalizer={_NORMALIZER.value}, batch 60, '
         f'{steps} timed steps x {_REPEATS.value}, {_THREADS.value} thread(s), '
-        f'XLA options {compiler_options() or "none"}')
-  ours = bench_ours(images, labels, steps)
-  floor = bench_matmul_floor(images, steps)
+        f'XLA options {options or "none"}')
+  ours = bench_ours(images, labels, steps, options)
+  floor = bench_matmul_floor(images, steps, options)
   theirs = bench_torch(images, labels, steps) if _TORCH.value else None
   print(f'{"":16s}{"setup/compile s":>16s}{"steps/s":>12s}')
   print(f'{"ours (JAX)":16s}{ours[0]:16.2f}{ours[1]:12.0f}')
@@ -238,15 +240,14 @@ def side_by_side(ours_alone: float, floor_alone: float) -> None:
   # Pinned one core (share) each, as the Figure 1 job pins its two networks. Set right
   # after the start, before the child's interpreter starts threads (this process has
   # JAX's threads, which makes a preexec_fn unsafe).
-  cores = _ALL_CORES or (sorted(os.sched_getaffinity(0))
-                         if hasattr(os, 'sched_getaffinity') else [])
-  per = len(cores) // n
+  from bn_research import cpu_placement
+  shares = cpu_placement.core_shares(_ALL_CORES or cpu_placement.available_cores(), n)
   procs = []
   for i in range(n):
     procs.append(subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True))
-    if per:
-      os.sched_setaffinity(procs[-1].pid, set(cores[i * per:(i + 1) * per]))
+    if shares:
+      os.sched_setaffinity(procs[-1].pid, shares[i])
   outs = [p.communicate()[0] for p in procs]
   print(f'\n{n} processes side by side (steps/s of each; alone: ours {ours_alone:.0f}, '
         f'matmuls {floor_alone:.0f}):')

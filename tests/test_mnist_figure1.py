@@ -48,11 +48,8 @@ def test_figure1_job_writes_figure_and_numbers(tmp_path):
 
 
 def test_core_shares_are_disjoint_and_cover_what_they_can():
-  # In a fresh interpreter: the experiment module defines absl flags on import.
-  proc = helpers.run_python(
-      'from experiments.mnist_figure1 import core_shares\n'
-      'assert core_shares([0, 1], 2) == [{0}, {1}]\n'
-      'assert core_shares([3, 5, 8, 9, 10], 2) == [{3, 5}, {8, 9}]\n'
-      'assert core_shares(list(range(16)), 2) == [set(range(8)), set(range(8, 16))]\n'
-      'assert core_shares([0], 2) is None  # one core: scheduling is left to the OS\n')
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  from bn_research.cpu_placement import core_shares
+  assert core_shares([0, 1], 2) == [{0}, {1}]
+  assert core_shares([3, 5, 8, 9, 10], 2) == [{3, 5}, {8, 9}]
+  assert core_shares(list(range(16)), 2) == [set(range(8)), set(range(8, 16))]
+  assert core_shares([0], 2) is None  # one core: scheduling is left to the OS

@@ -84,7 +84,7 @@ def test_compilation_cache_is_used_and_changes_no_result(tmp_path):
   assert not off.exists()
 
 
-def test_compiler_options_parse_and_change_no_result():
+def test_compiler_options_parse_and_change_no_result(tmp_path):
   """Options are typed as XLA expects; YNNPACK vs Eigen matmuls change only rounding."""
   from bn_research import config as config_lib
   from bn_research import train
@@ -97,12 +97,11 @@ def test_compiler_options_parse_and_change_no_result():
   # The MNIST config's option is accepted by this XLA, and training with and without it
   # agrees to float32 rounding.
   results = {}
-  for options in ('xla_cpu_experimental_ynn_fusion_type=', ''):
+  for name, options in (('eigen', 'xla_cpu_experimental_ynn_fusion_type='),
+                        ('default', '')):
     config = helpers.tiny_mlp_config(compiler_options=options, num_train_steps=20,
                                      checkpoint_every_steps=20)
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-      results[options] = train.train_and_evaluate(config, d)
+    results[name] = train.train_and_evaluate(config, str(tmp_path / name))
   a, b = results.values()
   assert a['status'] == b['status'] == 'done'
   np.testing.assert_allclose(a['eval_loss'], b['eval_loss'], rtol=1e-4)
