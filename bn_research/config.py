@@ -8,8 +8,11 @@ the bad value and what is allowed.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+
+from typing import Sequence
 
 import ml_collections
 
@@ -41,9 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   # XLA compile options for the training chunk, eval and probe programs, as
   # 'name=value,name=value' (e.g. 'xla_cpu_experimental_ynn_fusion_type=' to leave CPU
   # matmuls to Eigen rather than YNNPACK). Performance only: checked by a trial compile
-  # before the run starts. Not applied under parallelism='pmap' (jax.pmap takes none)
-  # nor by the vmapped sweep (bn_research.vmap_sweep), whose batched matmuls were not
-  # measured with them.
+  # before the run starts. Not applied under parallelism='pmap' (jax.pmap takes none).
   c.compiler_options = ''
 
   c.optimizer = ml_collections.ConfigDict()
@@ -99,6 +100,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle = 'thorough'
   c.data.num_workers = 8
   c.data.prefetch = 2
+
+  # Divergence as the paper means it ("machine infinity"): besides a non-finite loss or
+  # parameter, a mean training loss over a log interval above max_loss (0: no such
+  # test). 100 nats is 43x the chance loss of 10 classes (ln 10) and 14x that of
+  # 1000 (ln 1000); see README "Divergence".
+  c.divergence = ml_collections.ConfigDict()
+  c.divergence.max_loss = 100.0
 
   # Activation tracking (the paper's Figure 1): percentiles of the input to one unit's
   # nonlinearity, on a fixed batch of held-out examples, at every eval.
@@ -193,6 +201,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   if opt.weight_decay < 0:
     raise ValueError(f'optimizer.weight_decay={opt.weight_decay!r} must be >= 0.')
 
+  max_loss = config.divergence.max_loss
+  if not (isinstance(max_loss, (int, float)) and math.isfinite(max_loss) and max_loss >= 0):
+    raise ValueError(f'divergence.max_loss={max_loss!r} must be a finite number >= 0 '
+                     '(0: no loss test).')
+
   m = config.model
   from bn_research import models  # local import: models import flax modules
   if m.name not in models.MODELS:
@@ -233,6 +246,30 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     for p in config.probe.percentiles:
       if not 0 <= p <= 100:
         raise ValueError(f'probe.percentiles contains {p!r}; each must be in [0, 100].')
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `configs/x.py[:arg]` with `--config.KEY=VALUE` overrides, as `main` parses them.
+
+  Args:
+    spec: the config spec given to --config.
+    overrides: `--config.KEY=VALUE` arguments (ml_collections parses them with the
+      fields' types, exactly as `bn_research.main` does).
+
+  Returns:
+    The resolved config.
+  """
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ['load_config', f'--config={spec}', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  try:
+    flag_values(argv)
+  except Exception as e:  # absl/ml_collections raise many kinds for a bad override
+    raise ValueError(f'loading {spec!r} with {list(overrides)}: {e}') from e
+  return flag_values.config
 
 
 def check_workdir_parent(workdir: str) -> None:

@@ -15,10 +15,12 @@ the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+import dataclasses
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 
@@ -119,3 +121,55 @@ def padded_eval_batches(images: np.ndarray, labels: np.ndarray,
       lab = np.concatenate([lab, np.zeros(batch_size - n, lab.dtype)])
     out.append({'image': img, 'label': lab, 'mask': mask})
   return out
+
+
+@dataclasses.dataclass
+class RunData:
+  """Everything a run reads: the training input, the held-out set and the probe batch.
+
+  Attributes:
+    source: the training input (`InMemoryInput` of GLOBAL batches, or this process's
+      `StreamInput`).
+    eval_batches: () -> the held-out batches (global for in-memory data, this
+      process's share for streamed data), padded and masked.
+    num_classes: output classes.
+    probe_images: the Figure 1 probe's held-out images, or None.
+    description: what data.json records about the data.
+    sample_image: two training-shaped inputs (for initialisation).
+  """
+  source: Any
+  eval_batches: Callable[[], list]
+  num_classes: int
+  probe_images: Optional[np.ndarray]
+  description: dict
+  sample_image: np.ndarray
+
+  @property
+  def in_memory(self) -> bool:
+    return isinstance(self.source, InMemoryInput)
+
+
+def load_run_data(config: ml_collections.ConfigDict) -> RunData:
+  """Loads the configured data for this process (raises ValueError on bad input)."""
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if config.data.name == 'imagenet2012':
+    from bn_research.data import imagenet  # pylint: disable=g-import-not-at-top
+    pipeline = imagenet.ImageNetPipeline(
+        config.data, batch_size=config.batch_size // process_count, seed=config.seed,
+        process_index=process_index, process_count=process_count)
+    eval_batch = config.eval_batch_size // process_count
+    eval_batches = lambda: pipeline.eval_batches(eval_batch)
+    return RunData(StreamInput(pipeline), eval_batches, pipeline.num_classes, None,
+                   {'dataset': 'imagenet2012', 'num_train': pipeline.num_train_examples},
+                   np.asarray(next(iter(eval_batches()))['image'][:2]))
+  from bn_research import data as data_lib  # pylint: disable=g-import-not-at-top
+  ds = data_lib.load_dataset(config.data)
+  source = InMemoryInput(ds.train_images, ds.train_labels, batch_size=config.batch_size,
+                         seed=config.seed)
+  n_eval = config.num_eval_examples or len(ds.test_labels)
+  batches = padded_eval_batches(ds.test_images[:n_eval], ds.test_labels[:n_eval],
+                                config.eval_batch_size)
+  probe_images = (ds.test_images[:config.probe.num_examples]
+                  if config.probe.enabled and config.model.name == 'mlp' else None)
+  return RunData(source, lambda: batches, ds.num_classes, probe_images,
+                 dict(ds.description), np.asarray(ds.train_images[:2]))

@@ -7,7 +7,6 @@ Everything a run does is in the config; see `bn_research.train.train_and_evaluat
 Re-running the same command in the same workdir resumes from the latest checkpoint.
 """
 
-import logging as std_logging
 import sys
 
 from absl import app
@@ -32,7 +31,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.get_absl_logger().addFilter(_quiet_libraries)
+  from bn_research import log_filter  # pylint: disable=g-import-not-at-top
+  log_filter.quiet_library_logs()
   from bn_research import compile_cache  # pylint: disable=g-import-not-at-top
   compile_cache.enable(_CACHE.value if _CACHE.value is not None
                        else compile_cache.default_dir())
@@ -42,12 +42,11 @@ def main(argv):
   except ValueError as e:
     print(f'bn_research: error: {e}', file=sys.stderr)
     sys.exit(2)
-
-
-def _quiet_libraries(record) -> bool:
-  """Keeps INFO lines from our own code; libraries (orbax is chatty) speak at WARNING+."""
-  return record.levelno >= std_logging.WARNING or '/bn_research/' in record.pathname \
-      or '/experiments/' in record.pathname or '/scripts/' in record.pathname
+  except train.Interrupted as e:
+    # The state at e.step is saved and status.json says 'interrupted': the same
+    # command resumes. Exit as a shell reports a death by that signal (130, 143).
+    print(f'bn_research: {e}; re-run the same command to resume.', file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:

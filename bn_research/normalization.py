@@ -24,6 +24,7 @@ Conventions
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -411,7 +412,8 @@ class BatchNorm(nn.Module):
     use_running_average = nn.merge_param(
         'use_running_average', self.use_running_average, use_running_average)
     _check_epsilon(self.epsilon)
-    if not 0.0 <= self.momentum <= 1.0:
+    # A traced momentum (a member sweep's per-member value) was checked in its config.
+    if isinstance(self.momentum, numbers.Real) and not 0.0 <= self.momentum <= 1.0:
       raise ValueError(f'momentum={self.momentum!r} must be in [0, 1].')
     features = x.shape[-1]
     axes = tuple(range(x.ndim - 1))

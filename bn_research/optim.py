@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
-import ml_collections
+import jax.numpy as jnp
 import optax
 
 
-def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
-  """lr_t = learning_rate * decay_rate ** (t / decay_steps) (floored if staircase)."""
-  if opt.decay_rate == 1.0:
-    return optax.constant_schedule(opt.learning_rate)
-  return optax.exponential_decay(init_value=opt.learning_rate,
-                                 transition_steps=opt.decay_steps,
-                                 decay_rate=opt.decay_rate, staircase=opt.staircase)
+def learning_rate_schedule(opt: Any) -> optax.Schedule:
+  """lr_t = learning_rate * decay_rate ** (t / decay_steps) (t // decay_steps if staircase).
+
+  `learning_rate` and `decay_rate` may be traced (a member sweep's per-member values);
+  a Python decay_rate of 1 gives a constant schedule. A traced decay_rate of 1 gives
+  lr * 1.0 ** x, which is lr exactly, so a member equals its separate run.
+  """
+  lr, rate, steps = opt.learning_rate, opt.decay_rate, opt.decay_steps
+  if isinstance(rate, numbers.Real) and rate == 1.0:
+    return optax.constant_schedule(lr)
+
+  def schedule(count):
+    exponent = count / steps
+    if opt.staircase:
+      exponent = jnp.floor(exponent)
+    return lr * jnp.power(rate, exponent)
+  return schedule
 
 
 def _key_path(path) -> tuple:
@@ -38,7 +49,7 @@ def weight_decay_mask(params: Any, batch_stats: Any, regularize_batch_norm: bool
   return jax.tree_util.tree_map_with_path(is_regularised, params)
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, params: Any,
+def make_optimizer(opt: Any, params: Any,
                    batch_stats: Any = None) -> optax.GradientTransformation:
   """The configured optimizer. L2 enters as wd * W added to the gradient before momentum,
 
@@ -46,12 +57,13 @@ def make_optimizer(opt: ml_collections.ConfigDict, params: Any,
   decoupled weight decay).
 
   Args:
-    opt: the `optimizer` part of a config.
+    opt: the `optimizer` part of a config (learning_rate, momentum, weight_decay and
+      decay_rate may be traced values: `engine.state.overlay`).
     params, batch_stats: the model's initial variables (they decide the L2 mask).
   """
   schedule = learning_rate_schedule(opt)
   parts = []
-  if opt.weight_decay:
+  if not (isinstance(opt.weight_decay, numbers.Real) and opt.weight_decay == 0):
     parts.append(optax.add_decayed_weights(
         opt.weight_decay,
         mask=weight_decay_mask(params, batch_stats, opt.regularize_batch_norm)))

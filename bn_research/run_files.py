@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-STATUSES = ('running', 'done', 'diverged', 'failed')
+STATUSES = ('running', 'done', 'diverged', 'failed', 'interrupted')
 
 
 def _jsonable(value: Any) -> Any:

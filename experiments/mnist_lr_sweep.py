@@ -8,7 +8,7 @@ The paper's claim (Section 3.3): BN allows much higher learning rates without
 divergence. Both networks of `configs/mnist_mlp.py` (`bn` and `baseline`: 3 x 100
 sigmoid, batch 60, momentum 0.9) are trained at every learning rate of the grid
 (default 0.01 ... 100, half-decade steps), each network as ONE vmapped program over the
-rates (`bn_research.vmap_sweep`, what `scripts.sweep --vmap` runs); `--novmap` runs the
+rates (`bn_research.train.train_members`, what `scripts.sweep --vmap` runs); `--novmap` runs the
 same grid as separate engine processes instead. The runs are ordinary sweeps:
 
     DIR/bn/sweep.json, DIR/bn/optimizer.learning_rate=V/     (engine run directories)
@@ -94,11 +94,12 @@ def train_network(root: str, network: str, lrs: Sequence[float], steps: int,
   sweep_dir = os.path.join(root, network)
   planned = sweep_lib.plan_sweep(spec, sweep_dir, grid, overrides, python=sys.executable)
   if vmap:
-    from bn_research import vmap_sweep
-    base = vmap_sweep.load_config(spec, overrides)
-    vmap_sweep.check_vmappable(base, list(grid))
+    from bn_research import config as config_lib
+    from bn_research import train
+    base = config_lib.load_config(spec, overrides)
+    train.check_sweepable(base, list(grid))
     sweep_lib.write_sweep_json(sweep_dir, spec, grid, overrides, planned)
-    vmap_sweep.train_members(base, [(str(r.workdir), r.params) for r in planned])
+    train.train_members(base, [(str(r.workdir), r.params) for r in planned])
   else:
     sweep_lib.write_sweep_json(sweep_dir, spec, grid, overrides, planned)
     result = sweep_lib.run_sweep(planned)
@@ -252,8 +253,8 @@ def main(argv: Sequence[str]) -> None:
   if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
     raise app.UsageError(f'--lrs={FLAGS.lrs!r}: learning rates must be finite and > 0')
   logging.set_verbosity(logging.INFO)
-  from bn_research import vmap_sweep
-  vmap_sweep.quiet_library_logs()
+  from bn_research import log_filter
+  log_filter.quiet_library_logs()
   summary = run(FLAGS.workdir, steps=FLAGS.steps, source=FLAGS.source, lrs=lrs,
                 eval_every=FLAGS.eval_every, vmap=FLAGS.vmap)
   print(markdown(summary))

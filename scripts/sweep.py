@@ -17,10 +17,12 @@ out) instead of running them, e.g. to feed a cluster queue. Either way
 DIR/sweep.json records the grid and run names; `scripts.compare DIR` reads it.
 
 `--vmap` trains all grid points in this process as ONE compiled program, vmapped
-over the swept values (`bn_research.vmap_sweep`): only `optimizer.learning_rate`,
-`model.init_stddev` and `seed` (or their product) can be swept that way, for the MLP
-on in-memory data. Each point still gets its own run directory in the engine's
-format, and re-running skips finished points and resumes the rest.
+over the swept values (`bn_research.train.train_members`), for any model and data:
+the keys in `bn_research.train.SWEEPABLE` (learning rate, momentum, weight decay,
+decay rate, init scale, dropout rate, BN momentum, seed), or their product. On several
+devices the members are spread over a members x data mesh (8 points on 8 chips: one
+each). Each point still gets its own run directory in the engine's format, and
+re-running skips finished points and resumes the rest.
 
 A `--sweep_file` is a Python file defining `SWEEP = {"key": [values]}` and
 optionally `CONFIG = "configs/x.py:args"` (used when --config is not given).
@@ -63,8 +65,8 @@ _PYTHON = flags.DEFINE_string(
     'python', sys.executable, 'Interpreter in the launch commands.')
 _VMAP = flags.DEFINE_bool(
     'vmap', False,
-    'Train all grid points at once in this process, vmapped over the swept values '
-    '(optimizer.learning_rate, model.init_stddev, seed; MLP only).')
+    'Train all grid points at once in this process as one program, vmapped over the '
+    'swept values (keys that change numbers, not shapes; see bn_research.train.SWEEPABLE).')
 _VALIDATE_KEYS = flags.DEFINE_bool(
     'validate_keys', True,
     'Load the config and check that swept/overridden keys exist.')
@@ -125,11 +127,13 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
       raise sweep_lib.SweepError('--vmap trains every point in this process; there '
                                  'are no per-run commands for --print_commands')
     # Imported here: the sequential path never loads JAX in this process.
-    from bn_research import vmap_sweep
-    vmap_sweep.quiet_library_logs()
+    from bn_research import config as config_lib
+    from bn_research import log_filter
+    from bn_research import train
+    log_filter.quiet_library_logs()
     try:
-      base = vmap_sweep.load_config(config, overrides)
-      vmap_sweep.check_vmappable(base, list(grid))
+      base = config_lib.load_config(config, overrides)
+      train.check_sweepable(base, list(grid))
     except ValueError as e:
       raise sweep_lib.SweepError(str(e)) from None
   sweep_lib.write_sweep_json(workdir, config, grid, overrides, planned)
@@ -147,7 +151,7 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
   if vmap:
     logging.info('Training the %d runs as one vmapped program.', len(planned))
     try:
-      results = vmap_sweep.train_members(
+      results = train.train_members(
           base, [(str(run.workdir), run.params) for run in planned])
     except ValueError as e:
       raise sweep_lib.SweepError(str(e)) from None

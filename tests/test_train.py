@@ -146,7 +146,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
                             env={'BN_RESEARCH_KILL_AT_STEP': '90'})
   assert killed.returncode != 0  # SIGKILL: no clean shutdown happened
   status = helpers.read_json(tmp_path / 'resumed' / 'status.json')
-  assert status['status'] == 'running' and status['step'] == 80
+  # The status names a checkpoint that was complete when it was written (the one before
+  # the step-80 save, which was still being written asynchronously then).
+  assert status['status'] == 'running' and status['step'] == 40
+  assert {'40', '80'} <= set(os.listdir(tmp_path / 'resumed' / 'checkpoints'))
   resumed = helpers.run_main(args + [f'--workdir={tmp_path / "resumed"}'])
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resumed from the checkpoint at step 80' in resumed.stderr
@@ -186,12 +189,25 @@ def test_divergence_is_recorded_not_raised(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(kept['params']))
 
 
-def test_same_learning_rate_with_bn_does_not_diverge(tmp_path):
-  # The paper's claim in miniature: BN's scale invariance keeps a high rate stable.
+def test_a_loss_above_max_loss_is_divergence_and_zero_disables_the_test(tmp_path):
+  """Divergence as the paper means it: this ReLU net at lr 10 stays finite but its
+  training loss reaches 2e4 nats (chance is ln 10 = 2.3) and it ends at chance."""
   config = helpers.tiny_mlp_config(**{
       'model.activation': 'relu', 'model.init_stddev': 1.0,
       'optimizer.learning_rate': 10.0, 'num_train_steps': 60})
-  assert _train(config, tmp_path / 'run')['status'] == 'done'
+  result = _train(config, tmp_path / 'run')
+  assert result['status'] == 'diverged' and result['reason'] == 'loss above 100'
+  status = helpers.read_json(tmp_path / 'run' / 'status.json')
+  assert status['reason'] == 'loss above 100' and status['diverged_step'] == status['step']
+  rows = helpers.read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
+  assert rows[-1]['step'] == status['step'] and rows[-1]['train_loss'] > 100
+  assert all(r['train_loss'] <= 100 for r in rows[1:-1] if 'train_loss' in r)
+  from bn_research import checkpoint
+  import jax
+  kept = checkpoint.load_latest(str(tmp_path / 'run'))
+  assert int(kept['step']) < status['step']  # the last checkpoint before it is kept
+  config.divergence.max_loss = 0.0
+  assert _train(config, tmp_path / 'off')['status'] == 'done'
 
 
 @pytest.mark.parametrize('key,value,needle', [

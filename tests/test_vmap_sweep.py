@@ -85,11 +85,11 @@ def _assert_same_run(vmapped_dir, separate_dir):
 
 def test_learning_rate_sweep_equals_separate_runs_and_a_diverging_member_stops(
     tmp_path, separate_runs):
-  from bn_research import vmap_sweep
+  from bn_research import train
   base = _config()
   lrs = (0.1, 0.3, DIVERGING_LR)
   points = [(str(tmp_path / f'lr={lr}'), {'optimizer.learning_rate': lr}) for lr in lrs]
-  results = vmap_sweep.train_members(base, points)
+  results = train.train_members(base, points)
   assert [r['status'] for r in results] == ['done', 'done', 'diverged']
   for lr in lrs[:2]:
     _assert_same_run(tmp_path / f'lr={lr}', separate_runs(lr=lr)[0])
@@ -109,7 +109,7 @@ def test_learning_rate_sweep_equals_separate_runs_and_a_diverging_member_stops(
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(final['params']))
 
   # Re-running finds every member finished and compiles nothing.
-  again = vmap_sweep.train_members(base, points)
+  again = train.train_members(base, points)
   assert [r['status'] for r in again] == ['done', 'done', 'diverged']
 
 
@@ -134,8 +134,9 @@ def test_seed_and_init_sweep_through_the_sweep_script(tmp_path, separate_runs):
 
 @pytest.mark.parametrize('args, fragment', [
     (['--sweep=model.normalizer=batch_norm,none'], "cannot sweep 'model.normalizer'"),
-    (['--sweep=seed=0,1', '--config.model.name=inception'], 'needs model.name=mlp'),
-    (['--sweep=seed=0,1', '--config.parallelism=pmap'], 'one device under jit'),
+    (['--sweep=model.init_stddev=0.1,1', '--config.model.name=inception'],
+     'read only by the MLP'),
+    (['--sweep=seed=0,1', '--config.parallelism=pmap'], 'needs parallelism=jit'),
     (['--sweep=seed=0,1', '--print_commands'], 'no per-run commands'),
 ])
 def test_vmap_refuses_what_it_cannot_run(tmp_path, args, fragment):
@@ -151,10 +152,10 @@ def test_vmap_refuses_what_it_cannot_run(tmp_path, args, fragment):
 
 
 def test_member_config_types_and_rejects_fractional_seeds():
-  from bn_research import vmap_sweep
+  from bn_research import train
   base = _config()
-  c = vmap_sweep.member_config(base, {'optimizer.learning_rate': 1, 'seed': 3.0})
+  c = train.member_config(base, {'optimizer.learning_rate': 1, 'seed': 3.0})
   assert isinstance(c.optimizer.learning_rate, float) and c.seed == 3
   assert base.seed == 0 and math.isclose(base.optimizer.learning_rate, 0.1)
-  with pytest.raises(vmap_sweep.VmapSweepError, match='integer'):
-    vmap_sweep.member_config(base, {'seed': 1.5})
+  with pytest.raises(train.SweepError, match='integer'):
+    train.member_config(base, {'seed': 1.5})

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bn_research.models import layers
 from bn_research.normalization import NORMALIZERS, get_normalizer
 
 Array = jax.Array
@@ -182,13 +183,14 @@ def validate_inception_options(
   if normalizer not in NORMALIZERS:
     raise ValueError(f'unknown normalizer {normalizer!r}; allowed: '
                      f'{", ".join(NORMALIZERS)}.')
-  if not (isinstance(dropout_rate, numbers.Real) and 0.0 <= dropout_rate < 1.0):
+  # Traced values (a member sweep's per-member rates) were checked in their configs.
+  if isinstance(dropout_rate, numbers.Real) and not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f'dropout_rate={dropout_rate!r} must be in [0, 1).')
   if not (isinstance(width_multiplier, numbers.Real) and width_multiplier > 0):
     raise ValueError(f'width_multiplier={width_multiplier!r} must be > 0.')
   if not (isinstance(num_classes, numbers.Integral) and num_classes >= 1):
     raise ValueError(f'num_classes={num_classes!r} must be an integer >= 1.')
-  if not 0.0 <= bn_momentum <= 1.0:
+  if isinstance(bn_momentum, numbers.Real) and not 0.0 <= bn_momentum <= 1.0:
     raise ValueError(f'bn_momentum={bn_momentum!r} must be in [0, 1].')
   module_table(table)
   # Catches e.g. 'virtual_batch_norm' without virtual_batch_size at construction time.
@@ -351,7 +353,7 @@ class Inception(nn.Module):
 
     # Global average pool: the table's 7x7 average pool for 224x224 inputs.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train, name='dropout')(x)
+    x = layers.Dropout(self.dropout_rate, name='dropout')(x, deterministic=not train)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  name='classifier')(x)
     return x.astype(jnp.float32)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from bn_research import normalization
+from bn_research.models import layers
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'sigmoid': nn.sigmoid,
@@ -61,7 +62,7 @@ class MLP(nn.Module):
         x = norm(name=f'bn_{i}')(x)
       self.sow('intermediates', f'hidden_{i}', x)
       x = g(x)
-      if self.dropout_rate:
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      if not layers.is_static_zero(self.dropout_rate):
+        x = layers.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(self.num_classes, kernel_init=init, dtype=self.dtype,
                     name='logits')(x).astype(jnp.float32)

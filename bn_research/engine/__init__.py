@@ -1,0 +1,8 @@
+"""The training engine: K members of a model, one program, one loop.
+
+  state.py     TrainState, run keys, the values a member sweep traces (SWEEPABLE)
+  steps.py     the pure init / train / chunk / eval / probe functions
+  programs.py  layouts (jit over a mesh, vmapped members on members x data, pmap) -> Program
+  loop.py      the only training loop: chunk ends, divergence, cadence, periodic actions
+  api.py       train_and_evaluate (a plain run), train_members (a member sweep)
+"""

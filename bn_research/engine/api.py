@@ -1,0 +1,354 @@
+"""Training entry points: a plain run, and K members of a sweep in one program.
+
+Both are the same thing: members (configs + run directories) -> a program (a layout
+from `programs`) -> the one loop (`loop.run`). A plain run is K = 1 on the 'jit' or
+'pmap' layout; a member sweep is K >= 1 vmapped members on a members x data mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from bn_research import config as config_lib
+from bn_research import inputs as inputs_lib
+from bn_research import checkpoint as checkpoint_lib
+from bn_research import run_files
+from bn_research.engine import loop
+from bn_research.engine import programs
+from bn_research.engine import state as state_lib
+
+
+class SweepError(ValueError):
+  """A member sweep that cannot run as one program; the message says what is allowed."""
+
+
+# ---------------------------------------------------------------- members
+
+
+def member_config(base: ml_collections.ConfigDict,
+                  point: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The base config with one grid point's values set (typed as the fields are)."""
+  c = base.copy_and_resolve_references()
+  for key, value in point.items():
+    kind = state_lib.SWEEPABLE.get(key, type(state_lib.member_value(c, key)))
+    if kind is int and (isinstance(value, bool) or float(value) != int(value)):
+      raise SweepError(f'{key}={value!r} must be an integer.')
+    *path, last = key.split('.')
+    node = c
+    for p in path:
+      node = node[p]
+    node[last] = kind(value)
+  return c
+
+
+def check_sweepable(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
+  """Raises SweepError unless `keys` over `config` can run as one vmapped program."""
+  bad = [k for k in keys if k not in state_lib.SWEEPABLE]
+  if bad:
+    raise SweepError(
+        f'--vmap cannot sweep {", ".join(repr(k) for k in bad)}: it changes the '
+        f'program\'s structure; keys that can be vmapped: {", ".join(state_lib.SWEEPABLE)}. '
+        'Sweep it without --vmap.')
+  if 'model.init_stddev' in keys and config.model.name != 'mlp':
+    raise SweepError(f'model.init_stddev is read only by the MLP, not by '
+                     f'model.name={config.model.name!r}: nothing to sweep.')
+  if config.parallelism != 'jit':
+    raise SweepError(f'--vmap builds a jit program on a members x data mesh: needs '
+                     f'parallelism=jit, got {config.parallelism!r}.')
+
+
+# ---------------------------------------------------------------- run directories
+
+
+class RunDirSink:
+  """A member's run directory as the loop's sink: metrics, checkpoints, status."""
+
+  def __init__(self, workdir: str, *, is_writer: bool):
+    self.name = workdir
+    self.files = run_files.RunFiles(workdir, is_writer=is_writer)
+    self.checkpointer = checkpoint_lib.Checkpointer(workdir)
+    self._saved: list[int] = []
+
+  def write_metrics(self, step: int, row: dict) -> None:
+    self.files.write_metrics(step, row)
+
+  def save(self, step: int, state: Any) -> None:
+    if self.checkpointer.latest_step() == step:
+      return  # (a resumed run's final step, or step 0 of a re-started member)
+    self.checkpointer.save(step, state)
+    self._saved.append(step)
+
+  def mark_running(self) -> None:
+    # The status names the newest checkpoint that is certainly complete: the one
+    # before the save still being written asynchronously.
+    complete = self._saved[-2] if len(self._saved) > 1 else self._resumed_from
+    self.files.write_status('running', complete)
+
+  def finish(self, status: str, step: int, **extra: Any) -> None:
+    self.checkpointer.wait()
+    if status != 'failed':
+      self.checkpointer.close()
+    self.files.write_status(status, step, **extra)
+    self.files.close()
+
+  def wait(self) -> None:
+    self.checkpointer.wait()
+
+  _resumed_from = 0
+
+
+class _Member:
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, mode: str):
+    self.workdir, self.config, self.mode = workdir, config, mode
+
+
+def _prepare(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
+             overwrite: bool, num_devices: Optional[int]) -> tuple[list, list]:
+  """Validates every member and decides what to do with its workdir (writes nothing).
+
+  Returns:
+    (members to train, results of members already finished as {index: status}).
+  """
+  todo, done = [], {}
+  for i, (c, w) in enumerate(zip(configs, workdirs)):
+    config_lib.validate_config(c, num_devices=num_devices)
+    config_lib.check_workdir_parent(w)
+    mode = run_files.check_workdir(w, c, overwrite)
+    if mode == 'done':
+      done[i] = run_files.read_status(w)
+      logging.info('%s already holds a finished run (%s); nothing to do.', w,
+                   done[i].get('status'))
+    else:
+      todo.append((i, _Member(w, c, mode)))
+  return todo, done
+
+
+# ---------------------------------------------------------------- signals
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[Any]:
+  """SIGTERM and SIGINT end the run cleanly at the next chunk end (see loop.run)."""
+  received: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: None
+    return
+
+  def handler(signum, frame):
+    del frame
+    if received:  # a second signal: stop now
+      raise KeyboardInterrupt
+    logging.warning('Signal %d: stopping after the current chunk (its state is saved).',
+                    signum)
+    received.append(signum)
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield lambda: received[0] if received else None
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+class _KillHook:
+  """Test-only fault injection: a real SIGKILL once this step is passed
+  (BN_RESEARCH_KILL_AT_STEP), after the pending checkpoints are complete."""
+
+  def __init__(self, at: int, sinks: Sequence[RunDirSink]):
+    self._at, self._sinks = at, sinks
+
+  def __call__(self, step: int, report: loop.Report) -> None:
+    if step >= self._at:
+      for s in self._sinks:
+        s.wait()
+      os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- the one driver
+
+
+def _devices(config: ml_collections.ConfigDict) -> list:
+  if config.distributed:
+    # TPU pods, SLURM and Open MPI are detected by JAX itself. Elsewhere, set
+    # JAX_COORDINATOR_ADDRESS (read by JAX) and these two, per process.
+    kwargs = {key: int(os.environ[env]) for key, env in (
+        ('num_processes', 'BN_RESEARCH_NUM_PROCESSES'),
+        ('process_id', 'BN_RESEARCH_PROCESS_ID')) if os.environ.get(env)}
+    if jax.config.read('jax_platforms') in (None, '', 'cpu') and not _has_accelerator():
+      # CPU collectives across processes need an implementation (gloo ships with jaxlib).
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    if not jax.distributed.is_initialized():
+      jax.distributed.initialize(**kwargs)
+  if config.num_devices:
+    if config.num_devices > jax.device_count():
+      raise ValueError(f'num_devices={config.num_devices} but only {jax.device_count()} '
+                       'devices are available.')
+    return jax.devices()[:config.num_devices]
+  return jax.devices()
+
+
+def _latest_checkpoint(workdir: str) -> int:
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  step = checkpointer.latest_step()
+  checkpointer.close()
+  return step or 0
+
+
+def _has_accelerator() -> bool:
+  return any(p in os.environ.get('JAX_PLATFORMS', '') for p in ('gpu', 'cuda', 'tpu'))
+
+
+def _train(members: list[_Member], keys: Sequence[str], *, overwrite: bool,
+           vmapped: bool, devices: list, start_step: int,
+           data: inputs_lib.RunData) -> list[dict]:
+  """Trains `members` (all starting at `start_step`) as one program, through the loop."""
+  config = members[0].config
+  process_index = jax.process_index()
+  compiler_options = config_lib.parse_compiler_options(config.compiler_options)
+  if config.parallelism == 'pmap':
+    if compiler_options:
+      logging.warning('compiler_options %s are not applied under pmap (jax.pmap takes no '
+                      'compile options).', compiler_options)
+    program = programs.PmapProgram(config, data, devices)
+  else:
+    member_sources = None
+    if vmapped and 'seed' in keys and data.in_memory:
+      member_sources = [inputs_lib.InMemoryInput(
+          data.source.resident['image'], data.source.resident['label'],
+          batch_size=config.batch_size, seed=m.config.seed) for m in members]
+    if vmapped and 'seed' in keys and not data.in_memory:
+      logging.warning('Streamed data: the members share one batch stream, so a seed '
+                      'sweep varies initialisation and dropout only.')
+    program = programs.JitProgram(
+        config, data, devices, num_members=len(members), vmapped=vmapped,
+        hparams=state_lib.stack_hparams([m.config for m in members], keys),
+        member_sources=member_sources, compiler_options=compiler_options)
+
+  for m in members:
+    if m.mode == 'new' and overwrite and process_index == 0:
+      moved = run_files.move_aside(m.workdir)
+      if moved:
+        logging.warning('--overwrite: the previous run in %s was moved to %s',
+                        m.workdir, moved)
+  sinks = [RunDirSink(m.workdir, is_writer=process_index == 0) for m in members]
+  state = program.init()
+  if start_step:
+    template = program.split(state)
+    restored = [s.checkpointer.restore(t, step=start_step) for s, t in zip(sinks, template)]
+    state = program.place([jax.device_get(r) for r in restored])
+    logging.info('Resumed from the checkpoint at step %d.', start_step)
+  for s in sinks:
+    s._resumed_from = start_step  # pylint: disable=protected-access
+  num_params = state_lib.count_params(program.split(state)[0].params)
+  platform = devices[0].platform
+  for m, s in zip(members, sinks):
+    s.files.truncate_metrics(start_step)
+    s.files.write_config(m.config)
+    s.files.write_description({
+        **data.description, 'num_params': num_params, 'model': config.model.name,
+        'normalizer': config.model.normalizer, 'devices': len(devices),
+        'processes': jax.process_count(), 'platform': platform,
+        'parallelism': 'vmap' if vmapped else config.parallelism,
+        'mesh': dict(program.mesh), 'vmap_members': len(members) if vmapped else 1})
+    s.files.write_status('running', start_step)
+  if data.description.get('warning'):
+    logging.warning('DATA: %s', data.description['warning'])
+  logging.info('Training %d member(s) of %s (%s, %d parameters each) on %s: %d devices '
+               '(%s, mesh %s), steps %d..%d.', len(members), config.model.name,
+               config.model.normalizer, num_params,
+               data.description.get('dataset', config.data.name), len(devices),
+               program.layout, program.mesh, start_step, config.num_train_steps)
+
+  actions: list = [loop.LogLine(start_step, config.batch_size)]
+  if sys.stdout.isatty() and process_index == 0:
+    actions.append(loop.ProgressBar(start_step, config.num_train_steps))
+  kill_at = int(os.environ.get('BN_RESEARCH_KILL_AT_STEP', '0') or 0)
+  if kill_at:
+    actions.append(_KillHook(kill_at, sinks))
+  with _stop_on_signals() as stop_requested:
+    return loop.run(program, sinks, state, start_step=start_step,
+                    cadence=loop.Cadence.from_config(config),
+                    max_loss=config.divergence.max_loss, actions=actions,
+                    stop_requested=stop_requested)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       overwrite: bool = False) -> dict:
+  """Trains and evaluates as the config says, writing everything into `workdir`.
+
+  Re-running resumes from the latest checkpoint; a finished run is left alone.
+
+  Returns:
+    The final status dict (as written to status.json) plus the last metrics.
+
+  Raises:
+    ValueError: a bad config or workdir, before anything is compiled or written.
+    loop.Interrupted: SIGTERM/SIGINT; the state was saved, status 'interrupted'.
+  """
+  config_lib.validate_config(config)
+  todo, done = _prepare([config], [workdir], overwrite, None)
+  if done:
+    return done[0]
+  devices = _devices(config)
+  config_lib.validate_config(config, num_devices=len(devices))
+  config_lib.check_compiler_options(
+      config_lib.parse_compiler_options(config.compiler_options))
+  data = inputs_lib.load_run_data(config)
+  (_, member), = todo
+  start = _latest_checkpoint(workdir) if member.mode == 'resume' else 0
+  (result,) = _train([member], [], overwrite=overwrite, vmapped=False, devices=devices,
+                     start_step=start, data=data)
+  return result
+
+
+def train_members(base: ml_collections.ConfigDict,
+                  points: Sequence[tuple[str, Mapping[str, Any]]], *,
+                  overwrite: bool = False) -> list[dict]:
+  """Trains every (workdir, {swept key: value}) of a sweep as vmapped members.
+
+  Members that resume from different steps train as separate programs (one per
+  start step); finished members are skipped.
+
+  Returns:
+    Per member, in order: what `train_and_evaluate` returns for it.
+
+  Raises:
+    SweepError / ValueError: a sweep or config that cannot run, before anything is
+      compiled or written.
+  """
+  keys = sorted({k for _, point in points for k in point})
+  check_sweepable(base, keys)
+  configs = [member_config(base, p) for _, p in points]
+  workdirs = [str(w) for w, _ in points]
+  config_lib.validate_config(base)
+  todo, done = _prepare(configs, workdirs, overwrite, None)
+  results: list = [done.get(i) for i in range(len(points))]
+  if not todo:
+    return results
+  devices = _devices(base)
+  for _, m in todo:
+    config_lib.validate_config(m.config, num_devices=programs.mesh_shape(
+        len(todo), len(devices))['data'])
+  config_lib.check_compiler_options(
+      config_lib.parse_compiler_options(base.compiler_options))
+  data = inputs_lib.load_run_data(todo[0][1].config)
+  groups: dict[int, list] = {}
+  for i, m in todo:
+    start = _latest_checkpoint(m.workdir) if m.mode == 'resume' else 0
+    groups.setdefault(start, []).append((i, m))
+  for start, group in sorted(groups.items()):
+    out = _train([m for _, m in group], keys, overwrite=overwrite, vmapped=True,
+                 devices=devices, start_step=start, data=data)
+    for (i, _), r in zip(group, out):
+      results[i] = r
+  return results

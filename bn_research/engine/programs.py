@@ -1,0 +1,344 @@
+"""Layouts: how K members' compiled program is built and placed on the devices.
+
+Every layout returns a `Program`, the one interface the loop drives (`loop.run`):
+
+* `JitProgram(vmapped=False)`: one member (a plain run), `jax.jit` over a 1-D `data`
+  mesh; the state is replicated and the global batch sharded, so BN's statistics are
+  over the global batch (XLA's partitioner places the collectives).
+* `JitProgram(vmapped=True)`: K members `jax.vmap`ped in one program on a 2-D
+  `members x data` mesh. The member axis of the state is sharded over `members`; each
+  member's batch over `data`. The swept values are traced per-member inputs. BN's
+  statistics are taken per member (vmap never mixes slices), over that member's batch.
+* `PmapProgram`: one member under `jax.pmap` with axis name 'batch'; gradients are
+  averaged and BN pools its statistics across replicas through that axis name.
+
+Host-facing results always carry a member axis: metrics (K, n), finiteness (K,),
+one evaluation row per member, and `split` / `place` convert between the program's
+state and per-member `TrainState`s of NumPy arrays (what checkpoints hold).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bn_research import inputs as inputs_lib
+from bn_research.engine import state as state_lib
+from bn_research.engine import steps
+
+PMAP_AXIS = 'batch'
+
+
+def mesh_shape(num_members: int, num_devices: int) -> dict[str, int]:
+  """{'members': M, 'data': D}: members spread over as many devices as divide evenly.
+
+  M = gcd(K, devices): 8 members on 8 devices -> 8 x 1 (one each); 16 on 8 -> 8 x 1
+  (two each); 4 on 8 -> 4 x 2 (data parallelism inside each member); 3 on 8 -> 1 x 8.
+  """
+  members = math.gcd(num_members, num_devices)
+  return {'members': members, 'data': num_devices // members}
+
+
+class Program:
+  """What the loop drives. Subclasses fill in the layout."""
+
+  num_members: int
+  mesh: dict[str, int]
+  layout: str
+
+  def init(self) -> Any:
+    """The members' step-0 state, placed."""
+    raise NotImplementedError
+
+  def place(self, members: Sequence[Any]) -> Any:
+    """Per-member host TrainStates -> the program's placed state."""
+    raise NotImplementedError
+
+  def split(self, state: Any) -> list[Any]:
+    """The program's state -> per-member host TrainStates (NumPy leaves)."""
+    raise NotImplementedError
+
+  def dispatch(self, state: Any, start: int, num_steps: int
+               ) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
+    """Trains steps start..start+num_steps: (state, metrics (K, n) each, finite (K,))."""
+    raise NotImplementedError
+
+  def evaluate(self, state: Any) -> list[dict]:
+    raise NotImplementedError
+
+  def probe(self, state: Any) -> Optional[list[dict]]:
+    return None
+
+
+def _eval_rows(totals: np.ndarray) -> list[dict]:
+  """(3, K) sums of loss, correct, count -> one row per member."""
+  count = np.maximum(totals[2], 1.0)
+  return [{'eval_loss': float(totals[0, k] / count[k]),
+           'eval_accuracy': float(totals[1, k] / count[k])} for k in range(totals.shape[1])]
+
+
+def _probe_rows(values: np.ndarray, percentiles: Sequence[float]) -> list[dict]:
+  return [{f'act_p{q:g}': float(v) for q, v in zip(percentiles, row)} for row in values]
+
+
+class JitProgram(Program):
+  """One member (vmapped=False) or K vmapped members under jit on a device mesh.
+
+  Args:
+    config: the run's config; for a sweep, the first member's (the swept values come
+      from `hparams`).
+    data: the run's inputs (`inputs.RunData`).
+    devices: the devices of the mesh (all processes').
+    hparams: {swept key: (K,) values} for a vmapped program; {} for a plain run.
+    member_sources: for a vmapped program whose members read their own data order
+      (a seed sweep on in-memory data), one input per member; else None (shared).
+    vmapped: whether the state has a member axis.
+    compiler_options: XLA options for the train, eval and probe programs.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, data: inputs_lib.RunData,
+               devices: Sequence[Any], *, hparams: Mapping[str, np.ndarray],
+               num_members: int, member_sources: Optional[Sequence[Any]] = None,
+               vmapped: bool = True, compiler_options: Optional[dict] = None):
+    self.config = config
+    self.data = data
+    self.vmapped = vmapped
+    self.num_members = num_members
+    self.hparams = {k: np.asarray(v) for k, v in hparams.items()}
+    self.member_sources = member_sources
+    self.layout = 'vmap' if vmapped else 'jit'
+    options = compiler_options or None
+    process_count = jax.process_count()
+    self._process_count = process_count
+    builder = steps.Builder(config, data.num_classes)
+    self.builder = builder
+    self.shape = (mesh_shape(num_members, len(devices)) if vmapped
+                  else {'members': 1, 'data': len(devices)})
+    self.mesh = self.shape
+    mesh = jax.make_mesh((self.shape['members'], self.shape['data']), ('members', 'data'),
+                         devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    self._mesh = mesh
+    self._replicated = NamedSharding(mesh, P())
+    # A vmapped state's leading axis is the member axis; a plain state is replicated.
+    self._state_sharding = NamedSharding(mesh, P('members') if vmapped else P())
+    self._hparams_sharding = self._state_sharding
+    self._batch_sharding = NamedSharding(mesh, P('data'))
+    own_data = member_sources is not None
+    self._chunk_sharding = NamedSharding(
+        mesh, P('members', None, 'data') if own_data else P(None, 'data'))
+    self._own_data = own_data
+
+    source = data.source
+    self._resident = jax.device_put(source.resident, self._replicated)
+    init_fn = steps.make_init(builder)
+    run_chunk = steps.make_chunk_fn(steps.make_train_step(builder), source.materialize)
+    eval_step = steps.make_eval_step(builder)
+    probe_fn = steps.make_probe_fn(builder) if data.probe_images is not None else None
+    if vmapped:
+      run_chunk = jax.vmap(run_chunk, in_axes=(0, 0, None, 0 if own_data else None))
+      eval_step = jax.vmap(eval_step, in_axes=(0, 0, 0, None))
+      if probe_fn is not None:
+        probe_fn = jax.vmap(probe_fn, in_axes=(0, 0, 0, None))
+    self._init = init_fn
+    self._run_chunk = jax.jit(
+        run_chunk, donate_argnums=(1,), compiler_options=options,
+        out_shardings=(self._state_sharding, self._replicated, self._replicated))
+    self._eval = jax.jit(eval_step, compiler_options=options,
+                         out_shardings=self._replicated)
+    self._probe = (jax.jit(probe_fn, compiler_options=options,
+                           out_shardings=self._replicated) if probe_fn is not None else None)
+    self._hp = self._global(self.hparams, self._hparams_sharding)
+    self._eval_batches: Optional[list] = None
+    self._probe_images = None
+
+  # ---- placement ---------------------------------------------------------------
+
+  def _global(self, tree: Any, sharding: NamedSharding) -> Any:
+    """Host arrays that every process holds in full -> global arrays with `sharding`."""
+    def put(x):
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree_util.tree_map(put, tree)
+
+  def _process_local(self, tree: Any, sharding: NamedSharding, batch_axis: int) -> Any:
+    """This process's slice of a batch (axis `batch_axis`) -> global arrays."""
+    def put(x):
+      shape = list(x.shape)
+      shape[batch_axis] *= self._process_count
+      return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+    return jax.tree_util.tree_map(put, tree)
+
+  def init(self) -> Any:
+    image = np.asarray(self.data.sample_image)
+    # The keys, the initialisers and the optimizer's zeros in one program, compiled
+    # without XLA's backend optimisations: the run time of one initialisation does not
+    # matter, its compile time does (about 2x faster to build Inception on CPU).
+    # Members are initialised one by one with that one program, not vmapped: batched
+    # 'rbg' initialisers would draw other numbers than the member's separate run.
+    members = [{k: v[i] for k, v in self.hparams.items()} for i in range(self.num_members)]
+    init = jax.jit(self._init).lower(members[0], image).compile(
+        {'xla_backend_optimization_level': 0})
+    return self.place([jax.device_get(init(hp, image)) for hp in members])
+
+  def place(self, members: Sequence[Any]) -> Any:
+    if self.vmapped:
+      host = state_lib.stack_states(members)
+    else:
+      (host,) = members
+      host = jax.tree_util.tree_map(np.asarray, host)
+    return self._global(host, self._state_sharding)
+
+  def split(self, state: Any) -> list[Any]:
+    if self._process_count > 1:
+      # Every process needs every member's values (process 0 writes the files).
+      state = jax.jit(lambda s: s, out_shardings=self._replicated)(state)
+    if self.vmapped:
+      return state_lib.unstack_state(state, self.num_members)
+    return [jax.tree_util.tree_map(np.asarray, jax.device_get(state))]
+
+  # ---- training ----------------------------------------------------------------
+
+  def _chunk(self, start: int, num_steps: int) -> Any:
+    if self._own_data:
+      chunk = {'index': np.stack([s.example_indices(start, num_steps)
+                                  for s in self.member_sources])}
+      return self._global(chunk, self._chunk_sharding)
+    chunk = self.data.source.chunk(start, num_steps)
+    if self.data.in_memory:
+      return self._global(chunk, self._chunk_sharding)
+    return self._process_local(chunk, self._chunk_sharding, batch_axis=1)
+
+  def dispatch(self, state, start, num_steps):
+    hp = self._hp if self.vmapped else {}
+    state, metrics, finite = self._run_chunk(hp, state, self._resident,
+                                             self._chunk(start, num_steps))
+    metrics = {k: np.asarray(v) for k, v in metrics.items()}
+    finite = np.asarray(finite)
+    if not self.vmapped:
+      metrics = {k: v[None] for k, v in metrics.items()}
+      finite = finite[None]
+    return state, metrics, finite
+
+  # ---- evaluation ----------------------------------------------------------------
+
+  def _placed_eval_batches(self) -> list:
+    if self._eval_batches is not None:
+      return self._eval_batches
+    out = []
+    for b in self.data.eval_batches():
+      if self.data.in_memory:
+        out.append(self._global(b, self._batch_sharding))
+      else:
+        out.append(self._process_local(b, self._batch_sharding, batch_axis=0))
+    if self.data.in_memory:
+      self._eval_batches = out  # small, fixed test set: place it on the devices once
+    return out
+
+  def evaluate(self, state) -> list[dict]:
+    hp = self._hp if self.vmapped else {}
+    totals = np.zeros((3, self.num_members))
+    for b in self._placed_eval_batches():
+      out = self._eval(hp, state.params, state.batch_stats, b)
+      totals += np.stack([np.asarray(out[k], np.float64).reshape(-1)
+                          for k in ('loss_sum', 'correct', 'count')])
+    return _eval_rows(totals)
+
+  def probe(self, state) -> Optional[list[dict]]:
+    if self._probe is None:
+      return None
+    if self._probe_images is None:
+      self._probe_images = self._global(np.asarray(self.data.probe_images),
+                                        self._replicated)
+    hp = self._hp if self.vmapped else {}
+    values = np.asarray(self._probe(hp, state.params, state.batch_stats,
+                                    self._probe_images)).reshape(self.num_members, -1)
+    return _probe_rows(values, self.config.probe.percentiles)
+
+
+class PmapProgram(Program):
+  """One member under `jax.pmap` over this process's devices (axis name 'batch')."""
+
+  layout = 'pmap'
+
+  def __init__(self, config: ml_collections.ConfigDict, data: inputs_lib.RunData,
+               devices: Sequence[Any]):
+    self.config = config
+    self.data = data
+    self.num_members = 1
+    self.mesh = {'members': 1, 'data': len(devices)}
+    process_index = jax.process_index()
+    self._local = [d for d in devices if d.process_index == process_index]
+    plain = steps.Builder(config, data.num_classes)
+    # BN pools statistics across replicas, or keeps them per replica (then the moving
+    # averages are averaged, as virtual_batch_norm averages its groups).
+    pooled = steps.Builder(config, data.num_classes,
+                           bn_axis_name=PMAP_AXIS if config.model.bn_cross_replica else None)
+    run_chunk = steps.make_chunk_fn(steps.make_train_step(pooled, axis_name=PMAP_AXIS),
+                                    data.source.materialize)
+    self._init_fn = steps.make_init(plain)
+    self._run_chunk = jax.pmap(lambda s, r, c: run_chunk({}, s, r, c), axis_name=PMAP_AXIS,
+                               devices=devices, donate_argnums=(0,))
+    self._eval = jax.jit(steps.make_eval_step(plain))
+    self._probe = (jax.jit(steps.make_probe_fn(plain))
+                   if data.probe_images is not None else None)
+    # pmap runs on jit + shard_map: a leading device axis sharded over a 1-D mesh is
+    # what it expects (jax.device_put_replicated is deprecated).
+    self._sharding = NamedSharding(jax.sharding.Mesh(np.asarray(self._local), ('d',)),
+                                   P('d'))
+    self._resident = self._replicate(data.source.resident)
+
+  def _replicate(self, tree):
+    n = len(self._local)
+    return jax.device_put(jax.tree_util.tree_map(
+        lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree), self._sharding)
+
+  def init(self):
+    image = np.asarray(self.data.sample_image)
+    state = jax.jit(self._init_fn).lower({}, image).compile(
+        {'xla_backend_optimization_level': 0})({}, image)
+    return self._replicate(jax.device_get(state))
+
+  def place(self, members):
+    (host,) = members
+    return self._replicate(host)
+
+  def split(self, state):
+    return [jax.tree_util.tree_map(lambda x: np.asarray(x[0]), jax.device_get(state))]
+
+  def dispatch(self, state, start, num_steps):
+    chunk = self.data.source.chunk(start, num_steps)
+    if self.data.in_memory and jax.process_count() > 1:
+      # In-memory chunks are global batches: this process feeds its share.
+      per = chunk['index'].shape[1] // jax.process_count()
+      lo = jax.process_index() * per
+      chunk = {'index': chunk['index'][:, lo:lo + per]}
+    n = len(self._local)
+    # (K, local_batch, ...) -> (local devices, K, local_batch / devices, ...)
+    chunk = jax.tree_util.tree_map(
+        lambda x: np.moveaxis(x.reshape((x.shape[0], n, -1) + x.shape[2:]), 1, 0), chunk)
+    state, metrics, finite = self._run_chunk(state, self._resident, chunk)
+    metrics = {k: np.asarray(v[0])[None] for k, v in metrics.items()}
+    return state, metrics, np.asarray(finite[0])[None]
+
+  def evaluate(self, state):
+    (s,) = self.split(state)
+    totals = np.zeros((3, 1))
+    for b in self.data.eval_batches():
+      out = self._eval({}, s.params, s.batch_stats, b)
+      totals += np.asarray([[float(out[k])] for k in ('loss_sum', 'correct', 'count')])
+    return _eval_rows(totals)
+
+  def probe(self, state):
+    if self._probe is None:
+      return None
+    (s,) = self.split(state)
+    values = np.asarray(self._probe({}, s.params, s.batch_stats,
+                                    jnp.asarray(self.data.probe_images)))
+    return _probe_rows(values[None], self.config.probe.percentiles)

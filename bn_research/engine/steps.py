@@ -1,0 +1,188 @@
+"""The pure functions a program compiles: init, train step, chunk, eval step, probe.
+
+Each takes `hparams`, a dict of the member's swept values (`state.SWEEPABLE` keys;
+empty for a plain run, where every value is a Python constant of the config). The
+model and optimizer are built inside the traced function from the config overlaid with
+those values, so a plain run and a member of a sweep run the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bn_research import models
+from bn_research import optim
+from bn_research.engine import state as state_lib
+
+TrainState = state_lib.TrainState
+
+
+class Builder:
+  """Builds a member's model, optimizer and schedule from its config and traced values.
+
+  Args:
+    config: the run's config (for a sweep, any member's: swept values come as hparams).
+    num_classes: output classes.
+    bn_axis_name: the pmap axis BN pools its statistics over, or None.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
+               bn_axis_name: Optional[str] = None):
+    self.config = config
+    self.num_classes = num_classes
+    self.bn_axis_name = bn_axis_name
+
+  def model(self, hparams: Mapping[str, Any]):
+    m = state_lib.overlay(self.config.model, state_lib.section_values(hparams, 'model'))
+    return models.build_model(m, num_classes=self.num_classes, axis_name=self.bn_axis_name)
+
+  def optimizer_config(self, hparams: Mapping[str, Any]):
+    return state_lib.overlay(self.config.optimizer,
+                             state_lib.section_values(hparams, 'optimizer'))
+
+  def optimizer(self, hparams: Mapping[str, Any], params: Any,
+                batch_stats: Any) -> optax.GradientTransformation:
+    return optim.make_optimizer(self.optimizer_config(hparams), params, batch_stats)
+
+  def schedule(self, hparams: Mapping[str, Any]) -> optax.Schedule:
+    return optim.learning_rate_schedule(self.optimizer_config(hparams))
+
+  def seed(self, hparams: Mapping[str, Any]):
+    return hparams.get('seed', self.config.seed)
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy, in float32 whatever the model computed in."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels))
+
+
+def make_init(builder: Builder) -> Callable:
+  """init(hparams, sample_image) -> the member's step-0 TrainState."""
+
+  def init(hparams, image):
+    init_key, state_key = state_lib.run_keys(builder.seed(hparams))
+    variables = builder.model(hparams).init({'params': init_key, 'dropout': init_key},
+                                            image, train=False)
+    params = variables['params']
+    batch_stats = variables.get('batch_stats', {})
+    tx = builder.optimizer(hparams, params, batch_stats)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=batch_stats, opt_state=tx.init(params), rng=state_key)
+
+  return init
+
+
+def make_train_step(builder: Builder, *, axis_name: Optional[str] = None) -> Callable:
+  """train_step(hparams, state, batch) -> (state, metrics).
+
+  Args:
+    builder: the member's builder.
+    axis_name: under pmap, the axis that gradients, metrics and the moving averages
+      are averaged over (BN's own statistics follow `builder.bn_axis_name`).
+  """
+
+  def train_step(hparams, state: TrainState, batch: dict):
+    model = builder.model(hparams)
+    tx = builder.optimizer(hparams, state.params, state.batch_stats)
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+      # Different dropout masks on each replica.
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+
+    def loss_fn(params):
+      variables = {'params': params}
+      if state.batch_stats:
+        variables['batch_stats'] = state.batch_stats
+      logits, updates = model.apply(variables, batch['image'], train=True,
+                                    mutable=['batch_stats'], rngs={'dropout': rng})
+      loss = cross_entropy_loss(logits, batch['label'])
+      return loss, (logits, updates.get('batch_stats', state.batch_stats))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+    if axis_name is not None:
+      # Re-use the pmap axis_name that BN pools its statistics over.
+      grads = jax.lax.pmean(grads, axis_name)
+      # Identical already when BN pools statistics across replicas; with per-replica
+      # statistics this is the mean over replicas, as virtual_batch_norm averages groups.
+      batch_stats = jax.lax.pmean(batch_stats, axis_name)
+      loss = jax.lax.pmean(loss, axis_name)
+      accuracy = jax.lax.pmean(accuracy, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, 'accuracy': accuracy,
+               'learning_rate': builder.schedule(hparams)(state.step)}
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_chunk_fn(train_step: Callable, materialize: Callable) -> Callable:
+  """run_chunk(hparams, state, resident, chunk) -> (state, metrics (n,), params finite).
+
+  A chunk of steps runs in one lax.scan.
+  """
+
+  def run_chunk(hparams, state, resident, chunk):
+    def body(state, chunk_t):
+      return train_step(hparams, state, materialize(resident, chunk_t))
+    if jax.tree_util.tree_leaves(chunk)[0].shape[0] == 1:
+      # One step: no loop. XLA:CPU runs convolutions inside a while loop (what scan
+      # lowers to) several times slower, so conv nets use steps_per_dispatch=1.
+      state, metrics = body(state, jax.tree_util.tree_map(lambda x: x[0], chunk))
+      metrics = jax.tree_util.tree_map(lambda x: x[None], metrics)
+    else:
+      state, metrics = jax.lax.scan(body, state, chunk)
+    return state, metrics, state_lib.tree_all_finite(state.params)
+
+  return run_chunk
+
+
+def make_eval_step(builder: Builder) -> Callable:
+  """eval_step(hparams, params, batch_stats, batch) -> masked sums of loss and correct."""
+
+  def eval_step(hparams, params, batch_stats, batch):
+    variables = {'params': params}
+    if batch_stats:
+      variables['batch_stats'] = batch_stats
+    logits = builder.model(hparams).apply(variables, batch['image'], train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch['label'])
+    correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+    mask = batch['mask']
+    return {'loss_sum': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
+            'count': jnp.sum(mask)}
+
+  return eval_step
+
+
+def make_probe_fn(builder: Builder) -> Callable:
+  """probe(hparams, params, batch_stats, images) -> percentiles of one unit (Figure 1).
+
+  The percentiles of the input to one unit's nonlinearity on the probe batch. The
+  network is run as it is evaluated (inference mode), so in the BN network the tracked
+  value is BN's output with the moving averages.
+  """
+  probe = builder.config.probe
+  layer = probe.layer % len(builder.config.model.hidden_sizes)
+  name = f'hidden_{layer}'
+  qs = jnp.asarray(probe.percentiles, jnp.float32)
+
+  def probe_fn(hparams, params, batch_stats, images):
+    variables = {'params': params}
+    if batch_stats:
+      variables['batch_stats'] = batch_stats
+    _, state = builder.model(hparams).apply(variables, images, train=False,
+                                            mutable=['intermediates'])
+    values = state['intermediates'][name][0][:, probe.unit].astype(jnp.float32)
+    return jnp.percentile(values, qs)
+
+  return probe_fn
