@@ -10,15 +10,19 @@ from tests import helpers
 
 
 def test_probe_percentiles_match_numpy_on_an_independent_forward_pass():
-  from bn_research import train
-  from bn_research.models.mlp import MLP
-  model = MLP(hidden_sizes=(7, 5), num_classes=3, activation='sigmoid', normalizer='none',
-              init_stddev=0.5)
+  from bn_research import config as config_lib
+  from bn_research.engine import steps
+  config = config_lib.base_config()
+  config.model.hidden_sizes = (7, 5)
+  config.model.normalizer = 'none'
+  config.model.init_stddev = 0.5
+  config.probe = ml_collections.ConfigDict(
+      {'layer': -1, 'unit': 3, 'percentiles': (15.0, 50.0, 85.0)})
+  builder = steps.Builder(config, num_classes=3)
   rng = np.random.default_rng(0)
   images = rng.random((97, 4, 4, 1)).astype(np.float32)
-  variables = model.init(jax.random.key(0), images[:2], train=False)
-  probe = ml_collections.ConfigDict({'layer': -1, 'unit': 3, 'percentiles': (15.0, 50.0, 85.0)})
-  got = np.asarray(train.make_probe_fn(model, probe, 2)(variables['params'], {}, images))
+  variables = builder.model({}).init(jax.random.key(0), images[:2], train=False)
+  got = np.asarray(steps.make_probe_fn(builder)({}, variables['params'], {}, images))
   # The last hidden layer's pre-sigmoid input, by hand in float64.
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables['params'])
   h = images.reshape(97, -1).astype(np.float64)
