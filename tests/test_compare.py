@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from bn_research import rundir
 from bn_research.analysis import curves
 from bn_research.analysis import runs as runs_lib
 from scripts import compare as compare_script
@@ -81,7 +82,7 @@ def _expected(evals, target):
 
 
 def test_read_metrics_drops_truncated_last_line(run_dirs):
-  records = runs_lib.read_metrics(run_dirs[2])
+  records = rundir.read_metrics(str(run_dirs[2]))
   assert len(records) == 2 * len(IN_PROGRESS)
   assert all(r['step'] <= 300 for r in records)
 
