@@ -23,9 +23,9 @@ import logging
 import math
 import pathlib
 import re
-import subprocess
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from bn_research import launch
 from bn_research import rundir
 
 Sweep = dict[str, list[Any]]
@@ -475,23 +475,17 @@ def load_sweep_file(path: str | pathlib.Path) -> tuple[Sweep, str | None]:
   return check_sweep(module.SWEEP, str(path)), config
 
 
-def load_config(spec: str) -> Any:
-  """Loads a config as `--config=path.py[:args]` would (ml_collections).
+def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
+  """Loads a config as `--config=path.py[:args]` would (`config_files.load_config`).
 
-  Args:
-    spec: `path.py` or `path.py:args`; args go to `get_config` as one string.
-
-  Returns:
-    The object `get_config` returns.
+  Raises:
+    SweepError: one line naming the spec or override at fault.
   """
-  path, *args = spec.split(':', 1)
-  module = load_python_file(path, '_bn_research_sweep_config')
-  if not hasattr(module, 'get_config'):
-    raise SweepError(f'config file {path!r} defines no get_config()')
+  from bn_research import config_files  # pylint: disable=g-import-not-at-top
   try:
-    return module.get_config(*args)
-  except Exception as e:  # Reported as a sweep error, before any launch.
-    raise SweepError(f'get_config() of {spec!r} failed: {e!r}') from e
+    return config_files.load_config(spec, overrides)
+  except ValueError as e:
+    raise SweepError(str(e)) from None
 
 
 def has_key(config: Any, key: str) -> bool:
@@ -572,8 +566,8 @@ def write_sweep_json(sweep_dir: str | pathlib.Path, config: str,
 
 
 def subprocess_launcher(command: Sequence[str]) -> int:
-  """Runs one training run in the foreground and returns its exit code."""
-  return subprocess.call(list(command))
+  """Runs one training run in the foreground (`launch.run_command`); its exit code."""
+  return launch.run_command(command)
 
 
 def needs_launch(run: PlannedRun) -> tuple[bool, str]:
