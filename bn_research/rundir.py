@@ -721,7 +721,8 @@ def rebuild_status(workdir: str) -> Optional[dict]:
       extra = {'diverged_step': step,
                'message': f'non-finite loss or parameters at step {step}'}
       break
-    last.update(row)
+    if row['step'] > 0:  # as the engine's status: the step-0 evaluation is not in it
+      last.update(row)
   if status is None:
     if not isinstance(num_steps, int) or num_steps not in checkpoint_steps(workdir):
       return None
