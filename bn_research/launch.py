@@ -54,12 +54,12 @@ def child_env(*, single_thread: bool = False,
   return env
 
 
-def check_positive_flag(flag: str, value: object, meaning: str = '') -> None:
-  """ValueError naming `--flag=value` unless it is None (not given) or an integer > 0.
-
-  A job's own flags are checked before anything starts: 0 is never a silent default.
-  """
-  if value is None:
+def check_positive_flag(flag: str, value: object, meaning: str = '', *,
+                        optional: bool = True) -> None:
+  """ValueError naming `--flag=value` unless it is an integer > 0 (or None: not given,
+  if optional). A job's own flags are checked before anything starts: 0 is never a
+  silent default."""
+  if value is None and optional:
     return
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
     raise ValueError(f'--{flag}={value!r} must be a positive integer'
@@ -78,9 +78,8 @@ def exit_on_bad_flags(program: str, check: Callable[[], Any]) -> Any:
 
 def check_parallel(value: object, flag: str = 'parallel') -> int:
   """The number of processes to run at once; ValueError unless a positive integer."""
-  if value is None:
-    raise ValueError(f'--{flag} must be given.')
-  check_positive_flag(flag, value, 'processes run at once; 1: one after another')
+  check_positive_flag(flag, value, 'processes run at once; 1: one after another',
+                      optional=False)
   return value
 
 
