@@ -8,7 +8,6 @@ the bad value and what is allowed.
 
 from __future__ import annotations
 
-import os
 import re
 
 import ml_collections
@@ -236,6 +235,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
 
 
 def check_workdir_parent(workdir: str) -> None:
-  parent = os.path.dirname(os.path.abspath(workdir))
-  if not os.path.isdir(parent):
-    raise ValueError(f'--workdir={workdir!r}: its parent directory {parent!r} does not exist.')
+  """Moved to `bn_research.rundir` (which `rundir.check_workdir` calls itself)."""
+  # TEMPORARY: lead removes after the engine merge (train.py calls it).
+  from bn_research import rundir  # pylint: disable=g-import-not-at-top
+  rundir.check_workdir_parent(workdir)

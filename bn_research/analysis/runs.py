@@ -79,10 +79,6 @@ def as_number(value: Any) -> float | None:
   return None
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
 def load_run(run_dir: str | pathlib.Path) -> Run:
   """Loads one run directory.
 
