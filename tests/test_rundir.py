@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 from absl import logging as absl_logging
 import numpy as np
@@ -27,8 +26,6 @@ def warnings_logged(monkeypatch):
   """The absl warnings rundir logs, as formatted strings."""
   lines = []
   monkeypatch.setattr(absl_logging, 'warning',
-                      lambda msg, *args: lines.append(msg % args if args else msg))
-  monkeypatch.setattr(rundir.logging, 'warning',
                       lambda msg, *args: lines.append(msg % args if args else msg))
   return lines
 
