@@ -9,10 +9,7 @@ the bad value and what is allowed.
 from __future__ import annotations
 
 import math
-import os
 import re
-
-from typing import Sequence
 
 import ml_collections
 
@@ -246,33 +243,3 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     for p in config.probe.percentiles:
       if not 0 <= p <= 100:
         raise ValueError(f'probe.percentiles contains {p!r}; each must be in [0, 100].')
-
-
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads `configs/x.py[:arg]` with `--config.KEY=VALUE` overrides, as `main` parses them.
-
-  Args:
-    spec: the config spec given to --config.
-    overrides: `--config.KEY=VALUE` arguments (ml_collections parses them with the
-      fields' types, exactly as `bn_research.main` does).
-
-  Returns:
-    The resolved config.
-  """
-  from absl import flags
-  from ml_collections import config_flags
-  argv = ['load_config', f'--config={spec}', *overrides]
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
-                                  lock_config=True, sys_argv=argv)
-  try:
-    flag_values(argv)
-  except Exception as e:  # absl/ml_collections raise many kinds for a bad override
-    raise ValueError(f'loading {spec!r} with {list(overrides)}: {e}') from e
-  return flag_values.config
-
-
-def check_workdir_parent(workdir: str) -> None:
-  parent = os.path.dirname(os.path.abspath(workdir))
-  if not os.path.isdir(parent):
-    raise ValueError(f'--workdir={workdir!r}: its parent directory {parent!r} does not exist.')

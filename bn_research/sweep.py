@@ -19,14 +19,14 @@ import dataclasses
 import hashlib
 import importlib.util
 import itertools
-import json
 import logging
+import math
 import pathlib
 import re
-import subprocess
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from bn_research.analysis import runs as runs_lib
+from bn_research import launch
+from bn_research import rundir
 
 Sweep = dict[str, list[Any]]
 Launcher = Callable[[Sequence[str]], int]
@@ -150,13 +150,27 @@ def _check_key(key: str, where: str) -> None:
         '"optimizer.learning_rate"')
 
 
+def _canonical_text(value: Any) -> str:
+  """A value's text with numbers compared as numbers: 1, 1.0 and 1e0 are all '1'.
+
+  The engine parses an override with the config field's type, so these are one
+  setting and must be one run directory.
+  """
+  if (isinstance(value, float) and math.isfinite(value) and value == int(value)
+      and abs(value) < 1e15):
+    return str(int(value))
+  return format_value(value)
+
+
 def _check_distinct(key: str, values: Sequence[Any], where: str) -> None:
   """Two equal values would launch the same run twice into one directory."""
   seen: dict[str, Any] = {}
   for value in values:
-    text = format_value(value)
+    text = _canonical_text(value)
     if text in seen:
-      raise SweepError(f'{where}: value {value!r} of {key!r} is listed twice')
+      same = '' if seen[text] == value and type(seen[text]) is type(value) else (
+          f' (equal to {seen[text]!r})')
+      raise SweepError(f'{where}: value {value!r} of {key!r} is listed twice{same}')
     seen[text] = value
 
 
@@ -276,7 +290,7 @@ def _short_hash(text: str) -> str:
 
 
 def _name_part(value: Any) -> str:
-  text = format_value(value)
+  text = _canonical_text(value)
   if _SAFE_VALUE_RE.match(text):
     return text
   # Keep a readable hint, and a hash so distinct values stay distinct.
@@ -461,23 +475,17 @@ def load_sweep_file(path: str | pathlib.Path) -> tuple[Sweep, str | None]:
   return check_sweep(module.SWEEP, str(path)), config
 
 
-def load_config(spec: str) -> Any:
-  """Loads a config as `--config=path.py[:args]` would (ml_collections).
+def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
+  """Loads a config as `--config=path.py[:args]` would (`config_files.load_config`).
 
-  Args:
-    spec: `path.py` or `path.py:args`; args go to `get_config` as one string.
-
-  Returns:
-    The object `get_config` returns.
+  Raises:
+    SweepError: one line naming the spec or override at fault.
   """
-  path, *args = spec.split(':', 1)
-  module = load_python_file(path, '_bn_research_sweep_config')
-  if not hasattr(module, 'get_config'):
-    raise SweepError(f'config file {path!r} defines no get_config()')
+  from bn_research import config_files  # pylint: disable=g-import-not-at-top
   try:
-    return module.get_config(*args)
-  except Exception as e:  # Reported as a sweep error, before any launch.
-    raise SweepError(f'get_config() of {spec!r} failed: {e!r}') from e
+    return config_files.load_config(spec, overrides)
+  except ValueError as e:
+    raise SweepError(str(e)) from None
 
 
 def has_key(config: Any, key: str) -> bool:
@@ -531,10 +539,13 @@ def write_sweep_json(sweep_dir: str | pathlib.Path, config: str,
     SweepError: If the directory holds a sweep with a different base.
   """
   sweep_dir = pathlib.Path(sweep_dir)
-  path = sweep_dir / runs_lib.SWEEP_FILE
+  path = sweep_dir / rundir.SWEEP_FILE
   runs = [{'name': r.name, 'params': r.params} for r in planned]
-  if path.is_file():
-    old = json.loads(path.read_text())
+  try:
+    old = rundir.read_sweep(str(sweep_dir))
+  except rundir.RunDirError as e:
+    raise SweepError(str(e)) from None
+  if old is not None:
     if (old.get('config') != config
         or sorted(old.get('overrides', [])) != sorted(overrides)):
       raise SweepError(
@@ -546,10 +557,8 @@ def write_sweep_json(sweep_dir: str | pathlib.Path, config: str,
   sweep_dir.mkdir(parents=True, exist_ok=True)
   record = {'config': config, 'overrides': list(overrides),
             'sweep': {k: list(v) for k, v in sweep.items()}, 'runs': runs}
-  tmp = path.with_suffix('.json.tmp')
-  # default=repr: tuples become lists anyway; anything odd stays readable.
-  tmp.write_text(json.dumps(record, indent=2, default=repr) + '\n')
-  tmp.replace(path)  # Atomic, so compare never reads half a file.
+  # Keys unsorted: the sweep's key order is its grid order.
+  rundir.write_json(str(path), record, sort_keys=False)
   return path
 
 
@@ -557,8 +566,8 @@ def write_sweep_json(sweep_dir: str | pathlib.Path, config: str,
 
 
 def subprocess_launcher(command: Sequence[str]) -> int:
-  """Runs one training run in the foreground and returns its exit code."""
-  return subprocess.call(list(command))
+  """Runs one training run in the foreground (`launch.run_command`); its exit code."""
+  return launch.run_command(command)
 
 
 def needs_launch(run: PlannedRun) -> tuple[bool, str]:
@@ -571,9 +580,12 @@ def needs_launch(run: PlannedRun) -> tuple[bool, str]:
   Returns:
     (launch?, the status found or "new").
   """
-  status = runs_lib.read_status(run.workdir)
+  try:
+    status = rundir.read_status(str(run.workdir))
+  except rundir.RunDirError:
+    return True, 'unreadable status'  # the run itself then names the file and the fix
   state = 'new' if status is None else str(status.get('status', 'unknown'))
-  return state not in runs_lib.FINISHED_STATUSES, state
+  return state not in rundir.FINISHED_STATUSES, state
 
 
 @dataclasses.dataclass

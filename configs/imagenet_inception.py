@@ -4,7 +4,7 @@ r"""BN-Inception on ImageNet: the paper's Section 4.2 models (Figures 2 and 3).
         --workdir=gs-or-local/bn_x30 --config.data.data_dir=/data/tfds
 
 Arguments: `model=` one of inception, bn_baseline, bn_x5, bn_x30, bn_x5_sigmoid,
-inception_x5, inception_sigmoid (see bn_research/inception_ablation.py); optional
+inception_x5, inception_sigmoid (the table is in configs/common.py); optional
 `batch=` (global batch; default 32 as in the paper) and `steps=`.
 
 Numbers the paper gives: SGD with momentum 0.9, batch 32, initial learning rates
@@ -28,7 +28,7 @@ import ml_collections
 
 from bn_research.config import base_config
 from bn_research.data.imagenet import imagenet_data_config
-from bn_research import inception_ablation
+from configs import common
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 PAPER_BATCH = 32
@@ -38,18 +38,17 @@ BASE_DROPOUT = 0.4
 
 
 def get_config(arg: str = 'model=bn_x30') -> ml_collections.ConfigDict:
-  args = inception_ablation.parse_args(
-      arg, {'model': str, 'batch': int, 'steps': int, 'lr_scaling': str})
-  model = args.get('model', 'bn_x30')
-  batch = args.get('batch', PAPER_BATCH)
-  if args.get('lr_scaling', 'linear') not in ('linear', 'none'):
-    raise ValueError(f"lr_scaling={args['lr_scaling']!r}; allowed: linear, none.")
+  args = common.parse_arg(arg, model=('bn_x30', common.INCEPTION_MODELS),
+                          batch=PAPER_BATCH, steps=(None, int),
+                          lr_scaling=('linear', ('linear', 'none')))
+  model, batch = args.model, args.batch
   c = base_config()
   c.batch_size = batch
   steps_per_epoch = IMAGENET_TRAIN_IMAGES // batch
   # The paper's Figure 2 runs Inception for 31M steps; BN models converge in far fewer.
   default_steps = 31_000_000 if model.startswith('inception') else 15_000_000
-  c.num_train_steps = args.get('steps', default_steps * PAPER_BATCH // batch)
+  c.num_train_steps = (args.steps if args.steps is not None
+                       else default_steps * PAPER_BATCH // batch)
   c.eval_every_steps = 50_000
   c.log_every_steps = 1_000
   c.checkpoint_every_steps = 20_000
@@ -73,8 +72,8 @@ def get_config(arg: str = 'model=bn_x30') -> ml_collections.ConfigDict:
   c.data = imagenet_data_config()
   c.probe.enabled = False
 
-  scale = batch / PAPER_BATCH if args.get('lr_scaling', 'linear') == 'linear' else 1.0
-  inception_ablation.apply_model(
+  scale = batch / PAPER_BATCH if args.lr_scaling == 'linear' else 1.0
+  common.apply_inception_model(
       c, model, base_learning_rate=BASE_LR * scale, base_weight_decay=BASE_L2,
       base_decay_steps=8 * steps_per_epoch, base_dropout=BASE_DROPOUT)
   return c

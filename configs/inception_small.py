@@ -5,8 +5,8 @@ r"""The Section 4.2 ablation at small scale, offline: seven Inception variants o
     python -m experiments.inception_ablation --workdir=runs/inception_small --preset=small
 
 Arguments: `model=` (inception, bn_baseline, bn_x5, bn_x30, bn_x5_sigmoid,
-inception_x5, inception_sigmoid), `data=` fashion_mnist (default: Debian's
-`dataset-fashion-mnist` IDX files, `apt-get install dataset-fashion-mnist`), digits (the
+inception_x5, inception_sigmoid; the table is in configs/common.py), `data=`
+fashion_mnist (default: Debian's `dataset-fashion-mnist` IDX files, `apt-get install dataset-fashion-mnist`), digits (the
 offline 5,000-image MNIST sample) or synthetic (tests), and `steps=`.
 
 The network is the paper's Inception at width 1/8 (no layer under 8 channels) with
@@ -21,7 +21,7 @@ in-memory data, which is shuffled thoroughly and not distorted in every model.
 import ml_collections
 
 from bn_research.config import base_config
-from bn_research import inception_ablation
+from configs import common
 
 BASE_LR = 0.01
 BASE_L2 = 4e-5
@@ -29,12 +29,13 @@ BASE_DROPOUT = 0.4
 
 
 def get_config(arg: str = 'model=bn_x30') -> ml_collections.ConfigDict:
-  args = inception_ablation.parse_args(arg, {'model': str, 'data': str, 'steps': int})
-  model = args.get('model', 'bn_x30')
-  data = args.get('data', 'fashion_mnist')
+  args = common.parse_arg(arg, model=('bn_x30', common.INCEPTION_MODELS),
+                          data=('fashion_mnist', ('fashion_mnist', 'digits', 'synthetic')),
+                          steps=1000)
+  model, data = args.model, args.data
   c = base_config()
   c.batch_size = 32
-  c.num_train_steps = args.get('steps', 1000)
+  c.num_train_steps = args.steps
   c.eval_every_steps = 100
   c.log_every_steps = 100
   c.checkpoint_every_steps = 500
@@ -57,14 +58,12 @@ def get_config(arg: str = 'model=bn_x30') -> ml_collections.ConfigDict:
   elif data == 'digits':
     c.data.name, c.data.source = 'mnist', 'offline'
     c.data.num_test = 1000
-  elif data == 'synthetic':
+  else:  # synthetic
     c.data.name, c.data.source = 'synthetic', 'synthetic'
     c.data.image_size, c.data.channels = 28, 1
     c.data.num_train, c.data.num_test = 512, 128
-  else:
-    raise ValueError(f'data={data!r}; allowed: fashion_mnist, digits, synthetic.')
 
-  inception_ablation.apply_model(
+  common.apply_inception_model(
       c, model, base_learning_rate=BASE_LR, base_weight_decay=BASE_L2,
-      base_decay_steps=c.num_train_steps // 2, base_dropout=BASE_DROPOUT)
+      base_decay_steps=max(1, c.num_train_steps // 2), base_dropout=BASE_DROPOUT)
   return c

@@ -18,16 +18,15 @@ Choices the paper does not give (documented in README.md):
 import ml_collections
 
 from bn_research.config import base_config
-
-_SHORT = {'lr': 'optimizer.learning_rate', 'steps': 'num_train_steps',
-          'source': 'data.source', 'seed': 'seed', 'init': 'model.init_stddev'}
+from configs.common import parse_arg
 
 
 def get_config(arg: str = 'bn') -> ml_collections.ConfigDict:
-  variant, *pairs = arg.split(',') if arg else ['bn']
-  if variant not in ('bn', 'baseline'):
-    raise ValueError(f'configs/mnist_mlp.py:{arg}: the variant must be bn or baseline, '
-                     f'got {variant!r}.')
+  # Not given (None): the value set below. `source` is checked by the data validation.
+  args = parse_arg(arg, variant=('bn', ('bn', 'baseline')), lr=(None, float),
+                   steps=(None, int), source=(None, str), seed=(None, int),
+                   init=(None, float))
+  variant = args.variant
   c = base_config()
   c.seed = 0
   c.batch_size = 60
@@ -60,16 +59,12 @@ def get_config(arg: str = 'bn') -> ml_collections.ConfigDict:
   c.probe.unit = 0
   c.probe.num_examples = 1000
 
-  for pair in pairs:
-    key, _, value = pair.partition('=')
-    if key not in _SHORT:
-      raise ValueError(f'configs/mnist_mlp.py: unknown argument {key!r}; allowed: '
-                       f'{", ".join(_SHORT)}.')
-    path = _SHORT[key].split('.')
-    node = c
-    for p in path[:-1]:
-      node = node[p]
-    node[path[-1]] = type(node[path[-1]])(value)
+  for key, field in (('lr', 'optimizer.learning_rate'), ('steps', 'num_train_steps'),
+                     ('source', 'data.source'), ('seed', 'seed'),
+                     ('init', 'model.init_stddev')):
+    if args[key] is not None:
+      section, _, name = field.rpartition('.')
+      (c[section] if section else c)[name] = args[key]
   if c.data.source == 'synthetic':
     # Stand-in data of MNIST's shape, for tests and benchmarks.
     c.data.name = 'synthetic'

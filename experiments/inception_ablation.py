@@ -4,7 +4,7 @@ r"""Figures 2 and 3 of the paper: the Inception learning-rate and dropout ablati
     python -m experiments.inception_ablation --workdir=gs-or-local/imagenet --preset=imagenet \
         --set=data.data_dir=/data/tfds --print_commands   # one command per model, for a queue
 
-Trains the seven models of `bn_research/inception_ablation.py` (the paper's five plus
+Trains the seven models of `configs/common.py`'s Inception table (the paper's five plus
 its two reported failures), each in `DIR/<model>` in the engine's format (re-running
 skips finished models and resumes unfinished ones), then writes
 
@@ -22,17 +22,17 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 
 from absl import app
 from absl import flags
-from absl import logging
 
-from bn_research import inception_ablation
+from bn_research import launch
+from bn_research import rundir
 from bn_research.analysis import curves
 from bn_research.analysis import runs as runs_lib
+from configs import common
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/inception_small', 'Output directory.')
 _PRESET = flags.DEFINE_enum('preset', 'small', ['small', 'imagenet'], 'Which configs.')
@@ -40,7 +40,7 @@ _DATA = flags.DEFINE_string('data', None, 'small preset: fashion_mnist (default)
                             'or synthetic.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Training steps per model (default: the '
                               "config's).")
-_MODELS = flags.DEFINE_list('models', list(inception_ablation.MODELS), 'Models to run.')
+_MODELS = flags.DEFINE_list('models', list(common.INCEPTION_MODELS), 'Models to run.')
 _SET = flags.DEFINE_multi_string('set', [], 'Config override for every model, e.g. '
                                  '--set=data.data_dir=/data (repeatable).')
 _PARALLEL = flags.DEFINE_integer('parallel', 2, 'Models trained at once (one core each '
@@ -48,53 +48,44 @@ _PARALLEL = flags.DEFINE_integer('parallel', 2, 'Models trained at once (one cor
 _PRINT = flags.DEFINE_bool('print_commands', False, 'Print one launch command per model '
                            'instead of training.')
 
-CONFIG_FILE = {'small': 'configs/inception_small.py', 'imagenet': 'configs/imagenet_inception.py'}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = {'small': 'inception_small.py', 'imagenet': 'imagenet_inception.py'}
+
+
+def check_flags() -> None:
+  """ValueError naming the first bad flag, before anything runs."""
+  launch.check_positive_flag('steps', _STEPS.value, 'training steps per model')
+  launch.check_parallel(_PARALLEL.value)
+  unknown = [m for m in _MODELS.value if m not in common.INCEPTION_MODELS]
+  if unknown or not _MODELS.value:
+    raise ValueError(f'--models={",".join(_MODELS.value)!r}: unknown {unknown}; allowed: '
+                     f'{", ".join(common.INCEPTION_MODELS)}.')
 
 
 def launch_command(model: str, workdir: str) -> list[str]:
   arg = f'model={model}'
   if _DATA.value:
     arg += f',data={_DATA.value}'
-  if _STEPS.value:
+  if _STEPS.value is not None:
     arg += f',steps={_STEPS.value}'
-  cmd = [sys.executable, '-m', 'bn_research.main',
-         f'--config={CONFIG_FILE[_PRESET.value]}:{arg}', f'--workdir={workdir}']
+  config = os.path.join(launch.REPO, 'configs', CONFIG_FILE[_PRESET.value])
+  cmd = [sys.executable, '-m', 'bn_research.main', f'--config={config}:{arg}',
+         f'--workdir={workdir}']
   return cmd + [f'--config.{kv}' for kv in _SET.value]
 
 
 def train_models(root: str, models: list[str]) -> list[str]:
   """Trains the models, `--parallel` at a time; returns those whose process failed."""
-  env = dict(os.environ)
-  if _PARALLEL.value > 1:
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
-                        ' intra_op_parallelism_threads=1').strip()
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  pending, running, failed = list(models), [], []
-  while pending or running:
-    while pending and len(running) < _PARALLEL.value:
-      model = pending.pop(0)
-      cmd = launch_command(model, os.path.join(root, model))
-      logging.info('launching %s', shlex.join(cmd))
-      log = open(os.path.join(root, f'{model}.log'), 'a')
-      running.append((model, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
-                                              stderr=subprocess.STDOUT), log))
-    time.sleep(1.0)
-    for item in list(running):
-      model, proc, log = item
-      if proc.poll() is not None:
-        log.close()
-        running.remove(item)
-        logging.info('%s finished with exit code %d', model, proc.returncode)
-        if proc.returncode != 0:
-          failed.append(model)
-  return failed
+  jobs = [launch.Job(m, launch_command(m, os.path.join(root, m)),
+                     log=os.path.join(root, f'{m}.log')) for m in models]
+  results = launch.run_jobs(jobs, parallel=_PARALLEL.value,
+                            single_thread=_PARALLEL.value > 1, poll_seconds=1.0)
+  return [r.name for r in results if r.returncode != 0]
 
 
 def figure3(root: str, models: list[str]) -> dict:
   """The paper's Figure 3 table from the run directories."""
   loaded = {m: runs_lib.load_run(os.path.join(root, m)) for m in models
-            if runs_lib.is_run_dir(os.path.join(root, m))}
+            if rundir.is_run_dir(os.path.join(root, m))}
   baseline = loaded.get('inception')
   target = (curves.default_target(baseline, 'eval_accuracy') if baseline is not None
             else None)
@@ -163,10 +154,7 @@ def plot_figure2(root: str, table: dict, path: str, title: str) -> None:
 
 def main(argv):
   del argv
-  unknown = [m for m in _MODELS.value if m not in inception_ablation.MODELS]
-  if unknown:
-    raise app.UsageError(f'--models: unknown {unknown}; allowed: '
-                         f'{", ".join(inception_ablation.MODELS)}.')
+  launch.exit_on_bad_flags('inception_ablation', check_flags)
   root = _WORKDIR.value
   if _PRINT.value:
     for model in _MODELS.value:
@@ -176,11 +164,8 @@ def main(argv):
   t0 = time.time()
   failed = train_models(root, list(_MODELS.value))
   table = figure3(root, list(_MODELS.value))
-  data = {}
   some_run = next((os.path.join(root, m) for m in table['models']), None)
-  if some_run and os.path.exists(os.path.join(some_run, 'data.json')):
-    with open(os.path.join(some_run, 'data.json')) as f:
-      data = json.load(f)
+  data = (rundir.read_description(some_run) if some_run else None) or {}
   dataset = data.get('dataset', '?')
   title = f'Inception ablation ({_PRESET.value} preset) on {dataset}'
   table['data'] = {k: data.get(k) for k in ('dataset', 'source', 'num_train', 'num_test',

@@ -17,16 +17,16 @@ and prints a summary table. Re-running resumes or skips finished networks.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import subprocess
 import sys
 import time
 
 from absl import app
 from absl import flags
-from absl import logging
+
+from bn_research import launch
+from bn_research import rundir
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/figure1', 'Output directory.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Training steps per network (default: the '
@@ -45,6 +45,13 @@ _SEQUENTIAL = flags.DEFINE_bool('sequential', False, 'Train the networks one aft
 
 NETWORKS = ('bn', 'baseline')
 PERCENTILE_KEYS = ('act_p15', 'act_p50', 'act_p85')
+CONFIG = os.path.join(launch.REPO, 'configs', 'mnist_mlp.py')
+
+
+def check_flags() -> None:
+  """ValueError naming the first bad flag, before anything runs."""
+  launch.check_positive_flag('steps', _STEPS.value, 'training steps per network')
+  launch.check_positive_flag('eval_every', _EVAL_EVERY.value, 'steps between evaluations')
 
 
 def run_command(network: str, workdir: str) -> list[str]:
@@ -52,12 +59,12 @@ def run_command(network: str, workdir: str) -> list[str]:
   if _SOURCE.value:
     arg += f',source={_SOURCE.value}'
   cmd = [sys.executable, '-m', 'bn_research.main',
-         f'--config=configs/mnist_mlp.py:{arg}', f'--workdir={workdir}']
-  if _STEPS.value:
+         f'--config={CONFIG}:{arg}', f'--workdir={workdir}']
+  if _STEPS.value is not None:
     cmd += [f'--config.num_train_steps={_STEPS.value}']
     if _STEPS.value < 10_000:  # keep checkpoints inside short runs too
       cmd += [f'--config.checkpoint_every_steps={_STEPS.value}']
-  if _EVAL_EVERY.value:
+  if _EVAL_EVERY.value is not None:
     cmd += [f'--config.eval_every_steps={_EVAL_EVERY.value}',
             f'--config.log_every_steps={_EVAL_EVERY.value}',
             f'--config.steps_per_dispatch={_EVAL_EVERY.value}']
@@ -67,95 +74,59 @@ def run_command(network: str, workdir: str) -> list[str]:
   return cmd
 
 
+def _load_matplotlib(result: launch.JobResult, still_running: int) -> None:
+  """When one network has finished and the other still trains, a core is free: load
+  the plotting library now instead of after (about 0.7 s of the job's wall time)."""
+  if still_running and result.returncode == 0:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot  # pylint: disable=g-import-not-at-top,unused-import
+
+
 def train_networks(root: str) -> None:
-  """Runs both networks as separate processes, each on one core."""
-  env = dict(os.environ)
-  # The MLP's matmuls are tiny: one thread per process beats sharing threads.
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
-                      ' intra_op_parallelism_threads=1').strip()
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = repo + os.pathsep + env.get('PYTHONPATH', '')
-  procs = []
-  shares = None
-  if _PIN_CORES.value and not _SEQUENTIAL.value:
-    # Each network on its own core(s): see bn_research/cpu_placement.py for why.
-    from bn_research import cpu_placement  # pylint: disable=g-import-not-at-top
-    shares = cpu_placement.core_shares(cpu_placement.available_cores(), len(NETWORKS))
-  for i, net in enumerate(NETWORKS):
-    cmd = run_command(net, os.path.join(root, net))
-    logging.info('launching: %s', ' '.join(cmd))
-    log = open(os.path.join(root, f'{net}.log'), 'w')
-    pin = None
-    if shares:
-      logging.info('%s runs on CPU core(s) %s', net, sorted(shares[i]))
-      pin = functools.partial(os.sched_setaffinity, 0, shares[i])
-    p = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
-                         preexec_fn=pin)
-    procs.append((net, p, log))
-    if _SEQUENTIAL.value:
-      p.wait()
-  failed = []
-  running = list(procs)
-  while running:
-    for item in list(running):
-      net, p, log = item
-      if p.poll() is None:
-        continue
-      running.remove(item)
-      log.close()
-      if p.returncode != 0:
-        failed.append(net)
-      if running and not failed:
-        # A core is free now: load the plotting library while the other network
-        # finishes, instead of after (about 0.7 s of the job's wall time).
-        import matplotlib  # pylint: disable=g-import-not-at-top
-        matplotlib.use('Agg')
-        import matplotlib.pyplot  # pylint: disable=g-import-not-at-top,unused-import
-    time.sleep(0.05)
+  """Runs both networks as separate processes, side by side, each on its own core(s).
+
+  The MLP's matmuls are tiny: one XLA thread per process beats sharing threads.
+  """
+  jobs = [launch.Job(net, run_command(net, os.path.join(root, net)),
+                     log=os.path.join(root, f'{net}.log')) for net in NETWORKS]
+  results = launch.run_jobs(
+      jobs, parallel=1 if _SEQUENTIAL.value else len(jobs),
+      pin_cores=_PIN_CORES.value and not _SEQUENTIAL.value, single_thread=True,
+      on_finish=_load_matplotlib)
+  failed = [r.name for r in results if r.returncode != 0]
   for net in failed:
-    with open(os.path.join(root, f'{net}.log')) as f:
+    with open(os.path.join(root, f'{net}.log'), errors='replace') as f:
       tail = f.read()[-3000:]
     print(f'--- {net} failed; end of {root}/{net}.log:\n{tail}', file=sys.stderr)
   if failed:
     raise SystemExit(f'training failed for: {", ".join(failed)}')
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-  rows = []
-  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        pass  # a partial last line of a run in progress
-  return rows
-
-
 def summarize(root: str) -> dict:
   """Collects figure1.json from the two run directories."""
   out = {}
   for net in NETWORKS:
-    rows = read_metrics(os.path.join(root, net))
+    run_dir = os.path.join(root, net)
+    rows = rundir.read_metrics(run_dir)
     acc = [[r['step'], r['eval_accuracy']] for r in rows if 'eval_accuracy' in r]
     pct = [[r['step']] + [r[k] for k in PERCENTILE_KEYS]
            for r in rows if all(k in r for k in PERCENTILE_KEYS)]
-    with open(os.path.join(root, net, 'status.json')) as f:
-      status = json.load(f)
+    status = rundir.read_status(run_dir) or {}
     out[net] = {'test_accuracy': acc,
                 'final_test_accuracy': acc[-1][1] if acc else None,
                 'max_test_accuracy': max(a for _, a in acc) if acc else None,
                 'percentiles': pct,
-                'status': status['status']}
-  with open(os.path.join(root, 'bn', 'data.json')) as f:
-    data = json.load(f)
+                'status': status.get('status', 'unknown')}
+  data = rundir.read_description(os.path.join(root, 'bn')) or {}
   out['data'] = {k: data.get(k) for k in ('dataset', 'source', 'num_train', 'num_test',
                                            'image_shape', 'is_full_mnist', 'warning',
                                            'binarized')}
-  with open(os.path.join(root, 'bn', 'config.json')) as f:
-    cfg = json.load(f)
-  out['probe'] = {'layer': 'last hidden', 'unit': cfg['probe']['unit'],
-                  'num_examples': cfg['probe']['num_examples'],
-                  'percentiles': cfg['probe']['percentiles']}
+  cfg = rundir.read_config(os.path.join(root, 'bn')) or {}
+  probe = cfg.get('probe', {})
+  out['probe'] = {'layer': 'last hidden', 'unit': probe.get('unit'),
+                  'num_examples': probe.get('num_examples'),
+                  'percentiles': probe.get('percentiles')}
   return out
 
 
@@ -219,6 +190,7 @@ def print_table(summary: dict) -> None:
 
 def main(argv):
   del argv
+  launch.exit_on_bad_flags('mnist_figure1', check_flags)
   root = _WORKDIR.value
   os.makedirs(root, exist_ok=True)
   t0 = time.time()

@@ -94,9 +94,8 @@ def train_network(root: str, network: str, lrs: Sequence[float], steps: int,
   sweep_dir = os.path.join(root, network)
   planned = sweep_lib.plan_sweep(spec, sweep_dir, grid, overrides, python=sys.executable)
   if vmap:
-    from bn_research import config as config_lib
     from bn_research import train
-    base = config_lib.load_config(spec, overrides)
+    base = sweep_lib.load_config(spec, overrides)
     train.check_sweepable(base, list(grid))
     sweep_lib.write_sweep_json(sweep_dir, spec, grid, overrides, planned)
     train.train_members(base, [(str(r.workdir), r.params) for r in planned])
@@ -128,15 +127,15 @@ def summarize_run(run_dir: str) -> dict:
 
 
 def summarize(root: str, lrs: Sequence[float]) -> dict:
+  from bn_research import rundir
   from bn_research import sweep as sweep_lib
   rows = []
   for lr in lrs:
     name = sweep_lib.run_name({LR_KEY: lr})
     rows.append({'lr': lr, **{net: summarize_run(os.path.join(root, net, name))
                               for net in NETWORKS}})
-  with open(os.path.join(root, 'bn', sweep_lib.run_name({LR_KEY: lrs[0]}),
-                         'data.json')) as f:
-    data = json.load(f)
+  data = rundir.read_description(
+      os.path.join(root, 'bn', sweep_lib.run_name({LR_KEY: lrs[0]}))) or {}
   out = {'rows': rows, 'chance_accuracy': 1.0 / NUM_CLASSES, 'at_chance_below': AT_CHANCE,
          'data': {k: data.get(k) for k in ('dataset', 'source', 'num_train', 'num_test',
                                            'is_full_mnist', 'warning')}}
@@ -240,18 +239,30 @@ def run(root: str, *, steps: int = 5000, source: str | None = None,
   return summary
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+def check_flags() -> list[float]:
+  """The learning rates; ValueError naming the first bad flag, before anything runs."""
+  from bn_research import launch
+  from bn_research import sweep as sweep_lib
   FLAGS = flags.FLAGS
   if not FLAGS.workdir:
-    raise app.UsageError('--workdir is required')
+    raise ValueError('--workdir is required.')
+  launch.check_positive_flag('steps', FLAGS.steps, 'training steps per run')
+  launch.check_positive_flag('eval_every', FLAGS.eval_every, 'steps between evaluations')
   try:
     lrs = [float(x) for x in FLAGS.lrs.split(',') if x.strip()]
   except ValueError:
-    raise app.UsageError(f'--lrs={FLAGS.lrs!r}: expected comma-separated numbers') from None
+    raise ValueError(f'--lrs={FLAGS.lrs!r}: expected comma-separated numbers.') from None
   if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
-    raise app.UsageError(f'--lrs={FLAGS.lrs!r}: learning rates must be finite and > 0')
+    raise ValueError(f'--lrs={FLAGS.lrs!r}: learning rates must be finite and > 0.')
+  sweep_lib.check_sweep({LR_KEY: lrs}, f'--lrs={FLAGS.lrs}')  # no rate listed twice
+  return lrs
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from bn_research import launch
+  lrs = launch.exit_on_bad_flags('mnist_lr_sweep', check_flags)
   logging.set_verbosity(logging.INFO)
   from bn_research import log_filter
   log_filter.quiet_library_logs()

@@ -189,9 +189,8 @@ def main(argv):
   import numpy as np
   # One thread for XLA too, so the comparison is per core; set before JAX starts.
   if _THREADS.value == 1 and 'jax' not in sys.modules:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               ' --xla_cpu_multi_thread_eigen=false'
-                               ' intra_op_parallelism_threads=1').strip()
+    from bn_research import launch
+    os.environ['XLA_FLAGS'] = launch.with_single_thread(os.environ.get('XLA_FLAGS', ''))
     # ... and on one core: left to the scheduler, the threads of a process migrate
     # between cores, which costs 20-35% on this project's 2-core machine.
     from bn_research import cpu_placement
@@ -227,7 +226,6 @@ def main(argv):
 def side_by_side(ours_alone: float, floor_alone: float) -> None:
   """The same JAX benchmarks in N processes at once; each one's figures."""
   import re
-  import subprocess
   n = _PROCESSES.value
   cmd = [sys.executable, '-m', 'scripts.bench_mnist', f'--steps={_STEPS.value}',
          f'--steps_per_dispatch={_DISPATCH.value}', f'--threads={_THREADS.value}',
@@ -235,20 +233,19 @@ def side_by_side(ours_alone: float, floor_alone: float) -> None:
          '--processes=1', '--notorch', '--nopin']
   if _OPTIONS.value is not None:
     cmd.append(f'--compiler_options={_OPTIONS.value}')
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  # Pinned one core (share) each, as the Figure 1 job pins its two networks. Set right
-  # after the start, before the child's interpreter starts threads (this process has
-  # JAX's threads, which makes a preexec_fn unsafe).
-  from bn_research import cpu_placement
-  shares = cpu_placement.core_shares(_ALL_CORES or cpu_placement.available_cores(), n)
-  procs = []
-  for i in range(n):
-    procs.append(subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True))
-    if shares:
-      os.sched_setaffinity(procs[-1].pid, shares[i])
-  outs = [p.communicate()[0] for p in procs]
+  # Pinned one core (share) each, as the Figure 1 job pins its two networks; the
+  # environment (single-threaded XLA when --threads=1) is this process's.
+  import tempfile
+  from bn_research import launch
+  with tempfile.TemporaryDirectory() as tmp:
+    jobs = [launch.Job(f'process {i}', cmd, log=os.path.join(tmp, f'{i}.log'))
+            for i in range(n)]
+    launch.run_jobs(jobs, parallel=n, pin_cores=True,
+                    cores=_ALL_CORES or None)
+    outs = []
+    for job in jobs:
+      with open(job.log, errors='replace') as f:
+        outs.append(f.read())
   print(f'\n{n} processes side by side (steps/s of each; alone: ours {ours_alone:.0f}, '
         f'matmuls {floor_alone:.0f}):')
   for i, out in enumerate(outs):

@@ -5,7 +5,8 @@ Usage:
       [--metric=eval_accuracy] [--target=VALUE] [--mode=auto|max|min]
 
 Each DIR is a run directory, or a sweep directory (with sweep.json) that
-stands for its started runs. Curves are labelled by the config keys that
+stands for its started runs; `SWEEP_DIR/*` works too (the sweep's own files
+are skipped). Curves are labelled by the config keys that
 differ between the runs (the directory name when none do). The table, as
 markdown on stdout and as CSV in FILE.csv, has per run: the best value and
 its step, the steps needed to reach the target (by default the first run's
@@ -164,8 +165,9 @@ def main(argv: Sequence[str]) -> None:
   try:
     _, _, table = compare(argv[1:], _OUT.value, _METRIC.value, _TARGET.value,
                           _MODE.value)
-  except ValueError as e:  # NotARunDirError included.
-    sys.exit(f'compare: error: {e}')
+  except ValueError as e:  # NotARunDirError and rundir's RunDirError included.
+    print(f'compare: error: {e}', file=sys.stderr)
+    sys.exit(2)
   print(table)
 
 

@@ -127,12 +127,11 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
       raise sweep_lib.SweepError('--vmap trains every point in this process; there '
                                  'are no per-run commands for --print_commands')
     # Imported here: the sequential path never loads JAX in this process.
-    from bn_research import config as config_lib
     from bn_research import log_filter
     from bn_research import train
     log_filter.quiet_library_logs()
     try:
-      base = config_lib.load_config(config, overrides)
+      base = sweep_lib.load_config(config, overrides)
       train.check_sweepable(base, list(grid))
     except ValueError as e:
       raise sweep_lib.SweepError(str(e)) from None

@@ -80,5 +80,5 @@ def run_module(module: str, args: list[str], *, env: dict | None = None,
 
 def flat(config) -> dict:
   """A ConfigDict as {'dotted.key': value}."""
-  from bn_research import run_files
-  return run_files.flatten(run_files.config_to_dict(config))
+  from bn_research import rundir
+  return rundir.flatten(rundir.config_to_dict(config))

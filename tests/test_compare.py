@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from bn_research import rundir
 from bn_research.analysis import curves
 from bn_research.analysis import runs as runs_lib
 from scripts import compare as compare_script
@@ -81,7 +82,7 @@ def _expected(evals, target):
 
 
 def test_read_metrics_drops_truncated_last_line(run_dirs):
-  records = runs_lib.read_metrics(run_dirs[2])
+  records = rundir.read_metrics(str(run_dirs[2]))
   assert len(records) == 2 * len(IN_PROGRESS)
   assert all(r['step'] <= 300 for r in records)
 
@@ -173,3 +174,39 @@ def test_cli_prints_markdown_and_names_bad_dir(run_dirs, tmp_path):
        f'--out={out}'], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert 'nope' in proc.stderr and 'not a run directory' in proc.stderr
+
+
+def test_a_glob_over_a_sweep_skips_its_own_files_and_names_strays(run_dirs, tmp_path):
+  sweep_json = tmp_path / 'sweep.json'
+  sweep_json.write_text(json.dumps({'runs': [{'name': 'base'}, {'name': 'live'}]}))
+  glob = sorted(tmp_path.iterdir())  # what the shell gives for DIR/*
+  assert sweep_json in glob
+  assert runs_lib.expand_run_dirs(glob) == sorted(run_dirs)
+  rows, _, _ = compare_script.compare([str(p) for p in glob], str(tmp_path / 'o.png'))
+  assert len(rows) == 3
+  stray, empty = tmp_path / 'notes.txt', tmp_path / 'empty'
+  stray.write_text('x')
+  empty.mkdir()
+  with pytest.raises(runs_lib.NotARunDirError) as error:
+    runs_lib.expand_run_dirs(sorted(tmp_path.iterdir()))
+  assert str(stray) in str(error.value) and str(empty) in str(error.value)
+  assert 'sweep.json' not in str(error.value)
+
+
+def test_corrupt_run_and_sweep_files_are_named_not_fatal(run_dirs, tmp_path):
+  # A metrics file with non-UTF-8 bytes: compare reads the good lines.
+  metrics = run_dirs[0] / 'metrics.jsonl'
+  metrics.write_bytes(metrics.read_bytes() + b'\xff\xfe\n' + json.dumps(
+      {'step': 600, 'eval_accuracy': 0.99}).encode() + b'\n')
+  (run_dirs[1] / 'status.json').write_text('{"stat')
+  rows, _, _ = compare_script.compare([str(d) for d in run_dirs], str(tmp_path / 'a.png'))
+  assert rows[0].best_value == 0.99 and rows[1].status == 'unknown'
+  # A corrupt sweep.json: one line naming the file and the fix, exit code 2.
+  (tmp_path / 'sweep.json').write_bytes(b'{"runs": [')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'scripts.compare', str(tmp_path), f'--out={tmp_path}/b.png'],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and str(tmp_path / 'sweep.json') in lines[0], proc.stderr
+  assert 're-run the sweep command' in lines[0]

@@ -61,6 +61,8 @@ def test_parse_sweep_arg_splits_outside_brackets():
     ('optimizer.learning_rate=0.1,,0.01', 'value #2'),
     ('optimizer..learning_rate=0.1', "'optimizer..learning_rate'"),
     ('optimizer.learning_rate=0.1,1e-1', 'listed twice'),
+    ('optimizer.learning_rate=1,1.0', 'listed twice (equal to 1)'),
+    ('seed=2,2e0', 'listed twice'),
     ('model.hidden=(1,2', "unclosed '('"),
 ])
 def test_bad_sweep_syntax_names_the_argument(arg, fragment):
@@ -89,6 +91,11 @@ def test_run_names_are_readable_stable_and_safe():
   assert sweep_lib.run_name({'optimizer.learning_rate': values[0]}) == (
       'optimizer.learning_rate=0.1')
   assert sweep_lib.run_name({'use_bn': True}) == 'use_bn=true'
+  # Numbers compared as numbers: 1 and 1.0 are one setting, so one directory.
+  assert (sweep_lib.run_name({'optimizer.learning_rate': 1}) ==
+          sweep_lib.run_name({'optimizer.learning_rate': 1.0}) ==
+          'optimizer.learning_rate=1')
+  assert sweep_lib.run_name({'x': 1e20}) == 'x=1e+20'  # no 21-digit integers
   odd = [{'x': 'a/b'}, {'x': 'a b'}, {'x': (1, 2)}, {'x': 'a,b=c'}]
   names = [sweep_lib.run_name(p) for p in odd]
   assert len(set(names)) == len(names)

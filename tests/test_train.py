@@ -124,12 +124,12 @@ def test_training_learns_and_bn_has_batch_stats(tmp_path):
   result = _train(config, tmp_path / 'bn')
   assert result['status'] == 'done'
   assert result['eval_accuracy'] > 0.5  # 10 classes: chance is 0.1
-  from bn_research import checkpoint
-  state = checkpoint.load_latest(str(tmp_path / 'bn'))
+  from bn_research import rundir
+  state = rundir.load_latest(str(tmp_path / 'bn'))
   assert 'bn_0' in state['batch_stats'] and 'bias' not in state['params']['dense_0']
   config = helpers.tiny_mlp_config(**{'model.normalizer': 'none', 'num_train_steps': 20})
   _train(config, tmp_path / 'none')
-  state = checkpoint.load_latest(str(tmp_path / 'none'))
+  state = rundir.load_latest(str(tmp_path / 'none'))
   assert not state['batch_stats'] and 'bias' in state['params']['dense_0']
 
 
@@ -154,9 +154,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resumed from the checkpoint at step 80' in resumed.stderr
 
-  from bn_research import checkpoint
-  a = checkpoint.load_latest(str(tmp_path / 'whole'))
-  b = checkpoint.load_latest(str(tmp_path / 'resumed'))
+  from bn_research import rundir
+  a = rundir.load_latest(str(tmp_path / 'whole'))
+  b = rundir.load_latest(str(tmp_path / 'resumed'))
   import jax
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(x, y)  # bitwise on CPU
@@ -182,9 +182,9 @@ def test_divergence_is_recorded_not_raised(tmp_path):
   status = helpers.read_json(tmp_path / 'run' / 'status.json')
   assert status['status'] == 'diverged'
   assert 1 <= status['diverged_step'] <= 60
-  from bn_research import checkpoint
+  from bn_research import rundir
   import jax
-  kept = checkpoint.load_latest(str(tmp_path / 'run'))
+  kept = rundir.load_latest(str(tmp_path / 'run'))
   assert kept is not None  # the last finite state
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(kept['params']))
 
@@ -202,9 +202,9 @@ def test_a_loss_above_max_loss_is_divergence_and_zero_disables_the_test(tmp_path
   rows = helpers.read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
   assert rows[-1]['step'] == status['step'] and rows[-1]['train_loss'] > 100
   assert all(r['train_loss'] <= 100 for r in rows[1:-1] if 'train_loss' in r)
-  from bn_research import checkpoint
+  from bn_research import rundir
   import jax
-  kept = checkpoint.load_latest(str(tmp_path / 'run'))
+  kept = rundir.load_latest(str(tmp_path / 'run'))
   assert int(kept['step']) < status['step']  # the last checkpoint before it is kept
   config.divergence.max_loss = 0.0
   assert _train(config, tmp_path / 'off')['status'] == 'done'
@@ -268,7 +268,7 @@ MULTI_DEVICE = textwrap.dedent('''
     import jax, numpy as np
     sys.path.insert(0, '.')
     from tests import helpers
-    from bn_research import train, checkpoint
+    from bn_research import train, rundir
     assert jax.device_count() == 8, jax.devices()
     root = sys.argv[1] if len(sys.argv) > 1 else {root!r}
 
@@ -277,7 +277,7 @@ MULTI_DEVICE = textwrap.dedent('''
                                     log_every_steps=5, checkpoint_every_steps=10,
                                     steps_per_dispatch=5, batch_size=32, **kw)
         train.train_and_evaluate(c, root + '/' + name)
-        state = checkpoint.load_latest(root + '/' + name)
+        state = rundir.load_latest(root + '/' + name)
         rows = helpers.read_jsonl(root + '/' + name + '/metrics.jsonl')
         return state, np.array([r['train_loss'] for r in rows if 'train_loss' in r])
 
@@ -351,8 +351,8 @@ def test_event_writer_import_leaves_torch_importable(tmp_path):
   the hiding must not outlive the import."""
   code = textwrap.dedent('''
       import sys
-      from bn_research import run_files
-      writer = run_files._summary_writer_class()
+      from bn_research import rundir
+      writer = rundir._summary_writer_class()
       assert 'torch' not in sys.modules, 'torch was imported or its blocker left behind'
       import importlib.util
       print('torch installed' if importlib.util.find_spec('torch') else 'no torch')

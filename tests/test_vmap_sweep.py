@@ -58,9 +58,9 @@ def separate_runs(tmp_path_factory):
 
 def _assert_same_run(vmapped_dir, separate_dir):
   """Same params, batch stats, metric rows (steps and values) and final status."""
-  from bn_research import checkpoint
-  a = checkpoint.load_latest(str(vmapped_dir))
-  b = checkpoint.load_latest(str(separate_dir))
+  from bn_research import rundir
+  a = rundir.load_latest(str(vmapped_dir))
+  b = rundir.load_latest(str(separate_dir))
   assert int(a['step']) == int(b['step'])
   for part in ('params', 'batch_stats', 'opt_state'):
     flat_a = jax.tree_util.tree_leaves_with_path(a[part])
@@ -103,8 +103,8 @@ def test_learning_rate_sweep_equals_separate_runs_and_a_diverging_member_stops(
   assert [r['step'] for r in rows] == [0, status['diverged_step']]
   assert rows[-1]['train_loss'] == 'nan'
   assert helpers.read_json(bad / 'config.json')['optimizer']['learning_rate'] == DIVERGING_LR
-  from bn_research import checkpoint
-  final = checkpoint.load_latest(str(bad))  # the step-0 state: finite
+  from bn_research import rundir
+  final = rundir.load_latest(str(bad))  # the step-0 state: finite
   assert int(final['step']) == 0
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(final['params']))
 

@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any, Mapping, Sequence
 
-from bn_research import run_files
+from bn_research import rundir
 from bn_research.analysis import runs as runs_lib
 
 
@@ -67,7 +67,7 @@ def final_value(values: Sequence[float]) -> float | None:
 
 
 # One definition of a config's flat keys for the engine and the analysis tools.
-flatten = run_files.flatten
+flatten = rundir.flatten
 
 
 _MISSING = object()

@@ -1,28 +1,22 @@
-"""Reading training run directories written by `bn_research.main`.
+"""Collections of training runs for analysis: runs, sweeps, metric curves.
 
-A run directory holds `config.json`, `metrics.jsonl` and `status.json`. Any of
-them may be missing or half written while the run is starting or still going,
-so every reader here tolerates that: a truncated last metrics line is dropped,
-an unreadable status file reads as unknown. Only a path that cannot be a run
-at all is an error, and that error names the path.
+The files themselves are read through `bn_research.rundir`, their one owner. Any of
+them may be missing or half written while a run is starting or still going, so a
+`Run` tolerates that: a cut-off or unreadable metrics line is skipped (rundir warns,
+naming the file and line), a corrupt config or status file reads as unknown with a
+warning that names the file and the fix. Only a path that cannot be a run at all is
+an error, and that error names the path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import pathlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
-CONFIG_FILE = 'config.json'
-METRICS_FILE = 'metrics.jsonl'
-STATUS_FILE = 'status.json'
-SWEEP_FILE = 'sweep.json'
-
-# Statuses after which a run will not change any more when relaunched.
-FINISHED_STATUSES = ('done', 'diverged')
+from bn_research import rundir
 
 
 class NotARunDirError(ValueError):
@@ -51,84 +45,14 @@ class Run:
     return self.path.name
 
 
-def is_run_dir(path: str | pathlib.Path) -> bool:
-  """Returns whether `path` is a directory holding any run file."""
-  path = pathlib.Path(path)
-  return path.is_dir() and any(
-      (path / f).is_file() for f in (CONFIG_FILE, METRICS_FILE, STATUS_FILE))
-
-
-def is_sweep_dir(path: str | pathlib.Path) -> bool:
-  """Returns whether `path` is a directory written by `scripts.sweep`."""
-  return (pathlib.Path(path) / SWEEP_FILE).is_file()
-
-
-def _read_json_file(path: pathlib.Path) -> Any | None:
-  """Returns the parsed JSON file, or None if missing or not valid (yet)."""
+def _tolerant(reader: Callable[[str], Optional[dict]], run_dir: pathlib.Path
+              ) -> Optional[dict]:
+  """A rundir reader's result, or None with a warning if the file is corrupt."""
   try:
-    return json.loads(path.read_text())
-  except FileNotFoundError:
+    return reader(str(run_dir))
+  except rundir.RunDirError as e:
+    logging.warning('%s', e)
     return None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    # The engine may be rewriting the file at this very moment.
-    logging.warning('Could not parse %s (%s); ignoring it.', path, e)
-    return None
-
-
-def read_status(run_dir: str | pathlib.Path) -> dict[str, Any] | None:
-  """Reads `status.json` of a run.
-
-  Args:
-    run_dir: The run directory.
-
-  Returns:
-    The status dict, or None if the file is missing or unreadable.
-  """
-  status = _read_json_file(pathlib.Path(run_dir) / STATUS_FILE)
-  return status if isinstance(status, dict) else None
-
-
-def read_config(run_dir: str | pathlib.Path) -> dict[str, Any]:
-  """Reads `config.json` of a run, {} if it is missing or unreadable."""
-  config = _read_json_file(pathlib.Path(run_dir) / CONFIG_FILE)
-  return config if isinstance(config, dict) else {}
-
-
-def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
-  """Reads `metrics.jsonl` of a run, skipping lines that do not parse.
-
-  The last line of a run in progress may be cut off mid-write; it is dropped
-  quietly. A bad line elsewhere is dropped with a warning rather than failing
-  the whole comparison, since the other lines are still good data.
-
-  Args:
-    run_dir: The run directory.
-
-  Returns:
-    One dict per parsed line that has an integer `step`, in file order.
-  """
-  path = pathlib.Path(run_dir) / METRICS_FILE
-  try:
-    text = path.read_text()
-  except FileNotFoundError:
-    return []
-  lines = text.split('\n')
-  records = []
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      # The final chunk (no newline after it yet) is an unfinished write.
-      if i != len(lines) - 1:
-        logging.warning('Skipping unparsable line %d of %s.', i + 1, path)
-      continue
-    if not isinstance(record, dict) or not _is_int(record.get('step')):
-      logging.warning('Skipping line %d of %s: no integer step.', i + 1, path)
-      continue
-    records.append(record)
-  return records
 
 
 # The engine writes non-finite floats as these strings to keep the file
@@ -155,10 +79,6 @@ def as_number(value: Any) -> float | None:
   return None
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
 def load_run(run_dir: str | pathlib.Path) -> Run:
   """Loads one run directory.
 
@@ -172,13 +92,14 @@ def load_run(run_dir: str | pathlib.Path) -> Run:
     NotARunDirError: If `run_dir` has none of the run files.
   """
   path = pathlib.Path(run_dir)
-  if not is_run_dir(path):
+  if not rundir.is_run_dir(str(path)):
     raise NotARunDirError(
         f'{str(run_dir)!r} is not a run directory: expected a directory with '
-        f'{CONFIG_FILE}, {METRICS_FILE} or {STATUS_FILE}'
+        f'{rundir.CONFIG_FILE}, {rundir.METRICS_FILE} or {rundir.STATUS_FILE}'
         + ('' if path.is_dir() else ' (it does not exist or is not a directory)'))
-  return Run(path=path, config=read_config(path), metrics=read_metrics(path),
-             status=read_status(path))
+  return Run(path=path, config=_tolerant(rundir.read_config, path) or {},
+             metrics=rundir.read_metrics(str(path)),
+             status=_tolerant(rundir.read_status, path))
 
 
 def sweep_run_dirs(sweep_dir: str | pathlib.Path) -> list[pathlib.Path]:
@@ -192,24 +113,36 @@ def sweep_run_dirs(sweep_dir: str | pathlib.Path) -> list[pathlib.Path]:
     not started yet (no run files) are left out.
 
   Raises:
-    NotARunDirError: If `sweep.json` is unreadable.
+    RunDirError: If `sweep.json` is corrupt (naming it and the fix).
   """
   sweep_dir = pathlib.Path(sweep_dir)
-  sweep = _read_json_file(sweep_dir / SWEEP_FILE)
-  if not isinstance(sweep, dict) or not isinstance(sweep.get('runs'), list):
-    raise NotARunDirError(f'{str(sweep_dir)!r} has an unreadable {SWEEP_FILE}')
+  sweep = rundir.read_sweep(str(sweep_dir)) or {'runs': []}
   dirs = []
   for entry in sweep['runs']:
-    run_dir = sweep_dir / entry['name']
-    if is_run_dir(run_dir):
+    name = entry.get('name') if isinstance(entry, dict) else None
+    if not isinstance(name, str):
+      raise rundir.RunDirError(
+          f'{sweep_dir / rundir.SWEEP_FILE}: run entry {entry!r} has no name; delete the '
+          'file and re-run the sweep command, which writes it again.')
+    run_dir = sweep_dir / name
+    if rundir.is_run_dir(str(run_dir)):
       dirs.append(run_dir)
     else:
       logging.info('Sweep run %s has not started yet; leaving it out.', run_dir)
   return dirs
 
 
+def is_sweep_own_file(path: str | pathlib.Path) -> bool:
+  """Whether `path` is one of a sweep's own files (sweep.json), not a run."""
+  path = pathlib.Path(path)
+  return (path.name in rundir.SWEEP_OWN_FILES and not path.is_dir()
+          and rundir.is_sweep_dir(str(path.parent)))
+
+
 def expand_run_dirs(paths: Iterable[str | pathlib.Path]) -> list[pathlib.Path]:
   """Turns run and sweep directories into a flat list of run directories.
+
+  A shell glob over a sweep (`DIR/*`) works: the sweep's own files are skipped.
 
   Args:
     paths: Run directories and/or sweep directories (holding `sweep.json`).
@@ -218,20 +151,28 @@ def expand_run_dirs(paths: Iterable[str | pathlib.Path]) -> list[pathlib.Path]:
     Run directories in the order given, each sweep expanded in grid order.
 
   Raises:
-    NotARunDirError: Naming the first path that is neither kind, or a sweep
-      none of whose runs has started.
+    NotARunDirError: Naming every path that is neither kind, or a sweep none
+      of whose runs has started.
+    RunDirError: A sweep's sweep.json is corrupt.
   """
-  out = []
+  out, bad = [], []
   for p in paths:
-    if is_sweep_dir(p):
+    if rundir.is_sweep_dir(str(p)):
       runs = sweep_run_dirs(p)
       if not runs:
         raise NotARunDirError(f'sweep directory {str(p)!r} has no started runs')
       out.extend(runs)
-    elif is_run_dir(p):
+    elif rundir.is_run_dir(str(p)):
       out.append(pathlib.Path(p))
+    elif is_sweep_own_file(p):
+      logging.info('Skipping %s: a file of the sweep, not a run.', p)
     else:
-      load_run(p)  # Raises the error naming `p`.
+      bad.append(p)
+  if len(bad) == 1:
+    load_run(bad[0])  # Raises the error naming it.
+  if bad:
+    raise NotARunDirError(
+        f'not run or sweep directories: {", ".join(repr(str(p)) for p in bad)}')
   return out
 
 

@@ -21,11 +21,11 @@ import numpy as np
 
 from bn_research import config as config_lib
 from bn_research import inputs as inputs_lib
-from bn_research import checkpoint as checkpoint_lib
-from bn_research import run_files
+from bn_research import rundir
 from bn_research.engine import loop
 from bn_research.engine import programs
 from bn_research.engine import state as state_lib
+from bn_research.engine import steps
 
 
 class SweepError(ValueError):
@@ -75,9 +75,8 @@ class RunDirSink:
 
   def __init__(self, workdir: str, *, is_writer: bool):
     self.name = workdir
-    self.files = run_files.RunFiles(workdir, is_writer=is_writer)
-    self.checkpointer = checkpoint_lib.Checkpointer(workdir)
-    self._saved: list[int] = []
+    self.files = rundir.RunFiles(workdir, is_writer=is_writer)
+    self.checkpointer = rundir.Checkpointer(workdir)
 
   def write_metrics(self, step: int, row: dict) -> None:
     self.files.write_metrics(step, row)
@@ -86,13 +85,10 @@ class RunDirSink:
     if self.checkpointer.latest_step() == step:
       return  # (a resumed run's final step, or step 0 of a re-started member)
     self.checkpointer.save(step, state)
-    self._saved.append(step)
 
   def mark_running(self) -> None:
-    # The status names the newest checkpoint that is certainly complete: the one
-    # before the save still being written asynchronously.
-    complete = self._saved[-2] if len(self._saved) > 1 else self._resumed_from
-    self.files.write_status('running', complete)
+    # Never a checkpoint still being written asynchronously.
+    self.files.write_status('running', self.checkpointer.latest_complete_step() or 0)
 
   def finish(self, status: str, step: int, **extra: Any) -> None:
     self.checkpointer.wait()
@@ -103,8 +99,6 @@ class RunDirSink:
 
   def wait(self) -> None:
     self.checkpointer.wait()
-
-  _resumed_from = 0
 
 
 class _Member:
@@ -122,10 +116,9 @@ def _prepare(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[st
   todo, done = [], {}
   for i, (c, w) in enumerate(zip(configs, workdirs)):
     config_lib.validate_config(c, num_devices=num_devices)
-    config_lib.check_workdir_parent(w)
-    mode = run_files.check_workdir(w, c, overwrite)
+    mode = rundir.check_workdir(w, c, overwrite)
     if mode == 'done':
-      done[i] = run_files.read_status(w)
+      done[i] = rundir.read_status(w)
       logging.info('%s already holds a finished run (%s); nothing to do.', w,
                    done[i].get('status'))
     else:
@@ -197,19 +190,41 @@ def _devices(config: ml_collections.ConfigDict) -> list:
   return jax.devices()
 
 
-def _latest_checkpoint(workdir: str) -> int:
-  checkpointer = checkpoint_lib.Checkpointer(workdir)
-  step = checkpointer.latest_step()
-  checkpointer.close()
-  return step or 0
-
-
 def _has_accelerator() -> bool:
   return any(p in os.environ.get('JAX_PLATFORMS', '') for p in ('gpu', 'cuda', 'tpu'))
 
 
-def _train(members: list[_Member], keys: Sequence[str], *, overwrite: bool,
-           vmapped: bool, devices: list, start_step: int,
+def _restore(members: list[_Member], keys: Sequence[str], data: inputs_lib.RunData
+             ) -> dict[int, list]:
+  """Restores every resuming member from its newest restorable checkpoint.
+
+  A checkpoint that cannot be restored is named in one warning line and an earlier one
+  is tried (`rundir.Checkpointer.restore_latest_good`); a member with none starts at 0.
+
+  Returns:
+    {start step: [(member, restored host state or None)]}, members in order.
+  """
+  builder = steps.Builder(members[0].config, data.num_classes)
+  init = steps.make_init(builder)
+  groups: dict[int, list] = {}
+  for m in members:
+    restored, step = None, 0
+    if m.mode == 'resume':
+      hparams = {k: state_lib.member_value(m.config, k) for k in keys}
+      like = jax.eval_shape(init, hparams, np.asarray(data.sample_image))
+      checkpointer = rundir.Checkpointer(m.workdir)
+      restored, found = checkpointer.restore_latest_good(like)
+      checkpointer.close()
+      if restored is not None:
+        restored, step = jax.device_get(restored), found
+      else:
+        logging.warning('%s: no checkpoint can be restored; starting at step 0.', m.workdir)
+    groups.setdefault(step, []).append((m, restored))
+  return groups
+
+
+def _train(members: list[_Member], restored: list, keys: Sequence[str], *,
+           overwrite: bool, vmapped: bool, devices: list, start_step: int,
            data: inputs_lib.RunData) -> list[dict]:
   """Trains `members` (all starting at `start_step`) as one program, through the loop."""
   config = members[0].config
@@ -236,23 +251,21 @@ def _train(members: list[_Member], keys: Sequence[str], *, overwrite: bool,
 
   for m in members:
     if m.mode == 'new' and overwrite and process_index == 0:
-      moved = run_files.move_aside(m.workdir)
+      moved = rundir.move_aside(m.workdir)
       if moved:
         logging.warning('--overwrite: the previous run in %s was moved to %s',
                         m.workdir, moved)
-  sinks = [RunDirSink(m.workdir, is_writer=process_index == 0) for m in members]
-  state = program.init()
   if start_step:
-    template = program.split(state)
-    restored = [s.checkpointer.restore(t, step=start_step) for s, t in zip(sinks, template)]
-    state = program.place([jax.device_get(r) for r in restored])
+    state = program.place(restored)
     logging.info('Resumed from the checkpoint at step %d.', start_step)
-  for s in sinks:
-    s._resumed_from = start_step  # pylint: disable=protected-access
+  else:
+    state = program.init()
+  sinks = [RunDirSink(m.workdir, is_writer=process_index == 0) for m in members]
   num_params = state_lib.count_params(program.split(state)[0].params)
   platform = devices[0].platform
   for m, s in zip(members, sinks):
-    s.files.truncate_metrics(start_step)
+    # Rows past the resumed step are dropped (a killed run may have logged beyond it).
+    s.files.truncate_metrics(start_step if start_step else -1)
     s.files.write_config(m.config)
     s.files.write_description({
         **data.description, 'num_params': num_params, 'model': config.model.name,
@@ -282,11 +295,22 @@ def _train(members: list[_Member], keys: Sequence[str], *, overwrite: bool,
                     stop_requested=stop_requested)
 
 
+@contextlib.contextmanager
+def _locked(workdirs: Sequence[str]) -> Iterator[None]:
+  """Holds every member's workdir lock (process 0 only) for the run's life."""
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:
+      for w in workdirs:
+        stack.enter_context(rundir.WorkdirLock(w))
+    yield
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        overwrite: bool = False) -> dict:
   """Trains and evaluates as the config says, writing everything into `workdir`.
 
-  Re-running resumes from the latest checkpoint; a finished run is left alone.
+  Re-running resumes from the newest restorable checkpoint; a finished run is left
+  alone. The workdir is locked for the run's life: a second run on it is refused.
 
   Returns:
     The final status dict (as written to status.json) plus the last metrics.
@@ -295,29 +319,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ValueError: a bad config or workdir, before anything is compiled or written.
     loop.Interrupted: SIGTERM/SIGINT; the state was saved, status 'interrupted'.
   """
-  config_lib.validate_config(config)
-  todo, done = _prepare([config], [workdir], overwrite, None)
-  if done:
-    return done[0]
-  devices = _devices(config)
-  config_lib.validate_config(config, num_devices=len(devices))
-  config_lib.check_compiler_options(
-      config_lib.parse_compiler_options(config.compiler_options))
-  data = inputs_lib.load_run_data(config)
-  (_, member), = todo
-  start = _latest_checkpoint(workdir) if member.mode == 'resume' else 0
-  (result,) = _train([member], [], overwrite=overwrite, vmapped=False, devices=devices,
-                     start_step=start, data=data)
-  return result
+  return train_members(config, [(workdir, {})], overwrite=overwrite, _plain=True)[0]
 
 
 def train_members(base: ml_collections.ConfigDict,
                   points: Sequence[tuple[str, Mapping[str, Any]]], *,
-                  overwrite: bool = False) -> list[dict]:
+                  overwrite: bool = False, _plain: bool = False) -> list[dict]:
   """Trains every (workdir, {swept key: value}) of a sweep as vmapped members.
 
   Members that resume from different steps train as separate programs (one per
-  start step); finished members are skipped.
+  start step); finished members are skipped. Each member's workdir is locked.
 
   Returns:
     Per member, in order: what `train_and_evaluate` returns for it.
@@ -327,28 +338,30 @@ def train_members(base: ml_collections.ConfigDict,
       compiled or written.
   """
   keys = sorted({k for _, point in points for k in point})
-  check_sweepable(base, keys)
+  if not _plain:
+    check_sweepable(base, keys)
   configs = [member_config(base, p) for _, p in points]
   workdirs = [str(w) for w, _ in points]
   config_lib.validate_config(base)
-  todo, done = _prepare(configs, workdirs, overwrite, None)
-  results: list = [done.get(i) for i in range(len(points))]
-  if not todo:
+  for c in configs:
+    config_lib.validate_config(c)
+  with _locked(workdirs):
+    todo, done = _prepare(configs, workdirs, overwrite, None)
+    results: list = [done.get(i) for i in range(len(points))]
+    if not todo:
+      return results
+    devices = _devices(base)
+    data_axis = (len(devices) if _plain
+                 else programs.mesh_shape(len(todo), len(devices))['data'])
+    for _, m in todo:
+      config_lib.validate_config(m.config, num_devices=data_axis)
+    config_lib.check_compiler_options(
+        config_lib.parse_compiler_options(base.compiler_options))
+    data = inputs_lib.load_run_data(todo[0][1].config)
+    index = {id(m): i for i, m in todo}
+    for start, group in sorted(_restore([m for _, m in todo], keys, data).items()):
+      out = _train([m for m, _ in group], [r for _, r in group], keys, overwrite=overwrite,
+                   vmapped=not _plain, devices=devices, start_step=start, data=data)
+      for (m, _), r in zip(group, out):
+        results[index[id(m)]] = r
     return results
-  devices = _devices(base)
-  for _, m in todo:
-    config_lib.validate_config(m.config, num_devices=programs.mesh_shape(
-        len(todo), len(devices))['data'])
-  config_lib.check_compiler_options(
-      config_lib.parse_compiler_options(base.compiler_options))
-  data = inputs_lib.load_run_data(todo[0][1].config)
-  groups: dict[int, list] = {}
-  for i, m in todo:
-    start = _latest_checkpoint(m.workdir) if m.mode == 'resume' else 0
-    groups.setdefault(start, []).append((i, m))
-  for start, group in sorted(groups.items()):
-    out = _train([m for _, m in group], keys, overwrite=overwrite, vmapped=True,
-                 devices=devices, start_step=start, data=data)
-    for (i, _), r in zip(group, out):
-      results[i] = r
-  return results

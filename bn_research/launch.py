@@ -1,0 +1,182 @@
+"""Launching training processes: one at a time, N side by side, or pinned to CPU cores.
+
+Every job that starts subprocesses (a sweep, the Figure 1 job, the Inception ablation,
+the side-by-side benchmark) starts them here, so that what a child gets (its
+environment, its cores, where its output goes) is decided in one place.
+
+    results = launch.run_jobs([launch.Job('bn', cmd_bn, log='DIR/bn.log'), ...],
+                              parallel=2, pin_cores=True, single_thread=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from absl import logging
+
+from bn_research import cpu_placement
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One compute thread per XLA process: for small models run side by side, one thread
+# each beats processes sharing threads (set before the child's JAX starts).
+SINGLE_THREAD_XLA_FLAGS = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+
+
+def with_single_thread(xla_flags: str) -> str:
+  """`xla_flags` with the single-thread options added (once)."""
+  if SINGLE_THREAD_XLA_FLAGS in xla_flags:
+    return xla_flags
+  return f'{xla_flags} {SINGLE_THREAD_XLA_FLAGS}'.strip()
+
+
+def child_env(*, single_thread: bool = False,
+              base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+  """The environment a launched run gets.
+
+  Args:
+    single_thread: add the single-thread XLA options (for processes sharing a CPU).
+    base: the environment to start from; default this process's.
+
+  Returns:
+    `base` with this repository first on PYTHONPATH (so `python -m bn_research.main`
+    works from any directory) and, if asked, XLA limited to one thread.
+  """
+  env = dict(os.environ if base is None else base)
+  env['PYTHONPATH'] = REPO + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
+  if single_thread:
+    env['XLA_FLAGS'] = with_single_thread(env.get('XLA_FLAGS', ''))
+  return env
+
+
+def check_positive_flag(flag: str, value: object, meaning: str = '', *,
+                        optional: bool = True) -> None:
+  """ValueError naming `--flag=value` unless it is an integer > 0 (or None: not given,
+  if optional). A job's own flags are checked before anything starts: 0 is never a
+  silent default."""
+  if value is None and optional:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f'--{flag}={value!r} must be a positive integer'
+                     + (f' ({meaning})' if meaning else '') + '.')
+
+
+def exit_on_bad_flags(program: str, check: Callable[[], Any]) -> Any:
+  """Runs a job's flag check; a ValueError is one line on stderr and exit code 2, as
+  `bn_research.main` does for a bad config."""
+  try:
+    return check()
+  except ValueError as e:
+    print(f'{program}: error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def check_parallel(value: object, flag: str = 'parallel') -> int:
+  """The number of processes to run at once; ValueError unless a positive integer."""
+  check_positive_flag(flag, value, 'processes run at once; 1: one after another',
+                      optional=False)
+  return value
+
+
+@dataclasses.dataclass
+class Job:
+  """One process to launch.
+
+  Attributes:
+    name: names it in logs and results.
+    command: argv.
+    log: file that receives its stdout and stderr (appended); None: this process's.
+  """
+
+  name: str
+  command: Sequence[str]
+  log: Optional[str] = None
+
+
+@dataclasses.dataclass
+class JobResult:
+  """How a job ended: its name, exit code and cores (None: not pinned)."""
+
+  name: str
+  returncode: int
+  cores: Optional[set[int]] = None
+
+
+def run_command(command: Sequence[str]) -> int:
+  """Runs one command in the foreground with `child_env()`; returns its exit code."""
+  return run_jobs([Job('run', command)])[0].returncode
+
+
+def run_jobs(jobs: Sequence[Job], *, parallel: int = 1, pin_cores: bool = False,
+             single_thread: bool = False, cores: Optional[Sequence[int]] = None,
+             cwd: Optional[str] = None,
+             on_finish: Optional[Callable[[JobResult, int], None]] = None,
+             poll_seconds: float = 0.05) -> list[JobResult]:
+  """Runs jobs, `parallel` at a time, in order; a failing job does not stop the others.
+
+  Args:
+    jobs: what to run.
+    parallel: processes at once (1: one after another).
+    pin_cores: give each of the `parallel` slots its own equal share of `cores`
+      (Linux; see cpu_placement for why). Not pinned when there are fewer cores than
+      slots, or where affinity is not supported.
+    single_thread: limit each child's XLA to one thread (see SINGLE_THREAD_XLA_FLAGS).
+    cores: the cores to share out; default the cores this process may use.
+    cwd: the children's working directory; default this process's (relative paths in
+      the commands mean what the user meant). The repository is on their PYTHONPATH.
+    on_finish: called as on_finish(result, still_running) when a job ends.
+    poll_seconds: how often running jobs are checked.
+
+  Returns:
+    One result per job, in the order of `jobs`.
+
+  Raises:
+    ValueError: `parallel` is not a positive integer (before anything starts).
+  """
+  check_parallel(parallel)
+  slots = min(parallel, len(jobs)) or 1
+  shares = None
+  if pin_cores and hasattr(os, 'sched_setaffinity'):
+    shares = cpu_placement.core_shares(
+        list(cores) if cores is not None else cpu_placement.available_cores(), slots)
+  env = child_env(single_thread=single_thread)
+  free_slots = list(range(slots))
+  pending = list(enumerate(jobs))
+  running: list[tuple[int, int, subprocess.Popen, object]] = []
+  results: dict[int, JobResult] = {}
+  while pending or running:
+    while pending and free_slots:
+      index, job = pending.pop(0)
+      slot = free_slots.pop(0)
+      log = open(job.log, 'a') if job.log else None  # pylint: disable=consider-using-with
+      logging.info('launching %s: %s', job.name, ' '.join(map(str, job.command)))
+      proc = subprocess.Popen(list(job.command), cwd=cwd, env=env, stdout=log,
+                              stderr=subprocess.STDOUT if log else None)
+      if shares:
+        # Set right after the start, before the child's interpreter starts threads
+        # (threads inherit it); a preexec_fn is unsafe in a parent running threads.
+        os.sched_setaffinity(proc.pid, shares[slot])
+        logging.info('%s runs on CPU core(s) %s', job.name, sorted(shares[slot]))
+      running.append((index, slot, proc, log))
+    time.sleep(poll_seconds if running else 0)
+    for item in list(running):
+      index, slot, proc, log = item
+      if proc.poll() is None:
+        continue
+      running.remove(item)
+      free_slots.append(slot)
+      if log is not None:
+        log.close()
+      result = JobResult(jobs[index].name, proc.returncode,
+                         set(shares[slot]) if shares else None)
+      results[index] = result
+      if proc.returncode:
+        logging.warning('%s exited with code %d.', result.name, proc.returncode)
+      if on_finish is not None:
+        on_finish(result, len(running))
+  return [results[i] for i in range(len(jobs))]
