@@ -189,6 +189,7 @@ def download(name: str, directory: str, download_url: str, timeout: float) -> st
     ValueError: one line naming the file, for a network failure, a size or
       checksum mismatch, or an unusable cache directory.
   """
+  created = not os.path.isdir(directory)
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as e:
@@ -201,8 +202,13 @@ def download(name: str, directory: str, download_url: str, timeout: float) -> st
                        'to a writable directory.')
     return directory
   base = mirror_url(name, download_url)
-  for filename in verify_cached(name, directory):
-    size, sha256 = PUBLISHED[name][filename]
-    _fetch(urllib.parse.urljoin(base, filename), os.path.join(directory, filename),
-           size, sha256, timeout)
+  try:
+    for filename in verify_cached(name, directory):
+      size, sha256 = PUBLISHED[name][filename]
+      _fetch(urllib.parse.urljoin(base, filename), os.path.join(directory, filename),
+             size, sha256, timeout)
+  except ValueError:
+    if created and not os.listdir(directory):
+      os.rmdir(directory)  # an offline attempt leaves no empty cache behind
+    raise
   return directory
