@@ -8,8 +8,7 @@ tests/test_validation.py feeds every key the values its spec says are bad
 (`Spec.bad_values`), so a key added with a spec is tested without writing a test.
 
 Every error is one line: the key, the value given and what is allowed.
-Deliberately light (no JAX, no NumPy at import) so that data and config modules can
-share it.
+Light (no JAX, no NumPy) so that the config and data modules can share it.
 """
 
 from __future__ import annotations
@@ -218,26 +217,22 @@ class Range(Spec):
     return bad
 
 
-def check_keys(values: Mapping[str, Any], specs: Mapping[str, Spec]) -> None:
-  """Checks each `values[key]` that has a spec; keys without one are the owner's job.
+def check_keys(tree: Any, specs: Mapping[str, Spec], prefix: str = '') -> None:
+  """Checks each value of `tree` whose dotted key has a spec; the rest is the owner's job.
 
   Args:
-    values: flat {dotted key: value}, e.g. from `flatten`.
+    tree: a ConfigDict or nested dict (e.g. the `data` block, with prefix 'data.').
     specs: {dotted key: Spec}.
+    prefix: the dotted path of `tree` inside the whole config.
   """
-  for key, value in values.items():
+  for key, value in flat_keys(tree, prefix).items():
     spec = specs.get(key)
     if spec is not None:
       spec.check(key, value)
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}, for ConfigDicts and plain dicts alike."""
-  out = {}
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, Mapping) or hasattr(value, 'items') and not isinstance(value, str):
-      out.update(flatten(value, name + '.'))
-    else:
-      out[name] = value
-  return out
+def flat_keys(tree: Any, prefix: str = '') -> dict:
+  """{'dotted.key': value} of a ConfigDict or nested dict, values as stored (not the
+  JSON form: a tuple stays a tuple, nan stays nan)."""
+  from bn_research import run_files  # pylint: disable=g-import-not-at-top
+  return run_files.flatten(tree.to_dict() if hasattr(tree, 'to_dict') else dict(tree), prefix)

@@ -225,7 +225,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     num_devices: devices the batches are split over (checked for divisibility), or
       None when not known yet.
   """
-  checks.check_keys(checks.flatten(config), key_specs(config))
+  checks.check_keys(config, key_specs(config))
   parse_compiler_options(config.compiler_options)
   if num_devices is not None:
     for key in ('batch_size', 'eval_batch_size'):

@@ -33,7 +33,7 @@ def _shipped_configs(tmp_path):
 def _with(config, key, value):
   """A copy of `config` with `key` set to `value`, any type (as a config file could).
 
-  Built from a plain dict: assigning into a ConfigDict would convert some values
+  Built from a plain dict: assigning into a ConfigDict converts some values
   (True into 1.0 for a float key), so the bad value would never reach validation.
   """
   tree = config.to_dict()
@@ -43,7 +43,7 @@ def _with(config, key, value):
     node = node[part]
   node[last] = value
   copy = ml_collections.ConfigDict(tree)
-  assert checks.flatten(copy)[key] is value or checks.flatten(copy)[key] == value
+  assert checks.flat_keys(copy)[key] is value or checks.flat_keys(copy)[key] == value
   return copy
 
 
@@ -68,7 +68,7 @@ def test_every_key_refuses_its_bad_values(tmp_path):
   for label, config in _shipped_configs(tmp_path):
     config_lib.validate_config(config, num_devices=1)
     specs = config_lib.key_specs(config)
-    flat = checks.flatten(config)
+    flat = checks.flat_keys(config)
     undeclared = sorted(set(flat) - set(specs))
     assert not undeclared, (
         f'{label}: keys without a spec {undeclared}; declare each next to the code that '

@@ -225,7 +225,7 @@ def validate_imagenet_config(cfg: ml_collections.ConfigDict, *,
     cfg: the data config.
     check_data_dir: also require `data_dir` to be set and (for local paths) exist.
   """
-  checks.check_keys(checks.flatten(cfg, 'data.'), IMAGENET_KEYS)
+  checks.check_keys(cfg, IMAGENET_KEYS, 'data.')
   for key in ('name', 'image_size', 'distortions', 'shuffle', 'num_workers',
               'prefetch'):
     if key not in cfg:

@@ -201,7 +201,7 @@ def validate_data_config(data: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: one line naming the bad key and value and what is allowed.
   """
-  checks.check_keys(checks.flatten(data, 'data.'), DATA_KEYS)
+  checks.check_keys(data, DATA_KEYS, 'data.')
   name = _get(data, 'name')
   source = _get(data, 'source')
   if name == 'synthetic' and source not in ('auto', 'synthetic'):

@@ -39,7 +39,7 @@ MODEL_KEYS = {
 
 def validate_model_config(m: ml_collections.ConfigDict) -> None:
   """Checks the `model` part of a config; raises ValueError naming the bad value."""
-  checks.check_keys(checks.flatten(m, 'model.'), MODEL_KEYS)
+  checks.check_keys(m, MODEL_KEYS, 'model.')
   from bn_research.models import inception  # pylint: disable=g-import-not-at-top
   if m.name == 'inception' and m.activation not in inception.ACTIVATIONS:
     raise ValueError(f'model.activation={m.activation!r} is invalid: inception allows '
