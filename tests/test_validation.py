@@ -199,7 +199,8 @@ def test_bad_input_exits_2_in_one_line_and_leaves_the_workdir_alone(tmp_path, fa
   for extra, needle in cases:
     proc = helpers.run_main(base + extra)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if 'error' in line.lower()]
+    errors = [line for line in proc.stderr.splitlines()
+              if line.startswith('bn_research: error')]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
     assert _tree_digest(workdir) == before, extra
