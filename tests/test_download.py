@@ -1,7 +1,6 @@
 """data.source='download' and 'auto' against a loopback HTTP server (127.0.0.1 only)."""
 
 import functools
-import gzip
 import hashlib
 import http.server
 import os

@@ -19,10 +19,9 @@ import hashlib
 import http.client
 import os
 import threading
-import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Tuple
 
 # The mirror TFDS downloads each dataset from (its builders' `URL`).
 TFDS_MIRRORS = {
@@ -83,7 +82,7 @@ def _delete_hint(path: str) -> str:
   return f'delete {path} to download it again'
 
 
-def verify_cached(name: str, directory: str) -> Optional[list]:
+def verify_cached(name: str, directory: str) -> List[str]:
   """Checks the cached files of `name` in `directory`.
 
   Returns:

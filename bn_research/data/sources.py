@@ -33,8 +33,6 @@ every source, after scaling to [0, 1].
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
 from typing import Any, Dict, Optional, Tuple
 
