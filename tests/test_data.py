@@ -390,6 +390,8 @@ def test_tfds_missing_is_fast_clear_error_and_auto_falls_back(tmp_path):
   with pytest.raises(FileNotFoundError, match='TensorFlow') as info:
     data_lib.load_dataset(_config(source='tfds', data_dir=str(tmp_path)))
   assert str(tmp_path) in str(info.value)
+  # Also a ValueError in one line: the launcher's exit-2 contract (issue 14).
+  assert isinstance(info.value, ValueError) and '\n' not in str(info.value)
   assert os.listdir(tmp_path) == []  # nothing downloaded or created
 
   # download_url='none': never the network from a test (tests/test_download.py serves
