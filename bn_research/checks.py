@@ -176,22 +176,24 @@ class Ints(Spec):
 
 @dataclasses.dataclass(frozen=True)
 class Floats(Spec):
-  """A non-empty tuple or list of finite numbers in [low, high]."""
+  """A non-empty tuple or list of finite numbers in [low, high] ((low, high] if low_open)."""
   low: float = -math.inf
   high: float = math.inf
+  low_open: bool = False
   note: str = ''
 
   def check(self, key, value):
-    if (not isinstance(value, (tuple, list)) or not value
-        or not all(is_real(v) and math.isfinite(v) and self.low <= v <= self.high
-                   for v in value)):
-      raise fail(key, value, f'a non-empty tuple of numbers in [{self.low:g}, {self.high:g}]'
-                 + (f' ({self.note})' if self.note else ''))
+    def ok(v):
+      return (is_real(v) and math.isfinite(v) and v <= self.high
+              and (v > self.low if self.low_open else v >= self.low))
+    if not isinstance(value, (tuple, list)) or not value or not all(map(ok, value)):
+      raise fail(key, value, f'a non-empty tuple of numbers in {"(" if self.low_open else "["}'
+                 f'{self.low:g}, {self.high:g}]' + (f' ({self.note})' if self.note else ''))
 
   def bad_values(self):
     bad = [(), (math.nan,), (math.inf,), ('50',), (True,), '15,50', 50.0, None]
     if self.low != -math.inf:
-      bad.append((self.low - 1,))
+      bad.append((self.low,) if self.low_open else (self.low - 1,))
     if self.high != math.inf:
       bad.append((self.high + 1,))
     return bad

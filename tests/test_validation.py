@@ -110,6 +110,9 @@ def test_spec_bad_values_cover_the_classes_the_issue_names():
   checks.Int(0, 3).check('k', 3)
   checks.Ints(1).check('k', [100, 1])
   checks.Range(0.0, 1.0).check('k', (0.5, 1.0))
+  checks.Floats(0.0, 100.0).check('k', (0, 100))
+  with pytest.raises(ValueError, match=r'^k='):
+    checks.Floats(0.0, low_open=True).check('k', (0.1, 0.0))
   for spec, value in ((checks.Float(0.0, 1.0, high_open=True), 1.0),
                       (checks.Int(0, 3), 4), (checks.Float(0.0, low_open=True), 0.0)):
     with pytest.raises(ValueError, match=r'^k='):
