@@ -8,16 +8,15 @@ the bad value and what is allowed.
 
 from __future__ import annotations
 
-import math
+import os
 import re
 
 import ml_collections
 
-from bn_research import normalization
+from bn_research import checks
 
 PARALLELISMS = ('jit', 'pmap')
 OPTIMIZERS = ('sgd', 'momentum')
-ACTIVATIONS = ('sigmoid', 'relu', 'tanh')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -92,6 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 8
   c.data.channels = 1
   c.data.num_classes = 10
+  # data.source='download' (and 'auto' when the mirror answers): the IDX files' base
+  # URL, '' = the mirror TFDS uses, 'none' = never download; and the seconds any one
+  # network operation may take.
+  c.data.download_url = ''
+  c.data.download_timeout = 30.0
   # ImageNet pipeline options (ignored by in-memory datasets).
   c.data.distortions = 'full'
   c.data.shuffle = 'thorough'
@@ -116,9 +120,60 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _positive_int(name, value):
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ValueError(f'{name}={value!r} must be a positive integer.')
+# Every top-level, optimizer and probe key, with what it accepts. The model's and the
+# data's keys are declared by their owners (models.MODEL_KEYS, data.DATA_KEYS,
+# imagenet.IMAGENET_KEYS); `key_specs` gathers them. Adding a key to `base_config`
+# means adding its spec: tests/test_validation.py fails for a key without one.
+CORE_KEYS = {
+    'seed': checks.Int(0, checks.SEED_LIMIT - 1),
+    'batch_size': checks.Int(1),
+    'num_train_steps': checks.Int(1),
+    'eval_every_steps': checks.Int(1),
+    'log_every_steps': checks.Int(1),
+    'checkpoint_every_steps': checks.Int(1),
+    'eval_batch_size': checks.Int(1),
+    'num_eval_examples': checks.Int(0, note='0: all'),
+    'steps_per_dispatch': checks.Int(1),
+    'parallelism': checks.Choice(PARALLELISMS),
+    'num_devices': checks.Int(0, note='0: all local devices'),
+    'distributed': checks.Bool(),
+    'compiler_options': checks.Text(note="'name=value,...'"),
+    'optimizer.name': checks.Choice(OPTIMIZERS),
+    'optimizer.learning_rate': checks.Float(0.0, low_open=True),
+    'optimizer.momentum': checks.Float(0.0, 1.0, high_open=True),
+    'optimizer.nesterov': checks.Bool(),
+    'optimizer.decay_rate': checks.Float(0.0, 1.0, low_open=True),
+    'optimizer.decay_steps': checks.Int(1),
+    'optimizer.staircase': checks.Bool(),
+    'optimizer.weight_decay': checks.Float(0.0),
+    'optimizer.regularize_batch_norm': checks.Bool(),
+    'divergence.max_loss': checks.Float(0.0, note='0: no loss test'),
+    'probe.enabled': checks.Bool(),
+    # Its range depends on the model: checked in `validate_config`.
+    'probe.layer': checks.Int(None, note='-1: the last hidden layer'),
+    'probe.unit': checks.Int(0),
+    'probe.num_examples': checks.Int(1),
+    'probe.percentiles': checks.Floats(0.0, 100.0),
+}
+
+
+def key_specs(config: ml_collections.ConfigDict) -> dict:
+  """{dotted key: checks.Spec} for every key `config` may hold, from every owner."""
+  from bn_research import data  # pylint: disable=g-import-not-at-top
+  from bn_research import models  # pylint: disable=g-import-not-at-top
+  from bn_research.data import imagenet  # pylint: disable=g-import-not-at-top
+  specs = {**CORE_KEYS, **models.MODEL_KEYS}
+  if _is_imagenet(config):
+    specs.update(imagenet.IMAGENET_KEYS)
+  else:
+    # base_config carries the ImageNet pipeline's options for every dataset (in-memory
+    # data ignores them); they are still checked, so a typo never waits for ImageNet.
+    specs.update({**imagenet.IMAGENET_KEYS, **data.DATA_KEYS})
+  return specs
+
+
+def _is_imagenet(config: ml_collections.ConfigDict) -> bool:
+  return config.get('data', {}).get('name') == 'imagenet2012'
 
 
 _OPTION_NAME = re.compile(r'xla_[a-z0-9_]+')
@@ -167,79 +222,86 @@ def check_compiler_options(options: dict) -> None:
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
   """Raises ValueError naming the first bad value; cheap (no data, no compilation).
 
+  Every key with a spec (`key_specs`) is type- and range-checked, then the checks that
+  relate keys: batches that split over the devices, the probed unit inside the model,
+  and the owners' own (models, data, ImageNet).
+
   Args:
     config: a resolved config.
-    num_devices: devices the batch is split over (checked for divisibility), or None.
+    num_devices: devices the batches are split over (checked for divisibility), or
+      None when not known yet.
   """
-  if config.num_eval_examples < 0:
-    raise ValueError(f'num_eval_examples={config.num_eval_examples!r} must be >= 0 (0: all).')
-  for key in ('batch_size', 'num_train_steps', 'eval_every_steps', 'log_every_steps',
-              'checkpoint_every_steps', 'eval_batch_size', 'steps_per_dispatch'):
-    _positive_int(key, config[key])
-  if config.parallelism not in PARALLELISMS:
-    raise ValueError(f'parallelism={config.parallelism!r}; allowed: {", ".join(PARALLELISMS)}.')
-  if config.num_devices < 0:
-    raise ValueError(f'num_devices={config.num_devices!r} must be >= 0 (0: all local devices).')
+  checks.check_keys(config, key_specs(config))
   parse_compiler_options(config.compiler_options)
-  if num_devices is not None and config.batch_size % num_devices:
-    raise ValueError(
-        f'batch_size={config.batch_size} is not divisible by the {num_devices} devices '
-        'it is split over; use a multiple of the device count (or set num_devices).')
-  opt = config.optimizer
-  if opt.name not in OPTIMIZERS:
-    raise ValueError(f'optimizer.name={opt.name!r}; allowed: {", ".join(OPTIMIZERS)}.')
-  if not opt.learning_rate > 0:
-    raise ValueError(f'optimizer.learning_rate={opt.learning_rate!r} must be > 0.')
-  if not 0 <= opt.momentum < 1:
-    raise ValueError(f'optimizer.momentum={opt.momentum!r} must be in [0, 1).')
-  if not 0 < opt.decay_rate <= 1:
-    raise ValueError(f'optimizer.decay_rate={opt.decay_rate!r} must be in (0, 1].')
-  _positive_int('optimizer.decay_steps', opt.decay_steps)
-  if opt.weight_decay < 0:
-    raise ValueError(f'optimizer.weight_decay={opt.weight_decay!r} must be >= 0.')
-
-  max_loss = config.divergence.max_loss
-  if not (isinstance(max_loss, (int, float)) and math.isfinite(max_loss) and max_loss >= 0):
-    raise ValueError(f'divergence.max_loss={max_loss!r} must be a finite number >= 0 '
-                     '(0: no loss test).')
+  if num_devices is not None:
+    for key in ('batch_size', 'eval_batch_size'):
+      if config[key] % num_devices:
+        raise ValueError(
+            f'{key}={config[key]} is not divisible by the {num_devices} devices it is '
+            'split over; use a multiple of the device count (or set num_devices).')
 
   m = config.model
   from bn_research import models  # local import: models import flax modules
-  if m.name not in models.MODELS:
-    raise ValueError(f'model.name={m.name!r}; allowed: {", ".join(sorted(models.MODELS))}.')
-  if m.normalizer not in normalization.NORMALIZERS:
-    raise ValueError(f'model.normalizer={m.normalizer!r}; allowed: '
-                     f'{", ".join(normalization.NORMALIZERS)}.')
   if m.normalizer == 'virtual_batch_norm' and m.virtual_batch_size <= 0:
     raise ValueError("model.normalizer='virtual_batch_norm' needs model.virtual_batch_size "
                      f'> 0, got {m.virtual_batch_size!r}.')
-  if m.virtual_batch_size < 0:
-    raise ValueError(f'model.virtual_batch_size={m.virtual_batch_size!r} must be >= 0.')
   if m.virtual_batch_size and m.normalizer != 'none':
     per_device = config.batch_size // (num_devices or 1)
     if per_device % m.virtual_batch_size:
       raise ValueError(
           f'model.virtual_batch_size={m.virtual_batch_size} does not divide the per-device '
           f'batch of {per_device} (batch_size={config.batch_size} over {num_devices or 1} devices).')
-  if not m.bn_epsilon > 0:
-    raise ValueError(f'model.bn_epsilon={m.bn_epsilon!r} must be > 0.')
-  if not 0 <= m.bn_momentum <= 1:
-    raise ValueError(f'model.bn_momentum={m.bn_momentum!r} must be in [0, 1].')
-  if not 0 <= m.dropout_rate < 1:
-    raise ValueError(f'model.dropout_rate={m.dropout_rate!r} must be in [0, 1).')
-  if m.dtype not in ('float32', 'bfloat16', 'float16'):
-    raise ValueError(f'model.dtype={m.dtype!r}; allowed: float32, bfloat16, float16.')
   models.validate_model_config(m)
 
-  if config.data.name == 'imagenet2012':
-    from bn_research.data import imagenet
+  if _is_imagenet(config):
+    from bn_research.data import imagenet  # pylint: disable=g-import-not-at-top
     imagenet.validate_imagenet_config(config.data)
   else:
-    from bn_research import data
+    from bn_research import data  # pylint: disable=g-import-not-at-top
     data.validate_data_config(config.data)
 
-  if config.probe.enabled:
-    _positive_int('probe.num_examples', config.probe.num_examples)
-    for p in config.probe.percentiles:
-      if not 0 <= p <= 100:
-        raise ValueError(f'probe.percentiles contains {p!r}; each must be in [0, 100].')
+  _validate_probe(config)
+
+
+def _validate_probe(config: ml_collections.ConfigDict) -> None:
+  """The probed layer and unit must exist: an index past the end would wrap around
+  (Python indexing) and record one unit while config.json names another."""
+  probe = config.probe
+  if not probe.enabled:
+    return
+  if config.model.name != 'mlp':
+    raise ValueError(f'probe.enabled=True: the probe tracks a hidden unit of the MLP; '
+                     f'model.name={config.model.name!r} has none (set probe.enabled=False).')
+  widths = tuple(config.model.hidden_sizes)
+  if not -len(widths) <= probe.layer < len(widths):
+    raise ValueError(
+        f'probe.layer={probe.layer!r} is invalid: model.hidden_sizes={widths} has '
+        f'{len(widths)} hidden layers, so it must be in [{-len(widths)}, {len(widths) - 1}] '
+        '(-1: the last).')
+  width = widths[probe.layer]
+  if probe.unit >= width:
+    raise ValueError(f'probe.unit={probe.unit!r} is invalid: hidden layer {probe.layer} has '
+                     f'{width} units, so it must be in [0, {width - 1}].')
+
+
+def check_config_path(arg: str) -> None:
+  """Checks the file part of a --config value ('path.py' or 'path.py:argument').
+
+  For the launcher to call before ml_collections imports the file, whose own errors
+  for a missing file or a directory are tracebacks.
+
+  Raises:
+    ValueError: one line naming the path and what to pass instead.
+  """
+  path = str(arg).split(':', 1)[0]
+  if not path:
+    raise ValueError(f'--config={arg!r}: no file given; pass a config file such as '
+                     'configs/mnist_mlp.py:bn.')
+  if os.path.isdir(path):
+    raise ValueError(f'--config={arg!r}: {path!r} is a directory; pass a config file '
+                     'in it, e.g. configs/mnist_mlp.py:bn.')
+  if not os.path.isfile(path):
+    raise ValueError(f'--config={arg!r}: no such file {path!r} (relative paths start at '
+                     f'{os.getcwd()!r}); config files are in configs/.')
+  if not os.access(path, os.R_OK):
+    raise ValueError(f'--config={arg!r}: {path!r} is not readable; check its permissions.')

@@ -51,6 +51,17 @@ def main(argv):
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
   """Parses flags; a bad one (e.g. a misspelt --config.key) is one line and exit code 2."""
+  from bn_research import config as config_lib  # pylint: disable=g-import-not-at-top
+  for i, arg in enumerate(argv[1:], 1):
+    # ml_collections' own errors for a missing config file or a directory are tracebacks.
+    value = (arg.split('=', 1)[1] if arg.startswith(('--config=', '-config=')) else
+             argv[i + 1] if arg in ('--config', '-config') and i + 1 < len(argv) else None)
+    if value is not None:
+      try:
+        config_lib.check_config_path(value)
+      except ValueError as e:
+        print(f'bn_research: error: {e}', file=sys.stderr)
+        sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # config_flags raises AttributeError/KeyError/TypeError too

@@ -711,15 +711,23 @@ def rebuild_status(workdir: str) -> Optional[dict]:
   if config is None:
     return None
   num_steps = config.get('num_train_steps')
+  max_loss = (config.get('divergence') or {}).get('max_loss') or 0
   rows = read_metrics(workdir)
   last: dict[str, Any] = {}
   status, step, extra = None, None, {}
   for row in rows:
-    if row.get('train_loss') == 'nan' and set(row) == {'step', 'train_loss'}:
-      # The engine's divergence marker.
+    # The engine's divergence markers (`engine.loop`): a NaN train_loss row for a
+    # non-finite loss or parameters, or a train row above divergence.max_loss.
+    loss = row.get('train_loss')
+    reason = None
+    if loss == 'nan':
+      reason = ('non-finite parameters' if row.get('nonfinite_parameters')
+                else 'non-finite loss')
+    elif max_loss and isinstance(loss, (int, float)) and loss > max_loss:
+      reason = f'loss above {max_loss:g}'
+    if reason:
       status, step = 'diverged', row['step']
-      extra = {'diverged_step': step,
-               'message': f'non-finite loss or parameters at step {step}'}
+      extra = {'diverged_step': step, 'reason': reason, 'message': f'{reason} at step {step}'}
       break
     if row['step'] > 0:  # as the engine's status: the step-0 evaluation is not in it
       last.update(row)

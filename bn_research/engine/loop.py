@@ -174,7 +174,12 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
           at = step + int(bad[0]) + 1 if bad.size else end
           what = 'loss' if bad.size else 'parameters'
           logging.warning('%s: non-finite %s at step %d: diverged.', _name(m), what, at)
-          m.diverge(at, f'non-finite {what}', {'train_loss': float('nan')})
+          # The row marks the divergence in metrics.jsonl (`rundir.rebuild_status`
+          # reads the reason back from it).
+          row = {'train_loss': float('nan')}
+          if not bad.size:
+            row['nonfinite_parameters'] = 1.0
+          m.diverge(at, f'non-finite {what}', row)
           continue
         m.loss_sum += float(losses[k].sum())
         m.accuracy_sum += float(accuracies[k].sum())

@@ -8,27 +8,42 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from bn_research import checks
+from bn_research import normalization
+from bn_research.models import mlp
+
 MODELS = ('mlp', 'inception')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+# Every `model.*` key, with what it accepts (see bn_research/checks.py). Inception-only
+# keys are checked for every model: a typo is an error even where it is ignored.
+MODEL_KEYS = {
+    'model.name': checks.Choice(MODELS),
+    'model.normalizer': checks.Choice(normalization.NORMALIZERS),
+    'model.activation': checks.Choice(tuple(mlp.ACTIVATIONS)),
+    'model.hidden_sizes': checks.Ints(1, note='hidden layer widths'),
+    'model.init_stddev': checks.Float(0.0, low_open=True),
+    'model.dropout_rate': checks.Float(0.0, 1.0, high_open=True),
+    'model.bn_momentum': checks.Float(0.0, 1.0),
+    'model.bn_epsilon': checks.Float(0.0, low_open=True),
+    'model.virtual_batch_size': checks.Int(0, note='0: the whole batch'),
+    'model.unbiased_running_var': checks.Bool(),
+    'model.bn_cross_replica': checks.Bool(),
+    'model.dtype': checks.Choice(DTYPES),
+    'model.use_lrn': checks.Bool(),
+    'model.width_multiplier': checks.Float(0.0, low_open=True),
+    'model.small_inputs': checks.Bool(),
+    'model.stem_stride': checks.Int(1, 2),
+}
 
 
 def validate_model_config(m: ml_collections.ConfigDict) -> None:
-  """Model-specific checks; raises ValueError naming the bad value."""
-  from bn_research.models import mlp
-  if m.name == 'mlp':
-    if m.activation not in mlp.ACTIVATIONS:
-      raise ValueError(f'model.activation={m.activation!r}; allowed: '
-                       f'{", ".join(mlp.ACTIVATIONS)}.')
-    if not m.hidden_sizes or any(int(h) <= 0 for h in m.hidden_sizes):
-      raise ValueError(f'model.hidden_sizes={tuple(m.hidden_sizes)!r} must be positive widths.')
-    if not m.init_stddev > 0:
-      raise ValueError(f'model.init_stddev={m.init_stddev!r} must be > 0.')
-  elif m.name == 'inception':
-    if m.activation not in ('relu', 'sigmoid'):
-      raise ValueError(f'model.activation={m.activation!r}; allowed for inception: relu, sigmoid.')
-    if m.stem_stride not in (1, 2):
-      raise ValueError(f'model.stem_stride={m.stem_stride!r}; allowed: 1, 2.')
-    if not m.width_multiplier > 0:
-      raise ValueError(f'model.width_multiplier={m.width_multiplier!r} must be > 0.')
+  """Checks the `model` part of a config; raises ValueError naming the bad value."""
+  checks.check_keys(m, MODEL_KEYS, 'model.')
+  from bn_research.models import inception  # pylint: disable=g-import-not-at-top
+  if m.name == 'inception' and m.activation not in inception.ACTIVATIONS:
+    raise ValueError(f'model.activation={m.activation!r} is invalid: inception allows '
+                     f'{", ".join(inception.ACTIVATIONS)}.')
 
 
 def build_model(m: ml_collections.ConfigDict, *, num_classes: int,
