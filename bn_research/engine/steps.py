@@ -118,7 +118,10 @@ def make_train_step(builder: Builder, *, axis_name: Optional[str] = None) -> Cal
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, 'accuracy': accuracy,
-               'learning_rate': builder.schedule(hparams)(state.step)}
+               # An array even when the schedule is a Python constant (one-step chunks
+               # add a leading axis to every metric).
+               'learning_rate': jnp.asarray(builder.schedule(hparams)(state.step),
+                                            jnp.float32)}
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), metrics
 

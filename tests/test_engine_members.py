@@ -1,0 +1,233 @@
+"""Member sweeps through the one engine: spread over devices, any model, kill/resume,
+mixed precision, signals.
+
+Each member of a sweep must equal its own separate `train_and_evaluate` run: same
+parameters, batch statistics and metric rows, up to float rounding (XLA may pick other
+kernels for a batched matmul than for a single one).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests import helpers
+
+TOL = 1e-5
+
+SPREAD = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, '.')
+    from tests import helpers
+    from bn_research import train, rundir
+    assert jax.device_count() == 8, jax.devices()
+    root = {root!r}
+
+    def config(**kw):
+        return helpers.tiny_mlp_config(num_train_steps=10, eval_every_steps=10,
+                                       log_every_steps=5, checkpoint_every_steps=10,
+                                       steps_per_dispatch=5, batch_size=32,
+                                       eval_batch_size=64, **kw)
+
+    def max_diff(a, b):
+        return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+                   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+    out = {{}}
+    for k in (8, 4):
+        lrs = [0.05 * (i + 1) for i in range(k)]
+        points = [(f'{{root}}/k{{k}}_{{i}}', {{'optimizer.learning_rate': lr}})
+                  for i, lr in enumerate(lrs)]
+        train.train_members(config(), points)
+        diffs, meshes = [], []
+        for (w, _), lr in zip(points, lrs):
+            sep = f'{{root}}/sep_{{lr}}'
+            train.train_and_evaluate(config(num_devices=1, **{{'optimizer.learning_rate': lr}}), sep)
+            a, b = rundir.load_latest(w), rundir.load_latest(sep)
+            la = [r['train_loss'] for r in rundir.read_metrics(w) if 'train_loss' in r]
+            lb = [r['train_loss'] for r in rundir.read_metrics(sep) if 'train_loss' in r]
+            diffs.append(max(max_diff(a['params'], b['params']),
+                             max_diff(a['batch_stats'], b['batch_stats']),
+                             float(np.max(np.abs(np.subtract(la, lb))))))
+            meshes.append(rundir.read_description(w)['mesh'])
+        out[k] = dict(diff=max(diffs), meshes=meshes,
+                      spread=max_diff(rundir.load_latest(points[0][0])['params'],
+                                      rundir.load_latest(points[-1][0])['params']))
+    print('RESULT' + json.dumps(out))
+''')
+
+
+def test_member_sweep_spread_over_8_devices_equals_separate_runs(tmp_path):
+  """8 learning rates on 8 devices: one member per device (mesh 8 x 1); 4 on 8: each
+  member data-parallel over 2 devices (4 x 2). BN statistics stay within a member."""
+  proc = helpers.run_python(SPREAD.format(root=str(tmp_path)), devices=8,
+                            env={'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'})
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.split('RESULT')[-1])
+  assert out['8']['meshes'] == [{'members': 8, 'data': 1}] * 8
+  assert out['4']['meshes'] == [{'members': 4, 'data': 2}] * 4
+  for k in ('8', '4'):
+    assert out[k]['diff'] < 1e-4, out
+    assert out[k]['spread'] > 1e-3  # the members did train differently
+
+
+def _inception_config(**overrides):
+  sys.path.insert(0, helpers.REPO)
+  from configs import inception_small
+  c = inception_small.get_config('model=bn_x5,data=synthetic,steps=2')
+  c.data.num_train, c.data.num_test = 64, 16
+  c.model.width_multiplier = 0.0625
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.num_eval_examples = 16
+  c.eval_every_steps = 2
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+@pytest.mark.usefixtures('fast_compiles')
+def test_two_member_inception_sweep_equals_separate_runs(tmp_path):
+  """BN-Inception members vmapped in one program: the learning rate and the dropout
+  rate (a traced, per-member value) differ; each member equals its own run.
+
+  Stated tolerance: 1e-5 absolute on parameters and BN statistics and 1e-5 relative on
+  losses, over 2 steps at small learning rates. Batched convolutions round differently
+  from single ones (6e-7 after one step); this tiny network's gradients are so sharp
+  (ReLU and max-pool switches, BN on near-constant channels) that at lr 0.05 such
+  differences grow to 5e-3 in one more step, so longer or faster comparisons would
+  measure chaos, not the engine. A wrong dropout mask, data order or learning rate
+  differs by orders of magnitude more.
+  """
+  from bn_research import rundir, train
+  base = _inception_config()
+  points = [(str(tmp_path / 'a'), {'optimizer.learning_rate': 0.01, 'model.dropout_rate': 0.0}),
+            (str(tmp_path / 'b'), {'optimizer.learning_rate': 0.005, 'model.dropout_rate': 0.3})]
+  results = train.train_members(base, points)
+  assert [r['status'] for r in results] == ['done', 'done']
+  for workdir, point in points:
+    separate = str(tmp_path / ('sep_' + os.path.basename(workdir)))
+    train.train_and_evaluate(train.member_config(base, point), separate)
+    a, b = rundir.load_latest(workdir), rundir.load_latest(separate)
+    for part in ('params', 'batch_stats'):
+      for x, y in zip(jax.tree_util.tree_leaves(a[part]), jax.tree_util.tree_leaves(b[part])):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+    rows_a, rows_b = rundir.read_metrics(workdir), rundir.read_metrics(separate)
+    assert [r['step'] for r in rows_a] == [r['step'] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+      for key in ('train_loss', 'eval_loss'):
+        if key in ra:
+          assert ra[key] == pytest.approx(rb[key], rel=1e-5)
+  assert rundir.read_description(points[0][0])['vmap_members'] == 2
+
+
+SWEEP_ARGS = [
+    '--config=configs/mnist_mlp.py:bn,source=synthetic', '--sweep=optimizer.learning_rate=0.1,0.3',
+    '--sweep=seed=0,1', '--vmap', '--config.num_train_steps=60',
+    '--config.eval_every_steps=20', '--config.log_every_steps=10',
+    '--config.checkpoint_every_steps=20', '--config.steps_per_dispatch=10',
+    '--config.data.image_size=8', '--config.data.num_train=200', '--config.data.num_test=64',
+    '--config.batch_size=30', '--config.eval_batch_size=64', '--config.model.hidden_sizes=(16, 16)',
+    '--config.probe.num_examples=64']
+
+
+def test_member_sweep_killed_and_resumed_equals_uninterrupted(tmp_path):
+  env = {'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
+  whole = helpers.run_module('scripts.sweep', SWEEP_ARGS + [f'--workdir={tmp_path / "whole"}'],
+                             env=env)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  killed = helpers.run_module('scripts.sweep', SWEEP_ARGS + [f'--workdir={tmp_path / "res"}'],
+                              env={**env, 'BN_RESEARCH_KILL_AT_STEP': '45'})
+  assert killed.returncode != 0
+  resumed = helpers.run_module('scripts.sweep', SWEEP_ARGS + [f'--workdir={tmp_path / "res"}'],
+                               env=env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from the checkpoint at step 40' in resumed.stderr
+  from bn_research import rundir
+  names = [r['name'] for r in rundir.read_sweep(str(tmp_path / 'whole'))['runs']]
+  assert len(names) == 4
+  drop = ('steps_per_second',)
+  for name in names:
+    a = rundir.load_latest(str(tmp_path / 'whole' / name))
+    b = rundir.load_latest(str(tmp_path / 'res' / name))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+      np.testing.assert_array_equal(x, y)  # bitwise on CPU
+    rows = [[{k: v for k, v in r.items() if k not in drop}
+             for r in rundir.read_metrics(str(tmp_path / d / name))] for d in ('whole', 'res')]
+    assert rows[0] == rows[1]
+    assert rundir.read_status(str(tmp_path / 'res' / name))['status'] == 'done'
+
+
+@pytest.mark.usefixtures('fast_compiles')
+def test_bfloat16_computes_in_bf16_keeps_float32_state_and_tracks_float32(tmp_path):
+  from bn_research import rundir, train
+  import jax.numpy as jnp
+  from bn_research.engine import steps
+  runs = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = helpers.tiny_mlp_config(**{'model.dtype': dtype, 'num_train_steps': 60,
+                                        'eval_every_steps': 60})
+    train.train_and_evaluate(config, str(tmp_path / dtype))
+    runs[dtype] = rundir.read_metrics(str(tmp_path / dtype))
+    state = rundir.load_latest(str(tmp_path / dtype))
+    # Parameters and BN statistics stay float32 whatever the compute dtype.
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(state['params'])} == {'float32'}
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(state['batch_stats'])} == {'float32'}
+  # The bf16 network really computes in bf16: its hidden pre-activations are bf16.
+  builder = steps.Builder(config, num_classes=10)
+  variables = builder.model({}).init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), train=False)
+  _, inter = builder.model({}).apply(variables, jnp.zeros((2, 8, 8, 1)), train=False,
+                                     mutable=['intermediates'])
+  assert inter['intermediates']['hidden_0'][0].dtype == jnp.bfloat16
+  # Stated tolerance: the training loss curve tracks float32's within 0.05 nats
+  # (bf16 keeps 8 bits of mantissa: about 2-3 significant digits per matmul).
+  f32 = [r['train_loss'] for r in runs['float32'] if 'train_loss' in r]
+  b16 = [r['train_loss'] for r in runs['bfloat16'] if 'train_loss' in r]
+  assert len(f32) == len(b16) == 6
+  np.testing.assert_allclose(b16, f32, atol=0.05)
+  assert f32[-1] < f32[0] - 0.3  # and it is a curve that moved
+
+
+def test_sigterm_ends_the_run_interrupted_and_the_same_command_resumes(tmp_path):
+  args = ['--config=configs/mnist_mlp.py:bn,source=synthetic',
+          '--config.num_train_steps=400000', '--config.eval_every_steps=100000',
+          '--config.log_every_steps=100', '--config.checkpoint_every_steps=100000',
+          '--config.steps_per_dispatch=100', '--config.data.image_size=8',
+          '--config.data.num_train=256', '--config.data.num_test=64',
+          f'--workdir={tmp_path / "run"}']
+  env = dict(os.environ)
+  env['PYTHONPATH'] = helpers.REPO + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.Popen([sys.executable, '-m', 'bn_research.main', *args], env=env,
+                          cwd=helpers.REPO, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  deadline = time.time() + 120
+  while time.time() < deadline and not (metrics.exists() and 'train_loss' in metrics.read_text()):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 143, stderr[-3000:]
+  assert 'Traceback' not in stderr
+  from bn_research import rundir
+  status = rundir.read_status(str(tmp_path / 'run'))
+  assert status['status'] == 'interrupted' and status['signal'] == signal.SIGTERM
+  # The step it names has a complete checkpoint, and the metrics reach exactly there.
+  assert status['step'] in rundir.checkpoint_steps(str(tmp_path / 'run'))
+  assert rundir.read_metrics(str(tmp_path / 'run'))[-1]['step'] == status['step']
+  # An interrupted run is resumed by the same command (it is not finished).
+  import ml_collections
+  config = ml_collections.ConfigDict(rundir.read_config(str(tmp_path / 'run')))
+  assert rundir.check_workdir(str(tmp_path / 'run'), config, False) == 'resume'
