@@ -108,6 +108,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.probe.unit = 0
   c.probe.num_examples = 1000
   c.probe.percentiles = (15.0, 50.0, 85.0)
+
+  # Santurkar et al.'s measurements (bn_research/measure.py), on the training batch of
+  # every `every_steps`-th step (0: off): internal covariate shift per layer
+  # (ics_l2/<layer>, ics_cos/<layer>) and the loss landscape along the gradient at step
+  # sizes `etas` (landscape_loss_range, landscape_grad_pred, landscape_beta).
+  c.measure = ml_collections.ConfigDict()
+  c.measure.every_steps = 0
+  c.measure.ics = True
+  c.measure.landscape = True
+  c.measure.etas = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)   # absolute step sizes along -g
   return c
 
 
@@ -233,6 +243,29 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     for p in config.probe.percentiles:
       if not 0 <= p <= 100:
         raise ValueError(f'probe.percentiles contains {p!r}; each must be in [0, 100].')
+  validate_measure_config(config.measure)
+
+
+def validate_measure_config(m: ml_collections.ConfigDict) -> None:
+  """Checks the `measure` keys; raises ValueError naming the bad value."""
+  if (not isinstance(m.every_steps, int) or isinstance(m.every_steps, bool)
+      or m.every_steps < 0):
+    raise ValueError(f'measure.every_steps={m.every_steps!r} must be an integer >= 0 '
+                     '(0: off).')
+  for key in ('ics', 'landscape'):
+    if not isinstance(m[key], bool):
+      raise ValueError(f'measure.{key}={m[key]!r} must be True or False.')
+  if not m.every_steps:
+    return
+  if not (m.ics or m.landscape):
+    raise ValueError(f'measure.every_steps={m.every_steps} but measure.ics and '
+                     'measure.landscape are both False; turn one on or set every_steps=0.')
+  if m.landscape:
+    etas = tuple(m.etas) if isinstance(m.etas, (tuple, list)) else None
+    if not etas or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0
+                       for e in etas):
+      raise ValueError(f'measure.etas={m.etas!r} must be a non-empty sequence of step '
+                       'sizes > 0.')
 
 
 def check_workdir_parent(workdir: str) -> None:
