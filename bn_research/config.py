@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   # same as virtual_batch_size = per-device batch under jit).
   c.model.bn_cross_replica = True
   c.model.dtype = 'float32'
+  # small_cnn only: output channels of its conv-BN-ReLU-pool blocks (its dense head
+  # takes hidden_sizes).
+  c.model.conv_features = (32, 64)
   # Inception-only options (ignored by the MLP).
   c.model.use_lrn = False
   c.model.width_multiplier = 1.0

@@ -166,7 +166,7 @@ def loss_landscape(loss_fn: Callable[[Pytree, Any], jax.Array], params: Pytree, 
 
 # ---- the engine's view: a Flax model trained with softmax cross-entropy ---------------
 
-_NORMALIZER_NAME = re.compile(r'(bn|batch_norm|norm)(_\d+)?$')
+_NORMALIZER_NAME = re.compile(r'(\w+_)?(bn|batch_norm)(_\d+)?$')
 _MLP_DENSE = re.compile(r'dense_(\d+)$')
 
 
@@ -190,7 +190,7 @@ def model_layers(names: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
   """(name, prefixes) of a model's layers, input to output, from its top-level names.
 
   Each top-level parameter subtree is a layer, in creation order (`creation_order`); a
-  normaliser's subtree ('bn_0', 'bn') joins the layer before it, whose output it
+  normaliser's subtree ('bn_0', 'conv_bn_1') joins the layer before it, whose output it
   normalises. The MLP's 'dense_i' layers are named 'hidden_i', as its intermediates
   are. For BN-Inception each stem unit and each inception module is one layer.
   """
@@ -222,7 +222,7 @@ def training_loss(model: nn.Module, *, rng_streams: Sequence[str] = ('dropout',)
   return loss
 
 
-def make_measurement(model: nn.Module, sample_image: Any, *, etas: Sequence[float] = (),
+def make_measurement(model: nn.Module, sample_image: Any = None, *, etas: Sequence[float] = (),
                      ics: bool = True, landscape: bool = True,
                      layers: Sequence[tuple[str, Layer]] | None = None,
                      rng_streams: Sequence[str] = ('dropout',)) -> Callable[..., dict]:
@@ -230,7 +230,8 @@ def make_measurement(model: nn.Module, sample_image: Any, *, etas: Sequence[floa
 
   Args:
     model: the Flax model (`apply(variables, images, train=...)`).
-    sample_image: an input batch (or its shape), to read the model's layer order.
+    sample_image: an input batch, to read the model's layer order (not needed when
+      `layers` is given, e.g. inside a traced function that builds the model).
     etas: the landscape's step sizes (needed when `landscape`).
     ics: measure internal covariate shift.
     landscape: measure the loss landscape along the gradient.
@@ -248,6 +249,8 @@ def make_measurement(model: nn.Module, sample_image: Any, *, etas: Sequence[floa
     raise ValueError('make_measurement: landscape=True needs at least one step size eta.')
   loss = training_loss(model, rng_streams=rng_streams)
   if ics and layers is None:
+    if sample_image is None:
+      raise ValueError('make_measurement: ics=True needs layers or a sample_image.')
     layers = model_layers(creation_order(model, sample_image))
 
   def measure(params, new_params, batch_stats, batch, rng):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -35,20 +34,29 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments import cli
 import optax
 
 MLP_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (figure and JSON).')
-_LR = flags.DEFINE_float('lr', 0.9, 'Gradient descent learning rate for both bowls.')
-_START = flags.DEFINE_list('start', ['-8', '4'], 'Start point x,y for both bowls.')
-_TOL = flags.DEFINE_float('tol', 0.01, 'Converged when |x| and |y| are below this.')
-_MAX_STEPS = flags.DEFINE_integer('max_steps', 1000, 'Gradient descent steps on the bowls.')
-_STEPS = flags.DEFINE_integer('steps', 5000, 'Full-batch gradient descent steps of the MLP.')
-_MLP_LRS = flags.DEFINE_list('mlp_lrs', [f'{lr:g}' for lr in MLP_LRS],
-                             'Learning rates of the MLP, each run for both input kinds.')
-_TARGET = flags.DEFINE_float('target', 0.05, 'MLP target: MSE below target x Var(label).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the MLP data and initial weights.')
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined when run as a program, so that tests can import several experiments."""
+  flags.DEFINE_string('workdir', None, 'Output directory (figure and JSON).')
+  flags.DEFINE_float('lr', 0.9, 'Gradient descent learning rate for both bowls.')
+  flags.DEFINE_list('start', ['-8', '4'], 'Start point x,y for both bowls.')
+  flags.DEFINE_float('tol', 0.01, 'Converged when |x| and |y| are below this.')
+  flags.DEFINE_integer('max_steps', 1000, 'Gradient descent steps on the bowls.')
+  flags.DEFINE_integer('steps', 5000, 'Full-batch gradient descent steps of the MLP.')
+  flags.DEFINE_list('mlp_lrs', [f'{lr:g}' for lr in MLP_LRS],
+                    'Learning rates of the MLP, each run for both input kinds.')
+  flags.DEFINE_float('target', 0.05, 'MLP target: MSE below target x Var(label).')
+  flags.DEFINE_integer('seed', 0, 'Seed of the MLP data and initial weights.')
+
+
 
 # The two bowls: f(x, y) = 0.5 * (a_x x^2 + a_y y^2), curvatures (a_x, a_y).
 BOWLS = {'elongated': (0.1, 2.0),   # x^2/20 + y^2
@@ -248,10 +256,7 @@ def plot(summary: dict, paths: dict, curves: dict, label_var: float, path: str) 
 
 def parse_flags() -> dict:
   """The run's arguments from the flags; ValueError naming the bad flag."""
-  from bn_research import config as config_lib  # pylint: disable=g-import-not-at-top
-  if not _WORKDIR.value:
-    raise ValueError('--workdir is required.')
-  config_lib.check_workdir_parent(_WORKDIR.value)
+  cli.check_workdir(FLAGS.workdir)
 
   def floats(name, values, count=None, positive=False):
     try:
@@ -265,29 +270,21 @@ def parse_flags() -> dict:
                        f'{" > 0" if positive else ""}.')
     return out
 
-  for name, value in (('lr', _LR.value), ('tol', _TOL.value), ('target', _TARGET.value)):
+  for name, value in (('lr', FLAGS.lr), ('tol', FLAGS.tol), ('target', FLAGS.target)):
     if not value > 0:
       raise ValueError(f'--{name}={value!r} must be > 0.')
-  for name, value in (('max_steps', _MAX_STEPS.value), ('steps', _STEPS.value)):
+  for name, value in (('max_steps', FLAGS.max_steps), ('steps', FLAGS.steps)):
     if value < 1:
       raise ValueError(f'--{name}={value!r} must be >= 1.')
-  return dict(lr=_LR.value, start=floats('start', _START.value, 2), tol=_TOL.value,
-              max_steps=_MAX_STEPS.value, steps=_STEPS.value,
-              mlp_lrs=floats('mlp_lrs', _MLP_LRS.value, positive=True),
-              target=_TARGET.value, seed=_SEED.value)
+  return dict(lr=FLAGS.lr, start=floats('start', FLAGS.start, 2), tol=FLAGS.tol,
+              max_steps=FLAGS.max_steps, steps=FLAGS.steps,
+              mlp_lrs=floats('mlp_lrs', FLAGS.mlp_lrs, positive=True),
+              target=FLAGS.target, seed=FLAGS.seed)
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    print(f'input_normalization: error: unexpected arguments: {" ".join(argv[1:])}',
-          file=sys.stderr)
-    sys.exit(2)
-  try:
-    kwargs = parse_flags()
-  except ValueError as e:
-    print(f'input_normalization: error: {e}', file=sys.stderr)
-    sys.exit(2)
-  summary = run(_WORKDIR.value, **kwargs)
+  kwargs = cli.parse_or_exit('input_normalization', argv, parse_flags)
+  summary = run(FLAGS.workdir, **kwargs)
   q, m = summary['quadratic'], summary['mlp']
   print(f'lr {q["lr"]:g}, start {q["start"]}: steps to |x|,|y| < {q["tol"]:g}: '
         f'elongated {q["elongated"]["steps_to_tol"]}, round {q["round"]["steps_to_tol"]}')
@@ -295,9 +292,10 @@ def main(argv: Sequence[str]) -> None:
     print(f'MLP, {kind} inputs: best lr {m[kind]["best_lr"]:g}, steps to MSE < '
           f'{m["target_relative_mse"]:g} Var(y): {m[kind]["best_steps_to_target"]}, '
           f'final {m[kind]["best_final_mse"]}')
-  print(f'wrote {_WORKDIR.value}/input_normalization.png and input_normalization.json in '
+  print(f'wrote {FLAGS.workdir}/input_normalization.png and input_normalization.json in '
         f'{summary["wall_seconds"]} s')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

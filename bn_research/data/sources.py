@@ -39,7 +39,7 @@ from bn_research.data import offline as offline_lib
 from bn_research.data import synthetic as synthetic_lib
 from bn_research.data import tfds_source
 
-DATASET_NAMES = ('mnist', 'fashion_mnist', 'synthetic')
+DATASET_NAMES = ('mnist', 'fashion_mnist', 'synthetic', 'cifar10')
 DATA_SOURCES = ('auto', 'tfds', 'idx', 'offline', 'synthetic')
 # Where Debian's `dataset-fashion-mnist` package puts the four gzip'd IDX files
 # (checked with `dpkg -L dataset-fashion-mnist`, package 0.0~git20200523.55506a9-1).

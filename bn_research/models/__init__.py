@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-MODELS = ('mlp', 'inception')
+MODELS = ('mlp', 'inception', 'small_cnn')
 
 
 def validate_model_config(m: ml_collections.ConfigDict) -> None:
@@ -22,6 +22,13 @@ def validate_model_config(m: ml_collections.ConfigDict) -> None:
       raise ValueError(f'model.hidden_sizes={tuple(m.hidden_sizes)!r} must be positive widths.')
     if not m.init_stddev > 0:
       raise ValueError(f'model.init_stddev={m.init_stddev!r} must be > 0.')
+  elif m.name == 'small_cnn':
+    if m.activation not in mlp.ACTIVATIONS:
+      raise ValueError(f'model.activation={m.activation!r}; allowed: '
+                       f'{", ".join(mlp.ACTIVATIONS)}.')
+    for key in ('conv_features', 'hidden_sizes'):
+      if any(int(h) <= 0 for h in m[key]):
+        raise ValueError(f'model.{key}={tuple(m[key])!r} must be positive widths.')
   elif m.name == 'inception':
     if m.activation not in ('relu', 'sigmoid'):
       raise ValueError(f'model.activation={m.activation!r}; allowed for inception: relu, sigmoid.')
@@ -51,6 +58,13 @@ def build_model(m: ml_collections.ConfigDict, *, num_classes: int,
                activation=m.activation, normalizer=m.normalizer,
                init_stddev=m.init_stddev, bn_kwargs=bn_kwargs,
                dropout_rate=m.dropout_rate, dtype=dtype)
+  if m.name == 'small_cnn':
+    from bn_research.models.small_cnn import SmallCNN
+    return SmallCNN(conv_features=tuple(int(f) for f in m.conv_features),
+                    hidden_sizes=tuple(int(h) for h in m.hidden_sizes),
+                    num_classes=num_classes, activation=m.activation,
+                    normalizer=m.normalizer, bn_kwargs=bn_kwargs,
+                    dropout_rate=m.dropout_rate, dtype=dtype)
   if m.name == 'inception':
     from bn_research.models.inception import Inception
     return Inception(num_classes=num_classes, normalizer=m.normalizer,
