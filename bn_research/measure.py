@@ -242,8 +242,9 @@ def make_measurement(model: nn.Module, sample_image: Any = None, *, etas: Sequen
   Returns:
     `measure(params, new_params, batch_stats, batch, rng) -> dict of scalars`, jit-able:
     params before and after step t's update, the batch statistics the step started
-    from, step t's mini-batch and its rng. Keys: 'ics_l2/<layer>', 'ics_cos/<layer>',
-    'landscape_loss_range', 'landscape_grad_pred', 'landscape_beta'.
+    from, step t's mini-batch and its rng. Keys: 'ics_l2/<layer>', 'ics_cos/<layer>';
+    'landscape_loss_range' (with 'landscape_loss_min', '..._max'), 'landscape_grad_pred'
+    (the max over step sizes, with 'landscape_grad_pred_min'), 'landscape_beta'.
   """
   if landscape and not len(etas):
     raise ValueError('make_measurement: landscape=True needs at least one step size eta.')
@@ -264,8 +265,13 @@ def make_measurement(model: nn.Module, sample_image: Any = None, *, etas: Sequen
         out[f'ics_cos/{name}'] = shift['cos'][i]
     if landscape:
       land = loss_landscape(loss_fn, params, batch, etas)
+      # Min and max too: Santurkar et al. draw the loss and the gradient change over
+      # the step sizes as bands over training.
       out.update(landscape_loss_range=land['loss_range'],
+                 landscape_loss_min=jnp.min(land['loss']),
+                 landscape_loss_max=jnp.max(land['loss']),
                  landscape_grad_pred=land['grad_predictiveness'],
+                 landscape_grad_pred_min=jnp.min(land['grad_distance']),
                  landscape_beta=land['beta_smoothness'])
     return out
 

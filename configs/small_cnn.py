@@ -20,13 +20,12 @@ Argument: `bn` (BN after every convolution and dense hidden layer, no biases the
 
 import ml_collections
 
+from bn_research import inception_ablation
 from bn_research.config import base_config
 
 # Training-set sizes, to count epochs in steps.
 TRAIN_EXAMPLES = {'fashion_mnist': 60_000, 'cifar10': 50_000, 'mnist': 60_000}
 DATASETS = ('fashion_mnist', 'cifar10', 'synthetic')
-_SHORT = {'lr': 'optimizer.learning_rate', 'epochs': None, 'data': None,
-          'source': 'data.source', 'seed': 'seed'}
 
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
@@ -44,29 +43,22 @@ def set_epochs(c: ml_collections.ConfigDict, epochs: int, num_train: int) -> Non
 
 
 def get_config(arg: str = 'bn') -> ml_collections.ConfigDict:
-  variant, *pairs = arg.split(',') if arg else ['bn']
+  args = inception_ablation.parse_args(arg, {'model': str, 'epochs': int, 'lr': float,
+                                             'data': str, 'source': str, 'seed': int})
+  variant, data = args.get('model', 'bn'), args.get('data', 'fashion_mnist')
   if variant not in ('bn', 'baseline'):
     raise ValueError(f'configs/small_cnn.py:{arg}: the variant must be bn or baseline, '
                      f'got {variant!r}.')
-  options = {'epochs': '15', 'data': 'fashion_mnist'}
-  for pair in pairs:
-    key, _, value = pair.partition('=')
-    if key not in _SHORT:
-      raise ValueError(f'configs/small_cnn.py: unknown argument {key!r}; allowed: '
-                       f'{", ".join(_SHORT)}.')
-    options[key] = value
-  if options['data'] not in DATASETS:
-    raise ValueError(f'configs/small_cnn.py: data={options["data"]!r}; allowed: '
-                     f'{", ".join(DATASETS)}.')
+  if data not in DATASETS:
+    raise ValueError(f'configs/small_cnn.py: data={data!r}; allowed: {", ".join(DATASETS)}.')
 
   c = base_config()
-  c.seed = 0
   c.batch_size = 32
   c.steps_per_dispatch = 1   # XLA:CPU runs convolutions slower inside a scan
   c.eval_batch_size = 1000
 
   c.optimizer.name = 'momentum'
-  c.optimizer.learning_rate = 0.01
+  c.optimizer.learning_rate = args.get('lr', 0.01)
   c.optimizer.momentum = 0.9
   # Constant in effect (x0.999997 over 3 x decay_steps). Not 1.0 only because the
   # engine's one-step dispatch path (steps_per_dispatch=1) indexes the learning rate
@@ -80,20 +72,14 @@ def get_config(arg: str = 'bn') -> ml_collections.ConfigDict:
   c.model.conv_features = (16, 32)
   c.model.hidden_sizes = (64,)
 
-  c.data.name = options['data']
-  c.data.source = 'tfds' if options['data'] == 'cifar10' else 'auto'
-  if options['data'] == 'synthetic':
+  c.seed = args.get('seed', 0)
+  c.data.name = data
+  c.data.source = args.get('source', 'tfds' if data == 'cifar10' else 'auto')
+  if data == 'synthetic':
     c.data.source = 'synthetic'
     c.data.image_size = 16
     c.data.num_train = 2048
     c.data.num_test = 512
-  for key, value in options.items():
-    if _SHORT.get(key):
-      *path, last = _SHORT[key].split('.')
-      node = c
-      for p in path:
-        node = node[p]
-      node[last] = type(node[last])(value)
-  num_train = c.data.num_train if c.data.name == 'synthetic' else TRAIN_EXAMPLES[c.data.name]
-  set_epochs(c, int(options['epochs']), num_train)
+  num_train = c.data.num_train if data == 'synthetic' else TRAIN_EXAMPLES[data]
+  set_epochs(c, args.get('epochs', 15), num_train)
   return c

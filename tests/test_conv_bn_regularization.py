@@ -56,7 +56,7 @@ def test_config_counts_epochs_and_is_valid():
   assert c.batch_size == 32 and c.optimizer.learning_rate == 0.05
   assert c.eval_every_steps == c.log_every_steps == 60_000 // 32
   assert c.num_train_steps == 4 * (60_000 // 32)
-  with pytest.raises(ValueError, match="unknown argument 'epoch'"):
+  with pytest.raises(ValueError, match="unknown config argument 'epoch'"):
     small_cnn.get_config('bn,epoch=3')
   with pytest.raises(ValueError, match="data='svhn'"):
     small_cnn.get_config('bn,data=svhn')

@@ -112,7 +112,8 @@ def test_mlp_measurement_matches_layer_by_layer_replacement(fast_compiles):
       params, new_params, variables['batch_stats'], batch, jax.random.key(1))
   assert sorted(m) == sorted(
       [f'ics_{k}/{n}' for k in ('l2', 'cos') for n in ('hidden_0', 'hidden_1', 'logits')]
-      + ['landscape_loss_range', 'landscape_grad_pred', 'landscape_beta'])
+      + ['landscape_loss_range', 'landscape_loss_min', 'landscape_loss_max',
+         'landscape_grad_pred', 'landscape_grad_pred_min', 'landscape_beta'])
 
   # Independently: swap whole subtrees by name and take plain gradients.
   loss = measure.training_loss(model)
@@ -133,6 +134,9 @@ def test_mlp_measurement_matches_layer_by_layer_replacement(fast_compiles):
   assert m['ics_l2/hidden_0'] == 0.0
   for key in ('landscape_loss_range', 'landscape_grad_pred', 'landscape_beta'):
     assert np.isfinite(m[key]) and m[key] > 0
+  np.testing.assert_allclose(m['landscape_loss_max'] - m['landscape_loss_min'],
+                             m['landscape_loss_range'], rtol=1e-6)
+  assert m['landscape_grad_pred_min'] <= m['landscape_grad_pred']
 
 
 def test_inception_layers_are_stem_units_modules_and_classifier():
