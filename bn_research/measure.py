@@ -90,8 +90,8 @@ def internal_covariate_shift(loss_fn: Callable[[Pytree, Any], jax.Array], params
     batch: step t's mini-batch, passed to `loss_fn` unchanged.
 
   Returns:
-    {'l2': (k,) ||G_i - G'_i||_2, 'cos': (k,) cos(G_i, G'_i)} for the k layers; layer 0
-    is exactly (0, 1).
+    {'l2': (k,) ||G_i - G'_i||_2, 'cos': (k,) cos(G_i, G'_i), 'grad_norm': (k,) ||G_i||}
+    for the k layers; layer 0 is exactly (0, 1).
   """
   k = len(layers)
   owner = layer_index_of_leaves(params, layers)
@@ -120,7 +120,7 @@ def internal_covariate_shift(loss_fn: Callable[[Pytree, Any], jax.Array], params
   denom = jnp.sqrt(g_norm2[1:] * norm2)
   cos = jnp.concatenate([jnp.ones((1,)), jnp.where(denom > 0, dot / jnp.where(
       denom > 0, denom, 1.0), 1.0)])
-  return {'l2': l2, 'cos': cos}
+  return {'l2': l2, 'cos': cos, 'grad_norm': jnp.sqrt(g_norm2)}
 
 
 def _global_norm(leaves: Sequence[jax.Array]) -> jax.Array:
@@ -242,7 +242,8 @@ def make_measurement(model: nn.Module, sample_image: Any = None, *, etas: Sequen
   Returns:
     `measure(params, new_params, batch_stats, batch, rng) -> dict of scalars`, jit-able:
     params before and after step t's update, the batch statistics the step started
-    from, step t's mini-batch and its rng. Keys: 'ics_l2/<layer>', 'ics_cos/<layer>';
+    from, step t's mini-batch and its rng. Keys: 'ics_l2/<layer>', 'ics_cos/<layer>',
+    'ics_rel/<layer>' (||G - G'|| / ||G||);
     'landscape_loss_range' (with 'landscape_loss_min', '..._max'), 'landscape_grad_pred'
     (the max over step sizes, with 'landscape_grad_pred_min'), 'landscape_beta'.
   """
@@ -263,6 +264,9 @@ def make_measurement(model: nn.Module, sample_image: Any = None, *, etas: Sequen
       for i, (name, _) in enumerate(layers):
         out[f'ics_l2/{name}'] = shift['l2'][i]
         out[f'ics_cos/{name}'] = shift['cos'][i]
+        # Relative to ||G||: comparable between networks whose gradients differ in
+        # scale (a network stuck on a plateau has small gradients and small ||G - G'||).
+        out[f'ics_rel/{name}'] = shift['l2'][i] / jnp.maximum(shift['grad_norm'][i], 1e-30)
     if landscape:
       land = loss_landscape(loss_fn, params, batch, etas)
       # Min and max too: Santurkar et al. draw the loss and the gradient change over

@@ -141,7 +141,7 @@ def summarize_network(run) -> dict:
   series = lambda metric: [list(p) for p in zip(*runs_lib.metric_series(run, metric))]
   out['eval_accuracy'] = series('eval_accuracy')
   out['final_eval_accuracy'] = out['eval_accuracy'][-1][1] if out['eval_accuracy'] else None
-  for kind in ('l2', 'cos'):
+  for kind in ('l2', 'cos', 'rel'):
     out[f'ics_{kind}'] = {layer: series(f'ics_{kind}/{layer}') for layer in layers}
     out[f'mean_ics_{kind}'] = {layer: float(np.mean([v for _, v in s]))
                                for layer, s in out[f'ics_{kind}'].items() if s}
@@ -163,6 +163,9 @@ def summarize(workdir: str, networks: Sequence[str]) -> dict:
     out['comparison'] = {
         'layers_where_bn_ics_l2_is_lower': [
             l for l in shared if bn['mean_ics_l2'][l] < base['mean_ics_l2'][l]],
+        'layers_where_bn_ics_rel_is_lower': [
+            l for l in shared if l in bn['mean_ics_rel'] and l in base['mean_ics_rel']
+            and bn['mean_ics_rel'][l] < base['mean_ics_rel'][l]],
         'layers_compared': shared,
         'bn_loss_range_lower': _lower(bn, base, 'mean_landscape_loss_range'),
         'bn_grad_pred_lower': _lower(bn, base, 'mean_landscape_grad_pred'),

@@ -50,6 +50,7 @@ def test_ics_of_a_linear_network_matches_a_hand_computation(depth):
     np.testing.assert_allclose(got['l2'][i], np.linalg.norm(a - b), rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(got['cos'][i], a @ b / np.linalg.norm(a) / np.linalg.norm(b),
                                rtol=2e-5)
+    np.testing.assert_allclose(got['grad_norm'][i], np.linalg.norm(a), rtol=2e-5)
   assert got['l2'][0] == 0.0 and got['cos'][0] == 1.0  # layer 1: no earlier layer moved
   assert float(got['l2'][-1]) > 1e-3                    # and the measurement is not vacuous
 
@@ -111,7 +112,7 @@ def test_mlp_measurement_matches_layer_by_layer_replacement(fast_compiles):
   m = jax.jit(measure.make_measurement(model, batch['image'], etas=(0.1, 0.5)))(
       params, new_params, variables['batch_stats'], batch, jax.random.key(1))
   assert sorted(m) == sorted(
-      [f'ics_{k}/{n}' for k in ('l2', 'cos') for n in ('hidden_0', 'hidden_1', 'logits')]
+      [f'ics_{k}/{n}' for k in ('l2', 'cos', 'rel') for n in ('hidden_0', 'hidden_1', 'logits')]
       + ['landscape_loss_range', 'landscape_loss_min', 'landscape_loss_max',
          'landscape_grad_pred', 'landscape_grad_pred_min', 'landscape_beta'])
 
@@ -127,6 +128,8 @@ def test_mlp_measurement_matches_layer_by_layer_replacement(fast_compiles):
   np.testing.assert_allclose(m['ics_l2/logits'], np.linalg.norm(a - b), rtol=1e-4)
   np.testing.assert_allclose(m['ics_cos/logits'],
                              a @ b / np.linalg.norm(a) / np.linalg.norm(b), rtol=1e-5)
+  np.testing.assert_allclose(m['ics_rel/logits'], np.linalg.norm(a - b) / np.linalg.norm(a),
+                             rtol=1e-4)
   layer1 = ('dense_1', 'bn_1')
   g1 = grad({**params, 'dense_0': new_params['dense_0'], 'bn_0': new_params['bn_0']})
   np.testing.assert_allclose(m['ics_l2/hidden_1'],
