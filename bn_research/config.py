@@ -114,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Santurkar et al.'s measurements (bn_research/measure.py), on the training batch of
   # every `every_steps`-th step (0: off): internal covariate shift per layer
-  # (ics_l2/<layer>, ics_cos/<layer>) and the loss landscape along the gradient at step
+  # (ics_l2/, ics_cos/, ics_rel/<layer>) and the loss landscape along the gradient at step
   # sizes `etas` (landscape_loss_range, landscape_grad_pred, landscape_beta).
   c.measure = ml_collections.ConfigDict()
   c.measure.every_steps = 0
