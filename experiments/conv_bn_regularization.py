@@ -49,6 +49,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer('steps', None, 'Stop each network after this many steps '
                        '(default: epochs x steps per epoch); for quick checks.')
   flags.DEFINE_string('data', 'fashion_mnist', 'fashion_mnist, cifar10 or synthetic.')
+  flags.DEFINE_string('data_dir', '', "The dataset's directory (data.data_dir): a TFDS "
+                      "data_dir, or IDX files; '' = the defaults (TFDS_DATA_DIR, Debian's "
+                      'Fashion-MNIST).')
   flags.DEFINE_integer('train_examples', 6000, 'Train on this many training examples (a '
                        'fixed random subset); 0: all. Synthetic data: generate this many.')
   flags.DEFINE_float('lr', None, "Learning rate for both networks (default: the config's).")
@@ -90,7 +93,8 @@ def write_training_subset(data_config, directory: str, train_examples: int,
 
 
 def network_configs(workdir: str, *, data: str, epochs: int, steps: Optional[int],
-                    train_examples: int, lr: Optional[float], seed: int) -> dict:
+                    train_examples: int, lr: Optional[float], seed: int,
+                    data_dir: str = '') -> dict:
   """{network: config} for both networks; validated, nothing loaded or written."""
   from bn_research import config as config_lib  # pylint: disable=g-import-not-at-top
   from configs import small_cnn  # pylint: disable=g-import-not-at-top
@@ -98,6 +102,7 @@ def network_configs(workdir: str, *, data: str, epochs: int, steps: Optional[int
   for net in NETWORKS:
     c = small_cnn.get_config(f'{net},data={data},epochs={epochs}')
     c.seed = seed
+    c.data.data_dir = data_dir
     if lr is not None:
       c.optimizer.learning_rate = lr
     if data == 'synthetic' and train_examples:
@@ -115,11 +120,13 @@ def network_configs(workdir: str, *, data: str, epochs: int, steps: Optional[int
 
 def run(workdir: str, *, data: str = 'fashion_mnist', epochs: int = 15,
         steps: Optional[int] = None, train_examples: int = 6000,
-        lr: Optional[float] = None, seed: int = 0, overwrite: bool = False) -> dict:
+        lr: Optional[float] = None, seed: int = 0, data_dir: str = '',
+        overwrite: bool = False) -> dict:
   """Trains both networks, then writes the figure and the JSON summary; returns it."""
   t0 = time.time()
   configs = network_configs(workdir, data=data, epochs=epochs, steps=steps,
-                            train_examples=train_examples, lr=lr, seed=seed)
+                            train_examples=train_examples, lr=lr, seed=seed,
+                            data_dir=data_dir)
   if train_examples and data != 'synthetic':
     directory = subset_dir(workdir, data, train_examples, seed)
     write_training_subset(configs['bn'].data, directory, train_examples, seed)
@@ -255,8 +262,16 @@ def parse_flags() -> dict:
   if FLAGS.lr is not None and not FLAGS.lr > 0:
     raise ValueError(f'--lr={FLAGS.lr} must be > 0.')
   kwargs = dict(data=FLAGS.data, epochs=FLAGS.epochs, steps=FLAGS.steps,
-                train_examples=FLAGS.train_examples, lr=FLAGS.lr, seed=FLAGS.seed)
+                train_examples=FLAGS.train_examples, lr=FLAGS.lr, seed=FLAGS.seed,
+                data_dir=FLAGS.data_dir)
   network_configs(FLAGS.workdir, **kwargs)  # the configs' own checks, before any work
+  if FLAGS.data == 'cifar10':
+    from bn_research.data import tfds_source  # pylint: disable=g-import-not-at-top
+    prepared, reason = tfds_source.check_prepared('cifar10', FLAGS.data_dir)
+    if prepared is None:
+      raise ValueError(f'--data=cifar10: {reason}. Prepare it where TensorFlow and the '
+                       'network are available (`tfds build cifar10 '
+                       '--file_format=array_record --data_dir=DIR`) and pass --data_dir=DIR.')
   return kwargs
 
 
