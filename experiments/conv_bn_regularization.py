@@ -60,7 +60,6 @@ def _define_flags() -> None:
   flags.DEFINE_bool('overwrite', False, 'Passed on to both runs.')
 
 
-
 NETWORKS = ('bn', 'baseline')
 # Validation loss "turns upward" when its last value is this fraction above its minimum.
 UPWARD_FRACTION = 0.05
@@ -92,7 +91,7 @@ def write_training_subset(data_config, directory: str, train_examples: int,
                        labels.astype(np.uint8))
 
 
-def network_configs(workdir: str, *, data: str, epochs: int, steps: Optional[int],
+def network_configs(*, data: str, epochs: int, steps: Optional[int],
                     train_examples: int, lr: Optional[float], seed: int,
                     data_dir: str = '') -> dict:
   """{network: config} for both networks; validated, nothing loaded or written."""
@@ -124,7 +123,7 @@ def run(workdir: str, *, data: str = 'fashion_mnist', epochs: int = 15,
         overwrite: bool = False) -> dict:
   """Trains both networks, then writes the figure and the JSON summary; returns it."""
   t0 = time.time()
-  configs = network_configs(workdir, data=data, epochs=epochs, steps=steps,
+  configs = network_configs(data=data, epochs=epochs, steps=steps,
                             train_examples=train_examples, lr=lr, seed=seed,
                             data_dir=data_dir)
   if train_examples and data != 'synthetic':
@@ -264,7 +263,7 @@ def parse_flags() -> dict:
   kwargs = dict(data=FLAGS.data, epochs=FLAGS.epochs, steps=FLAGS.steps,
                 train_examples=FLAGS.train_examples, lr=FLAGS.lr, seed=FLAGS.seed,
                 data_dir=FLAGS.data_dir)
-  network_configs(FLAGS.workdir, **kwargs)  # the configs' own checks, before any work
+  network_configs(**kwargs)  # the configs' own checks, before any work
   if FLAGS.data == 'cifar10':
     from bn_research.data import tfds_source  # pylint: disable=g-import-not-at-top
     prepared, reason = tfds_source.check_prepared('cifar10', FLAGS.data_dir)

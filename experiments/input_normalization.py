@@ -57,7 +57,6 @@ def _define_flags() -> None:
   flags.DEFINE_integer('seed', 0, 'Seed of the MLP data and initial weights.')
 
 
-
 # The two bowls: f(x, y) = 0.5 * (a_x x^2 + a_y y^2), curvatures (a_x, a_y).
 BOWLS = {'elongated': (0.1, 2.0),   # x^2/20 + y^2
          'round': (2.0, 2.0)}       # x^2 + y^2
