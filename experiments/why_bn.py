@@ -23,7 +23,6 @@ per network), run directories DIR/<network>.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import time
@@ -63,25 +62,15 @@ def _define_flags() -> None:
 
 
 def _override(c, assignment: str) -> None:
-  """Applies 'a.b=value' to config c; the value is a Python literal or a string."""
+  """Applies 'a.b=value' to config c, the value parsed as sweeps parse theirs."""
+  from bn_research import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
   key, eq, text = assignment.partition('=')
-  if not eq:
-    raise ValueError(f'--set={assignment!r}: expected key=value.')
-  *parents, last = key.split('.')
-  node = c
-  for p in parents:
-    if p not in node:
-      raise ValueError(f'--set={assignment!r}: no config key {key!r}.')
-    node = node[p]
-  if last not in node:
-    raise ValueError(f'--set={assignment!r}: no config key {key!r}.')
+  if not eq or not sweep_lib.has_key(c, key):
+    raise ValueError(f'--set={assignment!r}: ' + (f'no config key {key!r}.' if eq else
+                                                  'expected key=value.'))
   try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    value = text
-  try:
-    node[last] = value
-  except TypeError as e:
+    c.update_from_flattened_dict({key: sweep_lib.parse_value(text)})
+  except (TypeError, ValueError) as e:
     raise ValueError(f'--set={assignment!r}: {e}') from None
 
 
