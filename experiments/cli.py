@@ -25,3 +25,13 @@ def parse_or_exit(program: str, argv: Sequence[str], parse: Callable[[], dict]) 
   except ValueError as e:
     print(f'{program}: error: {e}', file=sys.stderr)
     sys.exit(2)
+
+
+def quiet_library_logs() -> None:
+  """Keeps INFO lines from this project only, for experiments that train in-process
+  (orbax logs every checkpoint at INFO), as `bn_research.main` does."""
+  try:
+    from bn_research.log_filter import quiet_library_logs as quiet  # pylint: disable=g-import-not-at-top
+  except ImportError:  # before the engine rewrite (bn_research/engine) is merged
+    from bn_research.vmap_sweep import quiet_library_logs as quiet  # pylint: disable=g-import-not-at-top
+  quiet()

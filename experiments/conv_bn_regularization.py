@@ -132,11 +132,7 @@ def run(workdir: str, *, data: str = 'fashion_mnist', epochs: int = 15,
     for c in configs.values():
       c.data.source, c.data.data_dir = 'idx', directory
   from bn_research import train  # pylint: disable=g-import-not-at-top
-  try:  # orbax logs every checkpoint at INFO: keep this project's lines only
-    from bn_research.log_filter import quiet_library_logs  # pylint: disable=g-import-not-at-top
-  except ImportError:  # before the engine rewrite (bn_research/engine) is merged
-    from bn_research.vmap_sweep import quiet_library_logs  # pylint: disable=g-import-not-at-top
-  quiet_library_logs()
+  cli.quiet_library_logs()
   os.makedirs(workdir, exist_ok=True)
   for net, c in configs.items():
     logging.info('training %s: %d steps, %d per epoch', net, c.num_train_steps,

@@ -104,6 +104,7 @@ def run(workdir: str, *, networks: Sequence[str] = tuple(NETWORKS), overwrite: b
   t0 = time.time()
   configs = {net: network_config(net, **kwargs) for net in networks}
   from bn_research import train  # pylint: disable=g-import-not-at-top
+  cli.quiet_library_logs()
   os.makedirs(workdir, exist_ok=True)
   for net, c in configs.items():
     logging.info('training %s (%s): %d steps, measuring every %d', net,
