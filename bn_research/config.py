@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   # same as virtual_batch_size = per-device batch under jit).
   c.model.bn_cross_replica = True
   c.model.dtype = 'float32'
+  # small_cnn only: output channels of its conv-BN-ReLU-pool blocks (its dense head
+  # takes hidden_sizes).
+  c.model.conv_features = (32, 64)
   # Inception-only options (ignored by the MLP).
   c.model.use_lrn = False
   c.model.width_multiplier = 1.0
@@ -117,6 +120,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.probe.unit = 0
   c.probe.num_examples = 1000
   c.probe.percentiles = (15.0, 50.0, 85.0)
+
+  # Santurkar et al.'s measurements (bn_research/measure.py), on the training batch of
+  # every `every_steps`-th step (0: off): internal covariate shift per layer
+  # (ics_l2/, ics_cos/, ics_rel/<layer>) and the loss landscape along the gradient at step
+  # sizes `etas` (landscape_loss_range, landscape_grad_pred, landscape_beta).
+  c.measure = ml_collections.ConfigDict()
+  c.measure.every_steps = 0
+  c.measure.ics = True
+  c.measure.landscape = True
+  c.measure.etas = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)   # absolute step sizes along -g
   return c
 
 
@@ -148,6 +161,10 @@ CORE_KEYS = {
     'optimizer.weight_decay': checks.Float(0.0),
     'optimizer.regularize_batch_norm': checks.Bool(),
     'divergence.max_loss': checks.Float(0.0, note='0: no loss test'),
+    'measure.every_steps': checks.Int(0, note='0: off'),
+    'measure.ics': checks.Bool(),
+    'measure.landscape': checks.Bool(),
+    'measure.etas': checks.Floats(0.0, low_open=True),
     'probe.enabled': checks.Bool(),
     # Its range depends on the model: checked in `validate_config`.
     'probe.layer': checks.Int(None, note='-1: the last hidden layer'),
@@ -261,6 +278,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     data.validate_data_config(config.data)
 
   _validate_probe(config)
+  measure = config.measure
+  if measure.every_steps and not (measure.ics or measure.landscape):
+    raise ValueError(f'measure.every_steps={measure.every_steps} but measure.ics and '
+                     'measure.landscape are both False; turn one on or set every_steps=0.')
 
 
 def _validate_probe(config: ml_collections.ConfigDict) -> None:

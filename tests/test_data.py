@@ -266,7 +266,7 @@ def test_binarize_matches_numpy_rule(threshold):
 
 
 @pytest.mark.parametrize('overrides, needle', [
-    (dict(name='cifar10'), 'cifar10'),
+    (dict(name='svhn'), 'svhn'),
     (dict(source='gcs'), 'gcs'),
     (dict(name='mnist', source='idx', data_dir=''), 'data_dir'),
     (dict(source='idx', data_dir='/no/such/dir/xyz'), '/no/such/dir/xyz'),

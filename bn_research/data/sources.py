@@ -47,7 +47,7 @@ from bn_research.data import offline as offline_lib
 from bn_research.data import synthetic as synthetic_lib
 from bn_research.data import tfds_source
 
-DATASET_NAMES = ('mnist', 'fashion_mnist', 'synthetic')
+DATASET_NAMES = ('mnist', 'fashion_mnist', 'synthetic', 'cifar10')
 DATA_SOURCES = ('auto', 'tfds', 'idx', 'download', 'offline', 'synthetic')
 # data.download_url value that keeps 'auto' off the network.
 NO_DOWNLOAD = 'none'

@@ -1,4 +1,4 @@
-"""MNIST / Fashion-MNIST from an already-prepared TensorFlow Datasets directory, no TF.
+"""MNIST / Fashion-MNIST / CIFAR-10 from an already-prepared TFDS directory, no TF.
 
 Why `tfds.data_source` and not `tfds.load`
 -----------------------------------------
@@ -36,7 +36,7 @@ import numpy as np
 from bn_research.data import idx as idx_lib
 
 # Our dataset names -> TFDS builder names.
-TFDS_NAMES = {'mnist': 'mnist', 'fashion_mnist': 'fashion_mnist'}
+TFDS_NAMES = {'mnist': 'mnist', 'fashion_mnist': 'fashion_mnist', 'cifar10': 'cifar10'}
 # Shard formats that `tfds.data_source` can read without TensorFlow.
 _RANDOM_ACCESS_FORMATS = ('array_record', 'parquet')
 # Records decoded per `__getitems__` call: large enough to amortise call overhead.
@@ -62,7 +62,7 @@ def check_prepared(name: str, data_dir: str) -> Tuple[Optional[str], str]:
   """Looks on disk (no TFDS calls that could download) for a prepared dataset.
 
   Args:
-    name: 'mnist' or 'fashion_mnist'.
+    name: a key of TFDS_NAMES.
     data_dir: TFDS data directory ('' = TFDS default).
 
   Returns:
@@ -128,12 +128,13 @@ def load_tfds(
   """Reads the official train and test splits of a prepared TFDS dataset.
 
   Args:
-    name: 'mnist' or 'fashion_mnist'.
+    name: 'mnist', 'fashion_mnist' or 'cifar10'.
     data_dir: TFDS data directory ('' = TFDS default).
 
   Returns:
     (train_images, train_labels, test_images, test_labels, version_dir); images
-    float32 (N, 28, 28, 1) in [0, 1] (uint8 / 255), labels int32. Example order is
+    float32 NHWC in [0, 1] (uint8 / 255): (N, 28, 28, 1), for cifar10 (N, 32, 32, 3);
+    labels int32. Example order is
     the order of the prepared files (TFDS shuffles by key when preparing).
 
   Raises:

@@ -12,7 +12,7 @@ from bn_research import checks
 from bn_research import normalization
 from bn_research.models import mlp
 
-MODELS = ('mlp', 'inception')
+MODELS = ('mlp', 'inception', 'small_cnn')
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 # Every `model.*` key, with what it accepts (see bn_research/checks.py). Inception-only
@@ -34,6 +34,7 @@ MODEL_KEYS = {
     'model.width_multiplier': checks.Float(0.0, low_open=True),
     'model.small_inputs': checks.Bool(),
     'model.stem_stride': checks.Int(1, 2),
+    'model.conv_features': checks.Ints(1, note='small_cnn conv widths'),
 }
 
 
@@ -66,6 +67,13 @@ def build_model(m: ml_collections.ConfigDict, *, num_classes: int,
                activation=m.activation, normalizer=m.normalizer,
                init_stddev=m.init_stddev, bn_kwargs=bn_kwargs,
                dropout_rate=m.dropout_rate, dtype=dtype)
+  if m.name == 'small_cnn':
+    from bn_research.models.small_cnn import SmallCNN
+    return SmallCNN(conv_features=tuple(int(f) for f in m.conv_features),
+                    hidden_sizes=tuple(int(h) for h in m.hidden_sizes),
+                    num_classes=num_classes, activation=m.activation,
+                    normalizer=m.normalizer, bn_kwargs=bn_kwargs,
+                    dropout_rate=m.dropout_rate, dtype=dtype)
   if m.name == 'inception':
     from bn_research.models.inception import Inception
     return Inception(num_classes=num_classes, normalizer=m.normalizer,

@@ -1,0 +1,64 @@
+"""The input-normalisation experiment: gradient descent on bowls against its closed form."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experiments import input_normalization as exp
+from tests import helpers
+
+
+def closed_form_steps(curvatures, start, lr, tol):
+  """Along curvature a a coordinate is (1 - lr a)^n times its start: the smallest n
+  with |1 - lr a|^n |w0| < tol, for every coordinate."""
+  steps = 0
+  for a, w0 in zip(curvatures, start):
+    c = abs(1 - lr * a)
+    if abs(w0) >= tol:
+      steps = max(steps, math.floor(math.log(tol / abs(w0)) / math.log(c)) + 1)
+  return steps
+
+
+@pytest.mark.parametrize('lr', [0.9, 0.3, 0.05])
+def test_steps_on_both_bowls_match_the_contraction_closed_form(lr):
+  start = (-8.0, 4.0)
+  for name, curvatures in exp.BOWLS.items():
+    path = exp.gradient_descent(exp.bowl(curvatures), start, lr, 2000)
+    want = closed_form_steps(curvatures, start, lr, 0.01)
+    assert exp.steps_to_reach(path, 0.01) == want, (name, lr)
+    np.testing.assert_allclose(path[want], [(1 - lr * a) ** want * w for a, w in
+                                            zip(curvatures, start)], rtol=1e-3, atol=1e-6)
+  # The flat direction (curvature 1/10) sets the pace of the elongated bowl.
+  assert closed_form_steps(exp.BOWLS['elongated'], start, lr, 0.01) > closed_form_steps(
+      exp.BOWLS['round'], start, lr, 0.01)
+
+
+def test_a_loss_that_oscillates_across_the_target_has_not_reached_it():
+  assert exp.steps_to_stay_below(np.array([3.0, 0.5, 2.0, 0.4, 0.3]), 1.0) == 3
+  assert exp.steps_to_stay_below(np.array([3.0, 0.5, 2.0]), 1.0) is None
+  assert exp.steps_to_stay_below(np.array([0.5, 0.4]), 1.0) == 0
+
+
+def test_experiment_writes_figure_and_summary(tmp_path):
+  summary = exp.run(str(tmp_path), lr=0.9, max_steps=200, steps=60, mlp_lrs=(0.01, 0.1, 30.0))
+  assert summary['quadratic']['elongated']['steps_to_tol'] == closed_form_steps(
+      exp.BOWLS['elongated'], (-8.0, 4.0), 0.9, 0.01)
+  with open(tmp_path / 'input_normalization.json') as f:
+    assert json.load(f)['quadratic'] == summary['quadratic']
+  assert os.path.getsize(tmp_path / 'input_normalization.png') > 10_000
+  mlp = summary['mlp']
+  # lr 30 diverges on raw features (inputs up to ~40): a result, not a crash.
+  assert mlp['unnormalised']['diverged'][2] and mlp['unnormalised']['final_mse'][2] is None
+  assert mlp['normalised']['best_final_mse'] < mlp['unnormalised']['best_final_mse']
+
+
+def test_bad_flag_is_one_line_and_exit_code_2(tmp_path):
+  proc = helpers.run_module('experiments.input_normalization',
+                            [f'--workdir={tmp_path}', '--mlp_lrs=0.1,-1'])
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "input_normalization: error: --mlp_lrs='0.1,-1': expected finite numbers > 0."]
+  assert not os.listdir(tmp_path)

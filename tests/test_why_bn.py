@@ -1,0 +1,105 @@
+"""The why-BN experiment: its configs, and its summary of measurement rows."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import why_bn
+from tests import helpers
+
+
+def _write_run(path, rows, status='done'):
+  os.makedirs(path)
+  with open(os.path.join(path, 'metrics.jsonl'), 'w') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+  with open(os.path.join(path, 'status.json'), 'w') as f:
+    json.dump({'status': status}, f)
+
+
+def _rows(scale, seed):
+  rng = np.random.default_rng(seed)
+  rows = [{'step': 0, 'eval_accuracy': 0.1}]
+  for step in (10, 20, 30):
+    row = {'step': step, 'eval_accuracy': 0.5 + step / 100}
+    for i, layer in enumerate(('hidden_0', 'hidden_1', 'logits')):
+      row[f'ics_l2/{layer}'] = 0.0 if i == 0 else scale * float(rng.random())
+      row[f'ics_cos/{layer}'] = 1.0 if i == 0 else float(rng.random())
+    lo = scale * float(rng.random())
+    row.update(landscape_loss_min=lo, landscape_loss_max=lo + scale,
+               landscape_loss_range=scale, landscape_grad_pred_min=scale / 2,
+               landscape_grad_pred=scale * float(rng.random()) + scale,
+               landscape_beta=10 * scale)
+    rows.append(row)
+  return rows
+
+
+def test_summary_means_and_comparison_from_run_directories(tmp_path):
+  bn_rows, base_rows = _rows(0.1, 0), _rows(10.0, 1)
+  _write_run(tmp_path / 'bn', bn_rows)
+  _write_run(tmp_path / 'baseline', base_rows)
+  summary = why_bn.summarize(str(tmp_path), ['bn', 'baseline'])
+  bn = summary['bn']
+  assert bn['layers'] == ['hidden_0', 'hidden_1', 'logits']
+  assert [s for s, _ in bn['ics_l2']['logits']] == [10, 20, 30]
+  np.testing.assert_allclose(bn['mean_ics_l2']['hidden_1'],
+                             np.mean([r['ics_l2/hidden_1'] for r in bn_rows[1:]]))
+  np.testing.assert_allclose(summary['baseline']['mean_landscape_grad_pred'],
+                             np.mean([r['landscape_grad_pred'] for r in base_rows[1:]]))
+  assert bn['final_eval_accuracy'] == pytest.approx(0.8)
+  c = summary['comparison']
+  assert c['layers_compared'] == ['hidden_1', 'logits']  # layer 1: no shift by definition
+  assert c['layers_where_bn_ics_l2_is_lower'] == ['hidden_1', 'logits']
+  assert c['bn_loss_range_lower'] and c['bn_grad_pred_lower'] and c['bn_beta_lower']
+  summary['model'] = 'mlp'
+  why_bn.plot(summary, str(tmp_path / 'why_bn.png'))
+  assert os.path.getsize(tmp_path / 'why_bn.png') > 10_000
+
+
+def test_network_configs_differ_only_in_normalizer_and_measure_by_default():
+  bn = why_bn.network_config('bn', data='synthetic', steps=40, measure_every=20,
+                             etas=(0.1, 0.2))
+  base = why_bn.network_config('baseline', data='synthetic', steps=40, measure_every=20,
+                               etas=(0.1, 0.2))
+  assert (bn.model.normalizer, base.model.normalizer) == ('batch_norm', 'none')
+  assert bn.measure.every_steps == 20 and bn.measure.etas == (0.1, 0.2)
+  assert bn.eval_every_steps == 20 and bn.num_train_steps == 40
+  base.model.normalizer = 'batch_norm'
+  assert base.to_json() == bn.to_json()
+  tuned = why_bn.network_config('bn', data='synthetic', overrides=['optimizer.learning_rate=0.5'])
+  assert tuned.optimizer.learning_rate == 0.5
+  with pytest.raises(ValueError, match="no config key 'optimizer.lr'"):
+    why_bn.network_config('bn', data='synthetic', overrides=['optimizer.lr=0.5'])
+
+
+def test_bad_flag_is_one_line_and_exit_code_2(tmp_path):
+  proc = helpers.run_module('experiments.why_bn', [f'--workdir={tmp_path}/out',
+                                                   '--networks=bn,batchnorm'])
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "why_bn: error: --networks='bn,batchnorm'; allowed: bn, noisy_bn, baseline."]
+  assert not os.listdir(tmp_path)
+
+
+def test_job_measures_every_network(tmp_path):
+  """End to end, once the engine runs the measurement (config measure.*) and the noisy
+  BN normalizer exists; see the module docstring."""
+  from bn_research import normalization
+  try:
+    from bn_research.engine import steps as engine_steps  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    engine_steps = None
+  if ('noisy_batch_norm' not in normalization.NORMALIZERS
+      or not hasattr(engine_steps, 'make_measure_fn')):
+    pytest.skip('needs noisy_batch_norm and the engine measurement hook')
+  summary = why_bn.run(str(tmp_path), model='mlp', data='synthetic', steps=40,
+                       measure_every=20, etas=(0.05, 0.1))
+  for net in why_bn.NETWORKS:
+    s = summary[net]
+    assert s['layers'] == ['hidden_0', 'hidden_1', 'hidden_2', 'logits']
+    assert [step for step, _ in s['ics_l2']['logits']] == [20, 40]
+    assert s['mean_ics_l2']['hidden_0'] == 0.0
+    assert s['mean_landscape_loss_range'] >= 0 and s['mean_landscape_beta'] > 0
+  assert os.path.getsize(tmp_path / 'why_bn.png') > 10_000
