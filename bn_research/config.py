@@ -282,6 +282,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   if measure.every_steps and not (measure.ics or measure.landscape):
     raise ValueError(f'measure.every_steps={measure.every_steps} but measure.ics and '
                      'measure.landscape are both False; turn one on or set every_steps=0.')
+  if measure.every_steps and (config.parallelism == 'pmap' or _is_imagenet(config)):
+    raise ValueError(f'measure.every_steps={measure.every_steps}: the measurements run on '
+                     'in-memory data under parallelism=jit (not pmap, not the streamed '
+                     'imagenet2012); set measure.every_steps=0.')
 
 
 def _validate_probe(config: ml_collections.ConfigDict) -> None:

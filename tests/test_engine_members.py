@@ -231,3 +231,27 @@ def test_sigterm_ends_the_run_interrupted_and_the_same_command_resumes(tmp_path)
   import ml_collections
   config = ml_collections.ConfigDict(rundir.read_config(str(tmp_path / 'run')))
   assert rundir.check_workdir(str(tmp_path / 'run'), config, False) == 'resume'
+
+
+@pytest.mark.usefixtures('fast_compiles')
+def test_measurements_ride_on_the_cadence_and_members_measure_as_separate_runs(tmp_path):
+  """measure.every_steps: ICS and landscape rows at steps 0, 20, 40 (chunks end there
+  even when 20 divides no other interval), identical for a sweep member."""
+  from bn_research import rundir, train
+  config = helpers.tiny_mlp_config(**{'measure.every_steps': 20, 'measure.etas': (0.1, 0.5),
+                                      'eval_every_steps': 40, 'log_every_steps': 8,
+                                      'steps_per_dispatch': 40})
+  train.train_and_evaluate(config, str(tmp_path / 'plain'))
+  rows = {r['step']: r for r in rundir.read_metrics(str(tmp_path / 'plain'))}
+  measured = sorted(s for s, r in rows.items() if 'landscape_beta' in r)
+  assert measured == [0, 20, 40]
+  layers = sorted(k for k in rows[20] if k.startswith('ics_cos/'))
+  assert layers == ['ics_cos/hidden_0', 'ics_cos/hidden_1', 'ics_cos/logits']
+  assert rows[20]['ics_l2/hidden_0'] == 0.0 and rows[20]['ics_cos/hidden_0'] == 1.0
+  assert rows[20]['ics_l2/hidden_1'] > 0
+  train.train_members(config, [(str(tmp_path / 'a'), {'optimizer.learning_rate': 0.1}),
+                               (str(tmp_path / 'b'), {'optimizer.learning_rate': 0.3})])
+  member = {r['step']: r for r in rundir.read_metrics(str(tmp_path / 'a'))}
+  for step in measured:
+    for key in ('landscape_beta', 'landscape_loss_range', 'ics_l2/hidden_1'):
+      assert member[step][key] == pytest.approx(rows[step][key], rel=1e-4, abs=1e-6)

@@ -39,19 +39,27 @@ class Cadence:
     total: the last step.
     log_every, eval_every, checkpoint_every: intervals (0: only at the last step).
     dispatch_every: the most steps one dispatch runs.
+    measure_every: interval of the program's measurements (0: never).
   """
   total: int
   log_every: int
   eval_every: int
   checkpoint_every: int
   dispatch_every: int = 1
+  measure_every: int = 0
 
   @classmethod
   def from_config(cls, config) -> 'Cadence':
     return cls(total=config.num_train_steps, log_every=config.log_every_steps,
                eval_every=config.eval_every_steps,
                checkpoint_every=config.checkpoint_every_steps,
-               dispatch_every=config.steps_per_dispatch)
+               dispatch_every=config.steps_per_dispatch,
+               measure_every=config.measure.every_steps)
+
+  def is_measure_step(self, step: int) -> bool:
+    """Measurements at multiples of measure_every, step 0 included, never at the end
+    unless it is one (they look at the next update's batch)."""
+    return bool(self.measure_every) and step % self.measure_every == 0
 
   def is_time(self, step: int, every: int) -> bool:
     """True at multiples of `every` and at the last step."""
@@ -61,7 +69,7 @@ class Cadence:
     """The next step at which something happens (or the dispatch limit)."""
     ends = [self.total]
     for every in (self.dispatch_every, self.log_every, self.eval_every,
-                  self.checkpoint_every):
+                  self.checkpoint_every, self.measure_every):
       if every:
         ends.append((step // every + 1) * every)
     return min(ends)
@@ -159,6 +167,8 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
       for m, member_state in zip(members, program.split(state)):
         m.sink.save(0, member_state)
       rows = _evaluate(program, state)
+      if cadence.is_measure_step(0):
+        rows = [{**r, **x} for r, x in zip(rows, program.measure(state, 0))]
       for m, row in zip(members, rows):
         m.sink.write_metrics(0, row)
     while step < cadence.total and any(m.active for m in members):
@@ -209,6 +219,10 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
         for k, row in enumerate(_evaluate(program, state)):
           if members[k].active:
             eval_rows[k] = row
+      if live and cadence.is_measure_step(step):
+        for k, row in enumerate(program.measure(state, step)):
+          if members[k].active:
+            eval_rows[k] = {**(eval_rows[k] or {}), **row}
       report = Report(step=step, num_steps=len(losses[0]), total=cadence.total,
                       live=len(live), members=len(members), train_rows=train_rows,
                       eval_rows=eval_rows, time=time.time())

@@ -75,6 +75,10 @@ class Program:
   def probe(self, state: Any) -> Optional[list[dict]]:
     return None
 
+  def measure(self, state: Any, step: int) -> Optional[list[dict]]:
+    """Santurkar et al.'s measurements at `step` (config `measure.*`), or None."""
+    return None
+
 
 def _eval_rows(totals: np.ndarray) -> list[dict]:
   """(3, K) sums of loss, correct, count -> one row per member."""
@@ -154,6 +158,18 @@ class JitProgram(Program):
                          out_shardings=self._replicated)
     self._probe = (jax.jit(probe_fn, compiler_options=options,
                            out_shardings=self._replicated) if probe_fn is not None else None)
+    self._measure = None
+    if config.measure.every_steps:
+      from bn_research import measure as measure_lib  # pylint: disable=g-import-not-at-top
+      # The layers' order is read once, outside jit (traced dicts come back sorted).
+      first = {k: v[0] for k, v in self.hparams.items()}
+      layers = measure_lib.model_layers(measure_lib.creation_order(
+          builder.model(first), np.asarray(data.sample_image)))
+      measure_fn = steps.make_measure_fn(builder, layers, source.materialize)
+      if vmapped:
+        measure_fn = jax.vmap(measure_fn, in_axes=(0, 0, None, 0 if own_data else None))
+      self._measure = jax.jit(measure_fn, compiler_options=options,
+                              out_shardings=self._replicated)
     self._hp = self._global(self.hparams, self._hparams_sharding)
     self._eval_batches: Optional[list] = None
     self._probe_images = None
@@ -249,6 +265,14 @@ class JitProgram(Program):
       totals += np.stack([np.asarray(out[k], np.float64).reshape(-1)
                           for k in ('loss_sum', 'correct', 'count')])
     return _eval_rows(totals)
+
+  def measure(self, state, step: int) -> Optional[list[dict]]:
+    if self._measure is None:
+      return None
+    hp = self._hp if self.vmapped else {}
+    out = self._measure(hp, state, self._resident, self._chunk(step, 1))
+    out = {k: np.asarray(v, np.float64).reshape(self.num_members) for k, v in out.items()}
+    return [{k: float(v[i]) for k, v in out.items()} for i in range(self.num_members)]
 
   def probe(self, state) -> Optional[list[dict]]:
     if self._probe is None:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from bn_research import measure
 from bn_research import models
 from bn_research import optim
 from bn_research.engine import state as state_lib
@@ -189,3 +190,25 @@ def make_probe_fn(builder: Builder) -> Callable:
     return jnp.percentile(values, qs)
 
   return probe_fn
+
+
+def make_measure_fn(builder: Builder, layers: Any, materialize: Callable) -> Callable:
+  """measure(hparams, state, resident, chunk) -> Santurkar et al.'s measurements.
+
+  At the state's step t, on the batch of the next update (a one-step chunk): the
+  internal covariate shift per layer and the loss landscape along the gradient
+  (`bn_research.measure`). The update it needs (G' is taken after layers 1..i-1 moved)
+  is computed here and discarded, so training itself is untouched.
+  """
+  train_step = make_train_step(builder)
+  m = builder.config.measure
+
+  def measure_fn(hparams, state, resident, chunk):
+    batch = materialize(resident, jax.tree_util.tree_map(lambda x: x[0], chunk))
+    new_state, _ = train_step(hparams, state, batch)
+    rng = jax.random.fold_in(state.rng, state.step)  # the update's own dropout key
+    fn = measure.make_measurement(builder.model(hparams), layers=layers,
+                                  etas=tuple(m.etas), ics=m.ics, landscape=m.landscape)
+    return fn(state.params, new_state.params, state.batch_stats, batch, rng)
+
+  return measure_fn
