@@ -18,6 +18,7 @@ what to do about it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -606,10 +607,15 @@ class Checkpointer:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
     self.workdir = workdir
+    path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    # Across processes orbax synchronises on barriers named by step; a member sweep
+    # saves K managers' checkpoints of the same step at once, so each needs its own.
+    prefix = hashlib.sha1(path.encode()).hexdigest()[:12]
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=True))
+        path, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=prefix)))
 
   def latest_step(self) -> Optional[int]:
     """The newest step saved, including one whose asynchronous write is in progress."""

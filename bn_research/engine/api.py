@@ -177,7 +177,7 @@ def _devices(config: ml_collections.ConfigDict) -> list:
     kwargs = {key: int(os.environ[env]) for key, env in (
         ('num_processes', 'BN_RESEARCH_NUM_PROCESSES'),
         ('process_id', 'BN_RESEARCH_PROCESS_ID')) if os.environ.get(env)}
-    if jax.config.read('jax_platforms') in (None, '', 'cpu') and not _has_accelerator():
+    if not _has_accelerator():
       # CPU collectives across processes need an implementation (gloo ships with jaxlib).
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     if not jax.distributed.is_initialized():
@@ -191,7 +191,14 @@ def _devices(config: ml_collections.ConfigDict) -> list:
 
 
 def _has_accelerator() -> bool:
-  return any(p in os.environ.get('JAX_PLATFORMS', '') for p in ('gpu', 'cuda', 'tpu'))
+  """Whether JAX_PLATFORMS names an accelerator, or one is installed (without
+  initialising a backend: that must come after jax.distributed.initialize)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  if platforms:
+    return any(p in platforms for p in ('gpu', 'cuda', 'rocm', 'tpu'))
+  return any(importlib.util.find_spec(m) is not None
+             for m in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu', 'jax_rocm_plugin'))
 
 
 def _restore(members: list[_Member], keys: Sequence[str], data: inputs_lib.RunData
@@ -345,12 +352,16 @@ def train_members(base: ml_collections.ConfigDict,
   config_lib.validate_config(base)
   for c in configs:
     config_lib.validate_config(c)
+  devices = _devices(base)
   with _locked(workdirs):
     todo, done = _prepare(configs, workdirs, overwrite, None)
+    if jax.process_count() > 1:
+      # Every process decided from the same files before any is written.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('bn_research: workdirs checked')
     results: list = [done.get(i) for i in range(len(points))]
     if not todo:
       return results
-    devices = _devices(base)
     data_axis = (len(devices) if _plain
                  else programs.mesh_shape(len(todo), len(devices))['data'])
     for _, m in todo:
