@@ -5,7 +5,7 @@ r"""Training-step throughput of the Figure 1 MLP: ours (JAX) next to plain PyTor
 Both sides train the same network (784-100-100-100-10, sigmoid, BN before each sigmoid
 or none, batch 60, SGD with momentum 0.9) on the same in-memory data for the same
 number of steps; compile time is reported apart from the steady state. Ours runs the
-engine's own chunk function (`train.make_chunk_fn`, `steps_per_dispatch` steps per
+engine's own chunk function (`engine.steps.make_chunk_fn`, `steps_per_dispatch` steps per
 dispatch); PyTorch runs a plain eager loop. PyTorch is optional: without it only our
 figure is printed.
 
@@ -62,15 +62,17 @@ def bench_ours(images, labels, steps: int, options: dict) -> tuple[float, float]
   """Returns (compile seconds, steps per second) for our engine's training step."""
   import jax
   import numpy as np
-  from bn_research import inputs, models, train
+  from bn_research import inputs
+  from bn_research.engine import steps as steps_lib
   from configs import mnist_mlp
 
   config = mnist_mlp.get_config('bn' if _NORMALIZER.value == 'batch_norm' else 'baseline')
-  model = models.build_model(config.model, num_classes=10)
-  state, tx, schedule = train.create_train_state(model, config, images[:2])
-  step = train.make_train_step(model, tx, schedule, axis_name=None)
-  chunk_fn = jax.jit(train.make_chunk_fn(step, inputs.InMemoryInput.materialize),
-                     donate_argnums=(0,), compiler_options=options or None)
+  builder = steps_lib.Builder(config, num_classes=10)
+  state = jax.jit(steps_lib.make_init(builder))({}, images[:2])
+  chunk = steps_lib.make_chunk_fn(steps_lib.make_train_step(builder),
+                                  inputs.InMemoryInput.materialize)
+  chunk_fn = jax.jit(lambda s, r, c: chunk({}, s, r, c), donate_argnums=(0,),
+                     compiler_options=options or None)
   source = inputs.InMemoryInput(images, labels, batch_size=60, seed=0)
   resident = jax.device_put(source.resident)
   k = _DISPATCH.value

@@ -1,51 +1,48 @@
-r"""Throughput of K vmapped settings vs the same K settings trained one after another.
+r"""K members as one program vs K separate programs, through the engine's own layouts.
 
-    python -m scripts.bench_sweep [--k=8] [--steps=2000] [--normalizer=batch_norm]
-        [--end_to_end]
+    python -m scripts.bench_sweep [--mlp_k=8] [--inception_k=4] [--steps=2000]
+        [--inception_steps=20] [--devices=8] [--skip_devices]
 
-Both sides train the MNIST MLP of `configs/mnist_mlp.py` (3 x 100 sigmoid, batch 60,
-500 steps per dispatch) on synthetic 28x28 data, K learning rates log-spaced in
-[0.01, 1], `--steps` steps each, so both do K * steps member-steps:
+For each model (the Figure 1 MLP on synthetic 28x28 data, 500 steps per dispatch; the
+small BN-Inception of `configs/inception_small.py` on synthetic data, one step per
+dispatch), K learning rates log-spaced in [0.01, 1]:
 
-* sequential: per setting, the engine's own program (`train.make_train_step` with that
-  setting's optimizer, `make_chunk_fn`, jit with the state donated), compiled and run
-  as `train_and_evaluate` runs it, one setting after the other;
-* vmapped: `vmap_sweep.build_program`, one program for all K.
+* sequential: K plain programs (`engine.programs.JitProgram(vmapped=False)`), one per
+  learning rate, each compiled and trained in turn, as K separate runs would be;
+* one program: the K members vmapped (`JitProgram(vmapped=True)`), one compile.
 
-Compile time (jit lowering + XLA compilation of the chunk program, plus the
-init program) is timed apart from the training loop; steps/s count member-steps
-(K * steps / loop seconds). Evaluation, checkpoints and files are left out: that is
-what `--end_to_end` adds, timing `vmap_sweep.train_members` against K calls of
-`train.train_and_evaluate` (everything included, wall clock) in a temporary directory.
+Compile (the first dispatch, less one chunk's run time) and training (member-steps/s
+over the later dispatches) are reported apart, and their ratio. Evaluation,
+checkpoints and files are left out: both sides share that code.
+
+Then, in a fresh process with `--devices` forced CPU devices, the MLP's K members are
+spread over a members x data mesh and trained: the mesh and the rate are printed (on one
+CPU the forced devices share the cores, so the rate shows that the spread program runs,
+not a speed-up).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import subprocess
 import sys
-import tempfile
 import time
 from typing import Sequence
 
 from absl import app
 from absl import flags
 
-_K = flags.DEFINE_integer('k', 8, 'Number of settings (learning rates).')
-_STEPS = flags.DEFINE_integer('steps', 2000, 'Training steps per setting.')
-_NORMALIZER = flags.DEFINE_enum('normalizer', 'batch_norm', ['batch_norm', 'none'],
-                                'The MLP with BN (batch_norm) or the baseline (none).')
-_END_TO_END = flags.DEFINE_bool(
-    'end_to_end', False, 'Also time whole runs (eval, checkpoints, files included).')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def bench_config(steps: int, normalizer: str):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import mnist_mlp
-  c = mnist_mlp.get_config(('bn' if normalizer == 'batch_norm' else 'baseline')
-                           + f',source=synthetic,steps={steps}')
-  c.probe.enabled = False
-  return c
+_MLP_K = flags.DEFINE_integer('mlp_k', 8, 'Members (learning rates) of the MLP.')
+_INCEPTION_K = flags.DEFINE_integer('inception_k', 4, 'Members of the small Inception.')
+_STEPS = flags.DEFINE_integer('steps', 2000, 'Training steps per MLP member.')
+_INCEPTION_STEPS = flags.DEFINE_integer('inception_steps', 20,
+                                        'Training steps per Inception member.')
+_DEVICES = flags.DEFINE_integer('devices', 8, 'Forced CPU devices for the spread run.')
+_SKIP_DEVICES = flags.DEFINE_bool('skip_devices', False, 'Skip the spread run.')
+_SPREAD = flags.DEFINE_bool('spread_child', False, 'Internal: run the spread part here.')
 
 
 def learning_rates(k: int) -> list[float]:
@@ -53,122 +50,124 @@ def learning_rates(k: int) -> list[float]:
   return [float(f'{x:.3g}') for x in np.geomspace(0.01, 1.0, k)]
 
 
-def _run_chunks(compiled, state, resident, chunks, block):
-  for chunk in chunks:
-    state, metrics, finite = compiled(state, resident, chunk)
-  block(metrics)
-  return state
+def mlp_config(steps: int):
+  sys.path.insert(0, REPO)
+  from configs import mnist_mlp
+  c = mnist_mlp.get_config(f'bn,source=synthetic,steps={steps}')
+  c.probe.enabled = False
+  return c
 
 
-def bench_sequential(config, lrs: Sequence[float], ds) -> dict:
-  """The engine's program, compiled and run once per setting."""
+def inception_config(steps: int):
+  sys.path.insert(0, REPO)
+  from configs import inception_small
+  return inception_small.get_config(f'model=bn_x5,data=synthetic,steps={steps}')
+
+
+def _time_program(program, steps: int, per_dispatch: int) -> tuple[float, float]:
+  """(compile seconds, member-steps per second) of a program trained for `steps`."""
   import jax
-  from bn_research import inputs as inputs_lib
-  from bn_research import models, train
-  from bn_research import vmap_sweep
+  state = program.init()
+  t = time.perf_counter()
+  state, metrics, _ = program.dispatch(state, 0, per_dispatch)
+  first = time.perf_counter() - t
+  chunks = max(1, steps // per_dispatch - 1)
+  t = time.perf_counter()
+  for i in range(chunks):
+    state, metrics, _ = program.dispatch(state, (i + 1) * per_dispatch, per_dispatch)
+  jax.block_until_ready(state.params)
+  seconds = time.perf_counter() - t
+  per_chunk = seconds / chunks
+  return max(first - per_chunk, 0.0), program.num_members * chunks * per_dispatch / seconds
 
-  source = inputs_lib.InMemoryInput(ds.train_images, ds.train_labels,
-                                    batch_size=config.batch_size, seed=config.seed)
-  resident = jax.device_put(source.resident)
-  n = config.steps_per_dispatch
-  chunks = [source.chunk(s, n) for s in range(0, config.num_train_steps, n)]
-  compile_s = run_s = 0.0
+
+def compare(config, k: int, steps: int) -> dict:
+  """Sequential K plain programs vs one K-member program, on one device."""
+  import jax
+  from bn_research import inputs
+  from bn_research import train
+  from bn_research.engine import programs, state as state_lib
+  lrs = learning_rates(k)
+  data = inputs.load_run_data(config)
+  devices = jax.devices()[:1]
+  per = config.steps_per_dispatch
+  seq_compile, seq_seconds = 0.0, 0.0
   for lr in lrs:
-    c = vmap_sweep.member_config(config, {'optimizer.learning_rate': lr})
-    model = models.build_model(c.model, num_classes=ds.num_classes)
-    t = time.perf_counter()
-    state, tx, schedule = train.create_train_state(model, c, ds.train_images[:2])
-    run_chunk = train.make_chunk_fn(train.make_train_step(model, tx, schedule, axis_name=None),
-                                    source.materialize)
-    compiled = jax.jit(run_chunk, donate_argnums=(0,)).lower(
-        state, resident, chunks[0]).compile()
-    jax.block_until_ready(state)
-    compile_s += time.perf_counter() - t
-    t = time.perf_counter()
-    _run_chunks(compiled, state, resident, chunks, jax.block_until_ready)
-    run_s += time.perf_counter() - t
-  return {'compile_s': compile_s, 'run_s': run_s}
+    c = train.member_config(config, {'optimizer.learning_rate': lr})
+    program = programs.JitProgram(c, data, devices, hparams={}, num_members=1, vmapped=False)
+    comp, rate = _time_program(program, steps, per)
+    seq_compile += comp
+    seq_seconds += steps / rate
+  members = [train.member_config(config, {'optimizer.learning_rate': lr}) for lr in lrs]
+  program = programs.JitProgram(
+      config, data, devices, num_members=k, vmapped=True,
+      hparams=state_lib.stack_hparams(members, ['optimizer.learning_rate']))
+  one_compile, one_rate = _time_program(program, steps, per)
+  seq_rate = k * steps / seq_seconds
+  return dict(k=k, steps=steps, sequential_compile_s=seq_compile,
+              one_program_compile_s=one_compile, sequential_member_steps_per_s=seq_rate,
+              one_program_member_steps_per_s=one_rate, compile_ratio=seq_compile / one_compile,
+              steps_ratio=one_rate / seq_rate)
 
 
-def bench_vmapped(config, lrs: Sequence[float], ds) -> dict:
-  """One program for all K settings."""
+def spread(k: int, steps: int) -> dict:
+  """K MLP members on all (forced) devices: the mesh they get and the rate."""
   import jax
-  from bn_research import inputs as inputs_lib
-  from bn_research import vmap_sweep
-
-  source = inputs_lib.InMemoryInput(ds.train_images, ds.train_labels,
-                                    batch_size=config.batch_size, seed=config.seed)
-  resident = jax.device_put(source.resident)
-  n = config.steps_per_dispatch
-  chunks = [source.chunk(s, n) for s in range(0, config.num_train_steps, n)]
-  k = len(lrs)
-  t = time.perf_counter()
-  program = vmap_sweep.build_program(config, ds.num_classes, ds.train_images[:2],
-                                     shared_data=True)
-  state = program.init([config.seed] * k, [config.model.init_stddev] * k, lrs)
-  compiled = program.run_chunk.lower(state, resident, chunks[0]).compile()
-  jax.block_until_ready(state)
-  compile_s = time.perf_counter() - t
-  t = time.perf_counter()
-  _run_chunks(compiled, state, resident, chunks, jax.block_until_ready)
-  return {'compile_s': compile_s, 'run_s': time.perf_counter() - t}
+  from bn_research import inputs
+  from bn_research import train
+  from bn_research.engine import programs, state as state_lib
+  config = mlp_config(steps)
+  config.batch_size = 64  # splits over a data axis of up to 8 devices
+  members = [train.member_config(config, {'optimizer.learning_rate': lr})
+             for lr in learning_rates(k)]
+  program = programs.JitProgram(
+      config, inputs.load_run_data(config), jax.devices(), num_members=k, vmapped=True,
+      hparams=state_lib.stack_hparams(members, ['optimizer.learning_rate']))
+  compile_s, rate = _time_program(program, steps, config.steps_per_dispatch)
+  return dict(devices=jax.device_count(), mesh=program.mesh, k=k, compile_s=compile_s,
+              member_steps_per_s=rate)
 
 
-def bench_end_to_end(config, lrs: Sequence[float]) -> dict:
-  """Whole runs, files and all: K x train_and_evaluate vs one train_members."""
-  from absl import logging
-  from bn_research import train, vmap_sweep
-  logging.set_verbosity(logging.WARNING)
-  root = tempfile.mkdtemp(prefix='bench_sweep_')
-  try:
-    t = time.perf_counter()
-    for i, lr in enumerate(lrs):
-      train.train_and_evaluate(vmap_sweep.member_config(config, {'optimizer.learning_rate': lr}),
-                               os.path.join(root, f'seq_{i}'))
-    sequential = time.perf_counter() - t
-    os.makedirs(os.path.join(root, 'vmap'))
-    t = time.perf_counter()
-    vmap_sweep.train_members(config, [(os.path.join(root, 'vmap', f'{i}'),
-                                       {'optimizer.learning_rate': lr})
-                                      for i, lr in enumerate(lrs)])
-    vmapped = time.perf_counter() - t
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
-  return {'sequential_s': sequential, 'vmapped_s': vmapped}
+def _row(name: str, r: dict) -> str:
+  return (f'| {name} | {r["k"]} | {r["sequential_compile_s"]:.1f} s | '
+          f'{r["one_program_compile_s"]:.1f} s | {r["compile_ratio"]:.1f}x | '
+          f'{r["sequential_member_steps_per_s"]:,.0f} | {r["one_program_member_steps_per_s"]:,.0f} | '
+          f'{r["steps_ratio"]:.2f}x |')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from bn_research import launch
+  for flag in (_MLP_K, _INCEPTION_K, _STEPS, _INCEPTION_STEPS, _DEVICES):
+    launch.exit_on_bad_flags('bench_sweep', lambda f=flag: launch.check_positive_flag(
+        f.name, f.value, 'a positive integer', optional=False))
+  if _SPREAD.value:
+    print('SPREAD' + json.dumps(spread(_MLP_K.value, _STEPS.value)))
+    return
   import jax
-  from bn_research import data as data_lib
-  k, steps = _K.value, _STEPS.value
-  config = bench_config(steps, _NORMALIZER.value)
-  lrs = learning_rates(k)
-  ds = data_lib.load_dataset(config.data)
-  total = k * steps
-  print(f'MNIST MLP {tuple(config.model.hidden_sizes)} {config.model.activation}, '
-        f'normalizer={config.model.normalizer}, batch {config.batch_size}, synthetic '
-        f'{ds.train_images.shape[1]}x{ds.train_images.shape[2]} data, '
-        f'{config.steps_per_dispatch} steps/dispatch; K={k} learning rates {lrs}; '
-        f'{steps} steps each ({total} member-steps per side); {jax.devices()[0].platform}, '
-        f'{os.cpu_count()} CPUs', flush=True)
-  seq = bench_sequential(config, lrs, ds)
-  vm = bench_vmapped(config, lrs, ds)
-  print(f'{"":12s} {"compile s":>10s} {"train s":>9s} {"member-steps/s":>15s} '
-        f'{"total s":>8s}')
-  for name, r in (('sequential', seq), ('vmapped', vm)):
-    print(f'{name:12s} {r["compile_s"]:10.2f} {r["run_s"]:9.2f} '
-          f'{total / r["run_s"]:15.0f} {r["compile_s"] + r["run_s"]:8.2f}')
-  print(f'speed-up: {seq["run_s"] / vm["run_s"]:.2f}x training steps/s, '
-        f'{seq["compile_s"] / vm["compile_s"]:.2f}x compile, '
-        f'{(seq["compile_s"] + seq["run_s"]) / (vm["compile_s"] + vm["run_s"]):.2f}x '
-        'compile + train')
-  if _END_TO_END.value:
-    e2e = bench_end_to_end(config, lrs)
-    print(f'end to end (eval every {config.eval_every_steps}, checkpoints, files): '
-          f'sequential {e2e["sequential_s"]:.1f} s, vmapped {e2e["vmapped_s"]:.1f} s, '
-          f'speed-up {e2e["sequential_s"] / e2e["vmapped_s"]:.2f}x')
+  print(f'device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), '
+        f'{os.cpu_count()} CPU cores')
+  mlp = compare(mlp_config(_STEPS.value), _MLP_K.value, _STEPS.value)
+  inc = compare(inception_config(_INCEPTION_STEPS.value), _INCEPTION_K.value,
+                _INCEPTION_STEPS.value)
+  print('| model | K | compile, K programs | compile, one program | ratio | '
+        'member-steps/s, K programs | member-steps/s, one program | ratio |')
+  print('|---|---|---|---|---|---|---|---|')
+  print(_row('MLP 784-100-100-100, BN', mlp))
+  print(_row('BN-Inception small (width 1/8, 28x28)', inc))
+  if not _SKIP_DEVICES.value:
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={_DEVICES.value}',
+               PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    proc = subprocess.run([sys.executable, '-m', 'scripts.bench_sweep', '--spread_child',
+                           f'--mlp_k={_MLP_K.value}', f'--steps={_STEPS.value}'],
+                          env=env, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+      sys.exit(f'bench_sweep: the spread run failed:\n{proc.stderr[-2000:]}')
+    out = json.loads(proc.stdout.split('SPREAD')[-1])
+    print(f'\nspread: {out["k"]} MLP members on {out["devices"]} forced CPU devices, mesh '
+          f'{out["mesh"]}: compile {out["compile_s"]:.1f} s, '
+          f'{out["member_steps_per_s"]:,.0f} member-steps/s')
 
 
 if __name__ == '__main__':
