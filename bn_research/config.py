@@ -16,6 +16,11 @@ import ml_collections
 from bn_research import checks
 
 PARALLELISMS = ('jit', 'pmap')
+EVAL_BATCH_STATS = ('moving_average', 'population')
+PROBE_MODES = ('inference', 'train')
+# Normalizers whose inference statistics Algorithm 2 estimates (the others keep none,
+# or normalise per example).
+POPULATION_NORMALIZERS = ('batch_norm', 'virtual_batch_norm', 'none')
 OPTIMIZERS = ('sgd', 'momentum')
 
 
@@ -112,6 +117,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.divergence = ml_collections.ConfigDict()
   c.divergence.max_loss = 100.0
 
+  # Which statistics BN uses at evaluation: the moving averages tracked in training
+  # ('moving_average'), or Algorithm 2's population statistics ('population'),
+  # estimated at each evaluation from `population_batches` training mini-batches of the
+  # training batch size with the current weights: E[x] = mean of mu_B, Var[x] =
+  # m/(m-1) mean of var_B. The checkpointed moving averages are never touched. The
+  # probe uses the same statistics.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_stats = 'moving_average'
+  c.eval.population_batches = 50
+
   # Activation tracking (the paper's Figure 1): percentiles of the input to one unit's
   # nonlinearity, on a fixed batch of held-out examples, at every eval.
   c.probe = ml_collections.ConfigDict()
@@ -120,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.probe.unit = 0
   c.probe.num_examples = 1000
   c.probe.percentiles = (15.0, 50.0, 85.0)
+  # 'inference': the network as it is evaluated (BN with eval.batch_stats);
+  # 'train': BN normalises the probe batch with its own statistics, as in training.
+  c.probe.mode = 'inference'
 
   # Santurkar et al.'s measurements (bn_research/measure.py), on the training batch of
   # every `every_steps`-th step (0: off): internal covariate shift per layer
@@ -161,6 +179,9 @@ CORE_KEYS = {
     'optimizer.weight_decay': checks.Float(0.0),
     'optimizer.regularize_batch_norm': checks.Bool(),
     'divergence.max_loss': checks.Float(0.0, note='0: no loss test'),
+    'eval.batch_stats': checks.Choice(EVAL_BATCH_STATS),
+    'eval.population_batches': checks.Int(1, note='training mini-batches per estimate'),
+    'probe.mode': checks.Choice(PROBE_MODES),
     'measure.every_steps': checks.Int(0, note='0: off'),
     'measure.ics': checks.Bool(),
     'measure.landscape': checks.Bool(),
@@ -282,6 +303,14 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   if measure.every_steps and not (measure.ics or measure.landscape):
     raise ValueError(f'measure.every_steps={measure.every_steps} but measure.ics and '
                      'measure.landscape are both False; turn one on or set every_steps=0.')
+  if config.eval.batch_stats == 'population' and (
+      config.parallelism == 'pmap' or _is_imagenet(config)
+      or config.model.normalizer not in POPULATION_NORMALIZERS):
+    raise ValueError(
+        "eval.batch_stats='population' estimates Algorithm 2's statistics from in-memory "
+        f'training batches under parallelism=jit for normalizers '
+        f'{", ".join(POPULATION_NORMALIZERS)}; got parallelism={config.parallelism!r}, '
+        f'data.name={config.data.name!r}, model.normalizer={config.model.normalizer!r}.')
   if measure.every_steps and (config.parallelism == 'pmap' or _is_imagenet(config)):
     raise ValueError(f'measure.every_steps={measure.every_steps}: the measurements run on '
                      'in-memory data under parallelism=jit (not pmap, not the streamed '

@@ -158,6 +158,15 @@ class JitProgram(Program):
                          out_shardings=self._replicated)
     self._probe = (jax.jit(probe_fn, compiler_options=options,
                            out_shardings=self._replicated) if probe_fn is not None else None)
+    self._population = None
+    self._last_stats: Optional[tuple] = None
+    if config.eval.batch_stats == 'population' and config.model.normalizer != 'none':
+      population_fn = steps.make_population_fn(builder, source.materialize)
+      if vmapped:
+        population_fn = jax.vmap(population_fn,
+                                 in_axes=(0, 0, 0, None, 0 if own_data else None))
+      self._population = jax.jit(population_fn, compiler_options=options,
+                                 out_shardings=self._state_sharding)
     self._measure = None
     if config.measure.every_steps:
       from bn_research import measure as measure_lib  # pylint: disable=g-import-not-at-top
@@ -257,11 +266,26 @@ class JitProgram(Program):
       self._eval_batches = out  # small, fixed test set: place it on the devices once
     return out
 
+  def _inference_statistics(self, state) -> Any:
+    """BN's statistics for evaluation: the moving averages, or Algorithm 2's population
+    statistics from the first `eval.population_batches` training batches of the run's
+    data order (the same batches at every evaluation, so the estimates are comparable)."""
+    if self._population is None:
+      return state.batch_stats
+    if self._last_stats is not None and self._last_stats[0] is state:
+      return self._last_stats[1]  # the probe right after the evaluation
+    hp = self._hp if self.vmapped else {}
+    stats = self._population(hp, state.params, state.batch_stats, self._resident,
+                             self._chunk(0, self.config.eval.population_batches))
+    self._last_stats = (state, stats)
+    return stats
+
   def evaluate(self, state) -> list[dict]:
     hp = self._hp if self.vmapped else {}
     totals = np.zeros((3, self.num_members))
+    stats = self._inference_statistics(state)
     for b in self._placed_eval_batches():
-      out = self._eval(hp, state.params, state.batch_stats, b)
+      out = self._eval(hp, state.params, stats, b)
       totals += np.stack([np.asarray(out[k], np.float64).reshape(-1)
                           for k in ('loss_sum', 'correct', 'count')])
     return _eval_rows(totals)
@@ -281,7 +305,7 @@ class JitProgram(Program):
       self._probe_images = self._global(np.asarray(self.data.probe_images),
                                         self._replicated)
     hp = self._hp if self.vmapped else {}
-    values = np.asarray(self._probe(hp, state.params, state.batch_stats,
+    values = np.asarray(self._probe(hp, state.params, self._inference_statistics(state),
                                     self._probe_images)).reshape(self.num_members, -1)
     return _probe_rows(values, self.config.probe.percentiles)
 

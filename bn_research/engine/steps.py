@@ -17,6 +17,7 @@ import optax
 
 from bn_research import measure
 from bn_research import models
+from bn_research import normalization
 from bn_research import optim
 from bn_research.engine import state as state_lib
 
@@ -171,25 +172,70 @@ def make_eval_step(builder: Builder) -> Callable:
 def make_probe_fn(builder: Builder) -> Callable:
   """probe(hparams, params, batch_stats, images) -> percentiles of one unit (Figure 1).
 
-  The percentiles of the input to one unit's nonlinearity on the probe batch. The
-  network is run as it is evaluated (inference mode), so in the BN network the tracked
-  value is BN's output with the moving averages.
+  The percentiles of the input to one unit's nonlinearity (BN's output, in the BN
+  network) on the probe batch. `probe.mode`: 'inference' runs the network as it is
+  evaluated (BN with `batch_stats`: the moving averages or the population statistics);
+  'train' normalises the probe batch with its own statistics, as training does.
   """
   probe = builder.config.probe
   layer = probe.layer % len(builder.config.model.hidden_sizes)
   name = f'hidden_{layer}'
   qs = jnp.asarray(probe.percentiles, jnp.float32)
+  train = probe.mode == 'train'
 
   def probe_fn(hparams, params, batch_stats, images):
     variables = {'params': params}
     if batch_stats:
       variables['batch_stats'] = batch_stats
-    _, state = builder.model(hparams).apply(variables, images, train=False,
-                                            mutable=['intermediates'])
+    model = builder.model(hparams)
+    if train:
+      # Dropout off: the probe looks at the normalised input, not at noise.
+      model = model.clone(dropout_rate=0.0) if hasattr(model, 'dropout_rate') else model
+      _, state = model.apply(variables, images, train=True,
+                             mutable=['intermediates', 'batch_stats'])
+    else:
+      _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
     values = state['intermediates'][name][0][:, probe.unit].astype(jnp.float32)
     return jnp.percentile(values, qs)
 
   return probe_fn
+
+
+def _replace_statistics(batch_stats: Any, population: Any) -> Any:
+  """The moving averages' tree with every BN layer's mean and var from `population`."""
+  if not isinstance(batch_stats, dict):
+    return population
+  return {k: (_replace_statistics(v, population[k]) if k in population else v)
+          for k, v in batch_stats.items()}
+
+
+def make_population_fn(builder: Builder, materialize: Callable) -> Callable:
+  """population(hparams, params, batch_stats, resident, chunk) -> batch_stats.
+
+  Algorithm 2, step 10, in one program: training-mode forward passes over the chunk's
+  N mini-batches (the training batch size) with the current weights collect each BN
+  layer's mu_B and var_B; E[x] = mean of mu_B and Var[x] = m/(m-1) mean of var_B
+  (conv layers per channel over m' = m*p*q) replace the moving averages, in a copy.
+  Dropout is off in these passes.
+  """
+
+  def population(hparams, params, batch_stats, resident, chunk):
+    model = builder.model(hparams)
+    model = model.clone(dropout_rate=0.0) if hasattr(model, 'dropout_rate') else model
+    variables = {'params': params, 'batch_stats': batch_stats}
+
+    def moments_of(chunk_t):
+      batch = materialize(resident, chunk_t)
+      _, updates = model.apply(variables, batch['image'], train=True,
+                               mutable=['batch_stats', 'batch_moments'])
+      return updates['batch_moments']
+
+    stacked = jax.lax.map(moments_of, chunk)
+    n = jax.tree_util.tree_leaves(chunk)[0].shape[0]
+    per_batch = [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(n)]
+    return _replace_statistics(batch_stats, normalization.population_statistics(per_batch))
+
+  return population
 
 
 def make_measure_fn(builder: Builder, layers: Any, materialize: Callable) -> Callable:
