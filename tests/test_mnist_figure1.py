@@ -17,7 +17,7 @@ def test_probe_percentiles_match_numpy_on_an_independent_forward_pass():
   config.model.normalizer = 'none'
   config.model.init_stddev = 0.5
   config.probe = ml_collections.ConfigDict(
-      {'layer': -1, 'unit': 3, 'percentiles': (15.0, 50.0, 85.0)})
+      {'layer': -1, 'unit': 3, 'percentiles': (15.0, 50.0, 85.0), 'mode': 'inference'})
   builder = steps.Builder(config, num_classes=3)
   rng = np.random.default_rng(0)
   images = rng.random((97, 4, 4, 1)).astype(np.float32)
