@@ -54,6 +54,13 @@ def get_config(arg: str = 'bn') -> ml_collections.ConfigDict:
   c.data.source = 'auto'
   c.data.num_test = 1000
 
+  # Inference as Algorithm 2: population statistics from 50 training batches at every
+  # evaluation (the moving averages lag the weights). The probe looks at the network as
+  # it is evaluated, so panels (a) and (b, c) describe the same network.
+  c.eval.batch_stats = 'population'
+  c.eval.population_batches = 50
+  c.probe.mode = 'inference'
+
   c.probe.enabled = True
   c.probe.layer = -1      # the last hidden layer, as in the paper
   c.probe.unit = 0

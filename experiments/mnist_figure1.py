@@ -27,6 +27,7 @@ from absl import flags
 
 from bn_research import launch
 from bn_research import rundir
+from bn_research.analysis import figure1 as figure1_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/figure1', 'Output directory.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Training steps per network (default: the '
@@ -104,7 +105,7 @@ def train_networks(root: str) -> None:
 
 
 def summarize(root: str) -> dict:
-  """Collects figure1.json from the two run directories."""
+  """Collects figure1.json from the two run directories, with the claims measured."""
   out = {}
   for net in NETWORKS:
     run_dir = os.path.join(root, net)
@@ -113,20 +114,23 @@ def summarize(root: str) -> dict:
     pct = [[r['step']] + [r[k] for k in PERCENTILE_KEYS]
            for r in rows if all(k in r for k in PERCENTILE_KEYS)]
     status = rundir.read_status(run_dir) or {}
-    out[net] = {'test_accuracy': acc,
-                'final_test_accuracy': acc[-1][1] if acc else None,
-                'max_test_accuracy': max(a for _, a in acc) if acc else None,
-                'percentiles': pct,
+    out[net] = {'test_accuracy': acc, 'percentiles': pct,
                 'status': status.get('status', 'unknown')}
+  target = max(a for _, a in out['baseline']['test_accuracy'])
+  for net in NETWORKS:
+    out[net].update(figure1_lib.network_numbers(out[net]['test_accuracy'],
+                                                out[net]['percentiles'], target))
+  out['claims'] = figure1_lib.claims(out['bn'], out['baseline'])
   data = rundir.read_description(os.path.join(root, 'bn')) or {}
-  out['data'] = {k: data.get(k) for k in ('dataset', 'source', 'num_train', 'num_test',
-                                           'image_shape', 'is_full_mnist', 'warning',
-                                           'binarized')}
+  out['data'] = {k: data.get(k) for k in ('dataset', 'display_name', 'source', 'num_train',
+                                           'num_test', 'image_shape', 'is_mnist_sample',
+                                           'warning', 'binarized')}
   cfg = rundir.read_config(os.path.join(root, 'bn')) or {}
   probe = cfg.get('probe', {})
   out['probe'] = {'layer': 'last hidden', 'unit': probe.get('unit'),
-                  'num_examples': probe.get('num_examples'),
+                  'num_examples': probe.get('num_examples'), 'mode': probe.get('mode'),
                   'percentiles': probe.get('percentiles')}
+  out['eval'] = cfg.get('eval', {})
   return out
 
 
@@ -163,10 +167,10 @@ def plot(summary: dict, path: str) -> None:
     ax.set_xlabel('training step')
     ax.grid(alpha=0.3)
   data = summary['data']
-  name = data.get('dataset') or '?'
-  title = f'Figure 1 reproduction on {name} ({data.get("num_train")} train / {data.get("num_test")} test)'
-  if data.get('is_full_mnist') is False:
-    title += ' - NOT full MNIST'
+  name = data.get('display_name') or data.get('dataset') or '?'
+  title = f'Figure 1 reproduction on {name} (train / test)'
+  if data.get('is_mnist_sample'):
+    title += ' - the 5,000-image MNIST sample, NOT full MNIST'
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -174,18 +178,21 @@ def plot(summary: dict, path: str) -> None:
 
 
 def print_table(summary: dict) -> None:
-  print(f'\nFigure 1 on {summary["data"].get("dataset")}'
-        + ('  [NOT full MNIST]' if summary['data'].get('is_full_mnist') is False else ''))
-  print('| network  | final test acc | max test acc | p15..p85 spread (first -> last) | median drift |')
-  print('|----------|----------------|--------------|-------------------------------|--------------|')
+  data = summary['data']
+  print(f'\nFigure 1 on {data.get("display_name") or data.get("dataset")}'
+        + ('  [the MNIST sample, NOT full MNIST]' if data.get('is_mnist_sample') else ''))
+  print('| network | final test acc | max test acc | steps to baseline max | median drift / '
+        'jitter | p15..p85 spread drift / jitter |')
+  print('|---|---|---|---|---|---|')
   for net in NETWORKS:
     s = summary[net]
-    p = s['percentiles']
-    spread = f'{p[0][3] - p[0][1]:.2f} -> {p[-1][3] - p[-1][1]:.2f}' if p else '-'
-    drift = f'{p[-1][2] - p[0][2]:+.2f}' if p else '-'
-    final = s['final_test_accuracy']
-    print(f'| {net:<8} | {final if final is None else round(final, 4)!s:<14} | '
-          f'{round(s["max_test_accuracy"] or 0, 4)!s:<12} | {spread:<29} | {drift:<12} |')
+    print(f'| {net} | {s["final_test_accuracy"]:.4f} | {s["max_test_accuracy"]:.4f} | '
+          f'{s["steps_to_baseline_max"]} | {s["median_drift"]:+.3f} / {s["median_jitter"]:.3f} | '
+          f'{s["spread_drift"]:+.3f} / {s["spread_jitter"]:.3f} |')
+  print(f'(drift and jitter from step {summary["bn"]["from_step"]}, the end of the first '
+        'tenth of training)\n')
+  for c in summary['claims']:
+    print(f'{"holds" if c["holds"] else "does not hold"}: {c["claim"]}; {c["numbers"]}')
 
 
 def main(argv):

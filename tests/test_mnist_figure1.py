@@ -3,6 +3,7 @@
 import os
 
 import jax
+import pytest
 import ml_collections
 import numpy as np
 
@@ -57,3 +58,31 @@ def test_core_shares_are_disjoint_and_cover_what_they_can():
   assert core_shares([3, 5, 8, 9, 10], 2) == [{3, 5}, {8, 9}]
   assert core_shares(list(range(16)), 2) == [set(range(8)), set(range(8, 16))]
   assert core_shares([0], 2) is None  # one core: scheduling is left to the OS
+
+
+def test_figure1_claims_are_measured_from_the_curves():
+  from bn_research.analysis import figure1
+  # Ten probe rows; the first tenth (step 0 here) is left out. Median of BN: flat;
+  # baseline: drifts by +2 in steps of ~0.22 with a jitter.
+  steps = np.arange(0, 1000, 100)
+  flat = [[s, -1.0, 0.0, 1.0] for s in steps]
+  drifting = [[s, -1.0 - i * 0.1, 0.25 * i + (0.05 if i % 2 else 0), 1.0 + i * 0.3]
+              for i, s in enumerate(steps)]
+  st = figure1.steadiness(drifting)
+  assert st['from_step'] == 100
+  assert st['median_drift'] == pytest.approx(0.25 * 9 + 0.05 - (0.25 + 0.05))
+  assert st['spread_drift'] == pytest.approx((2.0 + 9 * 0.4) - (2.0 + 0.4))
+  changes = np.abs(np.diff([0.25 * i + (0.05 if i % 2 else 0) for i in range(1, 10)]))
+  assert st['median_jitter'] == pytest.approx(changes.mean())
+  bn_acc = [[0, 0.1], [100, 0.8], [200, 0.95]]
+  base_acc = [[0, 0.1], [100, 0.5], [200, 0.9]]
+  bn = figure1.network_numbers(bn_acc, flat, target=0.9)
+  base = figure1.network_numbers(base_acc, drifting, target=0.9)
+  assert bn['steps_to_baseline_max'] == 200 and base['steps_to_baseline_max'] == 200
+  verdicts = {c['claim'].split(' (')[0]: c['holds'] for c in figure1.claims(bn, base)}
+  assert verdicts['BN trains faster'] is False  # same step: not faster
+  assert verdicts['BN ends with the higher test accuracy'] is True
+  assert all(v for k, v in verdicts.items() if 'steadier' in k)
+  # Swap the roles: every steadiness claim then fails.
+  verdicts = [c['holds'] for c in figure1.claims(base, bn)]
+  assert verdicts[2:] == [False, False]
