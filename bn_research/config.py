@@ -63,7 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'mlp'
-  c.model.normalizer = 'batch_norm'   # 'batch_norm' | 'virtual_batch_norm' | 'none'
+  # 'batch_norm' | 'virtual_batch_norm' | 'batch_renorm' | 'layer_norm' | 'group_norm'
+  # | 'noisy_batch_norm' | 'none' (bn_research.normalization.NORMALIZERS).
+  c.model.normalizer = 'batch_norm'
   c.model.activation = 'sigmoid'
   c.model.hidden_sizes = (100, 100, 100)
   c.model.init_stddev = 0.1           # Gaussian init of dense kernels
@@ -72,6 +74,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn_epsilon = 1e-5
   c.model.virtual_batch_size = 0      # 0: statistics over the whole (global) batch
   c.model.unbiased_running_var = True
+  # group_norm's number of groups G (Wu & He's default 32); it must divide every
+  # normalized layer's width (e.g. 4 for the MLP's 100 units or the width-1/8 Inception).
+  c.model.norm_groups = 32
+  # batch_renorm (Ioffe 2017): r_max and d_max are 1 and 0 (plain BN) until
+  # renorm_start_step, then relax linearly over renorm_ramp_steps to these values.
+  c.model.renorm_r_max = 3.0
+  c.model.renorm_d_max = 5.0
+  c.model.renorm_start_step = 5000
+  c.model.renorm_ramp_steps = 20000
+  # noisy_batch_norm (Santurkar et al. 2018): per-step random y * s + b after BN with
+  # s ~ U(1, 1 + bn_noise), b ~ U(-bn_noise, bn_noise) per unit.
+  c.model.bn_noise = 0.5
   # Under pmap: pool BN statistics across replicas (True), or per replica (False, the
   # same as virtual_batch_size = per-device batch under jit).
   c.model.bn_cross_replica = True
@@ -205,6 +219,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
                      f'> 0, got {m.virtual_batch_size!r}.')
   if m.virtual_batch_size < 0:
     raise ValueError(f'model.virtual_batch_size={m.virtual_batch_size!r} must be >= 0.')
+  if m.virtual_batch_size and m.normalizer in ('layer_norm', 'group_norm'):
+    raise ValueError(f'model.virtual_batch_size={m.virtual_batch_size!r} does not apply to '
+                     f'model.normalizer={m.normalizer!r} (per-example statistics); allowed: 0.')
   if m.virtual_batch_size and m.normalizer != 'none':
     per_device = config.batch_size // (num_devices or 1)
     if per_device % m.virtual_batch_size:
