@@ -17,6 +17,7 @@ from bn_research import normalization
 
 PARALLELISMS = ('jit', 'pmap')
 OPTIMIZERS = ('sgd', 'momentum')
+TRAINABLE = ('all', 'batch_norm')
 ACTIVATIONS = ('sigmoid', 'relu', 'tanh')
 
 
@@ -60,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   # the gradient, before momentum). Kernels only; BN's gamma/beta only if asked.
   c.optimizer.weight_decay = 0.0
   c.optimizer.regularize_batch_norm = False
+  # 'all', or 'batch_norm': only the normalizers' gamma and beta train, everything
+  # else stays at its random initialisation (Frankle et al. 2021).
+  c.optimizer.trainable = 'all'
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'mlp'
@@ -206,6 +210,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   _positive_int('optimizer.decay_steps', opt.decay_steps)
   if opt.weight_decay < 0:
     raise ValueError(f'optimizer.weight_decay={opt.weight_decay!r} must be >= 0.')
+  if opt.trainable not in TRAINABLE:
+    raise ValueError(f'optimizer.trainable={opt.trainable!r}; allowed: {", ".join(TRAINABLE)}.')
+  if opt.trainable == 'batch_norm' and config.model.normalizer == 'none':
+    raise ValueError("optimizer.trainable='batch_norm' trains only the normalizers' gamma and "
+                     "beta, but model.normalizer='none'; allowed: any other normalizer.")
 
   m = config.model
   from bn_research import models  # local import: models import flax modules
