@@ -1,7 +1,7 @@
 """What the normalizer experiments (`bn_batch_size`, `bn_only`) share.
 
 * the two networks as config specs plus overrides, so every run is exactly
-  `python -m bn_research.main --config=SPEC OVERRIDES...` (`run_command`);
+  `python -m bn_research.main --config=SPEC OVERRIDES...` (`RunSpec.command`);
 * `train_all`: trains the runs one after the other in this process through
   `train.train_and_evaluate`, which skips finished runs and resumes unfinished ones;
   `write_summary` and `run_job`: the summary files and the command line's ending;
@@ -44,8 +44,9 @@ def add_common_flags(parser: argparse.ArgumentParser, default_steps: int) -> Non
   parser.add_argument('--models', default=','.join(MODELS),
                       help=f'Comma-separated networks: {", ".join(MODELS)}.')
   parser.add_argument('--data', default='real', choices=DATA,
-                      help='real: the offline MNIST sample (MLP) and Fashion-MNIST '
-                      '(Inception); synthetic: class prototypes plus noise (tests).')
+                      help='real: MNIST for the MLP (TFDS if prepared, else the offline '
+                      '5k sample) and Fashion-MNIST for Inception (Debian\'s '
+                      'dataset-fashion-mnist); synthetic: prototypes plus noise (tests).')
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                       help='Config override for every run, e.g. --set=seed=1 (repeatable).')
 

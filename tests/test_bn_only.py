@@ -77,5 +77,6 @@ def test_bn_only_needs_a_normalizer():
   with pytest.raises(ValueError, match="optimizer.trainable='batch_norm'"):
     validate_config(c)
   c = helpers.tiny_mlp_config(**{'optimizer.trainable': 'bn'})
-  with pytest.raises(ValueError, match="optimizer.trainable='bn'; allowed: all, batch_norm."):
+  with pytest.raises(ValueError, match="optimizer.trainable='bn'") as err:
     validate_config(c)
+  assert 'all' in str(err.value) and 'batch_norm' in str(err.value)
