@@ -17,14 +17,14 @@ def test_bn_batch_size_runs_table_figure_and_resume(tmp_path):
   from experiments import bn_batch_size
   root = tmp_path / 'bbs'
   kw = dict(steps=4, models=('mlp',), data='synthetic', ghost_sizes=(2, 64),
-            normalizers=('batch_norm', 'batch_renorm', 'group_norm', 'none'), extra=TINY)
+            normalizers=('batch_norm', 'batch_renorm', 'group_norm'), extra=TINY)
   summary = bn_batch_size.run(str(root), **kw)
   for name in ('bn_batch_size.png', 'bn_batch_size.json', 'bn_batch_size.md'):
     assert (root / name).stat().st_size > 0, name
   assert json.loads((root / 'bn_batch_size.json').read_text()) == json.loads(json.dumps(summary))
   got = {(r['normalizer'], r['examples_per_norm_batch']) for r in summary['rows']}
   assert got == {('batch_norm', 64), ('batch_norm', 2), ('batch_renorm', 64),
-                 ('batch_renorm', 2), ('group_norm', None), ('none', None)}
+                 ('batch_renorm', 2), ('group_norm', None)}
   for r in summary['rows']:
     assert r['status'] == 'done' and 0 <= r['final_test_error'] <= 1, r
   # Ghost batches of 2 are the statistics' batch; the whole batch is plain BN / renorm.
@@ -39,10 +39,10 @@ def test_bn_batch_size_runs_table_figure_and_resume(tmp_path):
   assert config('group_norm')['norm_groups'] == 4
   assert '| BN |' in (root / 'bn_batch_size.md').read_text()
   # A re-run finds every run finished: nothing is trained again.
-  before = (root / 'mlp' / 'none' / 'metrics.jsonl').stat().st_mtime_ns
+  before = (root / 'mlp' / 'group_norm' / 'metrics.jsonl').stat().st_mtime_ns
   again = bn_batch_size.run(str(root), **kw)
   assert again['rows'] == summary['rows']
-  assert (root / 'mlp' / 'none' / 'metrics.jsonl').stat().st_mtime_ns == before
+  assert (root / 'mlp' / 'group_norm' / 'metrics.jsonl').stat().st_mtime_ns == before
 
 
 def test_bn_only_trains_gamma_beta_from_the_same_init(tmp_path):
