@@ -47,8 +47,6 @@ Array = jax.Array
 
 NORMALIZERS = ('batch_norm', 'virtual_batch_norm', 'batch_renorm', 'layer_norm',
                'group_norm', 'noisy_batch_norm', 'none')
-# Normalizers whose statistics come from the mini-batch (so ghost batches apply to them).
-BATCH_NORMALIZERS = ('batch_norm', 'virtual_batch_norm', 'batch_renorm', 'noisy_batch_norm')
 
 
 def _canonical_axes(ndim: int, axes: Sequence[int]) -> Tuple[int, ...]:
@@ -726,9 +724,9 @@ class NoisyBatchNorm(BatchNorm):
   the layer's output distribution has a non-zero mean and non-unit variance that
   shift from step to step. The identity at inference.
 
-  Santurkar et al. draw their noise per example as well; here it is one distortion
-  per unit shared by the mini-batch, which shifts the distribution that the next layer
-  sees as a whole (the property their experiment is about).
+  The distortion is one per unit, shared by the mini-batch (no per-example noise), so
+  it shifts the whole distribution that the next layer sees, which is the property
+  their experiment is about; their Appendix A has their exact noise model.
   """
   noise: float = 0.5
 
@@ -816,7 +814,7 @@ def get_normalizer(
       'group_norm' or 'none'.
     use_running_average, momentum, axis_name, virtual_batch_size,
       unbiased_running_var: as for `BatchNorm`; used by the batch normalizers
-      (`BATCH_NORMALIZERS`). virtual_batch_size must be None for layer/group norm.
+      (all but layer/group norm, for which virtual_batch_size must be None).
     epsilon, dtype: every normalizer's.
     num_groups: group_norm's G.
     renorm: batch_renorm's schedule (None: `RenormSchedule()`'s defaults).
