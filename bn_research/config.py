@@ -18,10 +18,9 @@ from bn_research import checks
 PARALLELISMS = ('jit', 'pmap')
 EVAL_BATCH_STATS = ('moving_average', 'population')
 PROBE_MODES = ('inference', 'train')
-# Normalizers whose inference statistics Algorithm 2 estimates (the others keep none,
-# or normalise per example).
-POPULATION_NORMALIZERS = ('batch_norm', 'virtual_batch_norm', 'none')
+
 OPTIMIZERS = ('sgd', 'momentum')
+TRAINABLE = ('all', 'batch_norm')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,10 +61,15 @@ def base_config() -> ml_collections.ConfigDict:
   # the gradient, before momentum). Kernels only; BN's gamma/beta only if asked.
   c.optimizer.weight_decay = 0.0
   c.optimizer.regularize_batch_norm = False
+  # 'all', or 'batch_norm': only the normalizers' gamma and beta train, everything
+  # else stays at its random initialisation (Frankle et al. 2021).
+  c.optimizer.trainable = 'all'
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'mlp'
-  c.model.normalizer = 'batch_norm'   # 'batch_norm' | 'virtual_batch_norm' | 'none'
+  # 'batch_norm' | 'virtual_batch_norm' | 'batch_renorm' | 'layer_norm' | 'group_norm'
+  # | 'noisy_batch_norm' | 'none' (bn_research.normalization.NORMALIZERS).
+  c.model.normalizer = 'batch_norm'
   c.model.activation = 'sigmoid'
   c.model.hidden_sizes = (100, 100, 100)
   c.model.init_stddev = 0.1           # Gaussian init of dense kernels
@@ -74,6 +78,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn_epsilon = 1e-5
   c.model.virtual_batch_size = 0      # 0: statistics over the whole (global) batch
   c.model.unbiased_running_var = True
+  # group_norm's number of groups G (Wu & He's default 32); it must divide every
+  # normalized layer's width (e.g. 4 for the MLP's 100 units or the width-1/8 Inception).
+  c.model.norm_groups = 32
+  # batch_renorm (Ioffe 2017): r_max and d_max are 1 and 0 (plain BN) until
+  # renorm_start_step, then relax linearly over renorm_ramp_steps to these values.
+  c.model.renorm_r_max = 3.0
+  c.model.renorm_d_max = 5.0
+  c.model.renorm_start_step = 5000
+  c.model.renorm_ramp_steps = 20000
+  # noisy_batch_norm (Santurkar et al. 2018): per-step random y * s + b after BN with
+  # s ~ U(1, 1 + bn_noise), b ~ U(-bn_noise, bn_noise) per unit.
+  c.model.bn_noise = 0.5
   # Under pmap: pool BN statistics across replicas (True), or per replica (False, the
   # same as virtual_batch_size = per-device batch under jit).
   c.model.bn_cross_replica = True
@@ -178,6 +194,7 @@ CORE_KEYS = {
     'optimizer.staircase': checks.Bool(),
     'optimizer.weight_decay': checks.Float(0.0),
     'optimizer.regularize_batch_norm': checks.Bool(),
+    'optimizer.trainable': checks.Choice(TRAINABLE),
     'divergence.max_loss': checks.Float(0.0, note='0: no loss test'),
     'eval.batch_stats': checks.Choice(EVAL_BATCH_STATS),
     'eval.population_batches': checks.Int(1, note='training mini-batches per estimate'),
@@ -277,12 +294,18 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         raise ValueError(
             f'{key}={config[key]} is not divisible by the {num_devices} devices it is '
             'split over; use a multiple of the device count (or set num_devices).')
+  if config.optimizer.trainable == 'batch_norm' and config.model.normalizer == 'none':
+    raise ValueError("optimizer.trainable='batch_norm' trains only the normalizers' gamma and "
+                     "beta, but model.normalizer='none'; allowed: any other normalizer.")
 
   m = config.model
   from bn_research import models  # local import: models import flax modules
   if m.normalizer == 'virtual_batch_norm' and m.virtual_batch_size <= 0:
     raise ValueError("model.normalizer='virtual_batch_norm' needs model.virtual_batch_size "
                      f'> 0, got {m.virtual_batch_size!r}.')
+  if m.virtual_batch_size and m.normalizer in ('layer_norm', 'group_norm'):
+    raise ValueError(f'model.virtual_batch_size={m.virtual_batch_size!r} does not apply to '
+                     f'model.normalizer={m.normalizer!r} (per-example statistics); allowed: 0.')
   if m.virtual_batch_size and m.normalizer != 'none':
     per_device = config.batch_size // (num_devices or 1)
     if per_device % m.virtual_batch_size:
@@ -304,13 +327,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     raise ValueError(f'measure.every_steps={measure.every_steps} but measure.ics and '
                      'measure.landscape are both False; turn one on or set every_steps=0.')
   if config.eval.batch_stats == 'population' and (
-      config.parallelism == 'pmap' or _is_imagenet(config)
-      or config.model.normalizer not in POPULATION_NORMALIZERS):
+      config.parallelism == 'pmap' or _is_imagenet(config)):
     raise ValueError(
         "eval.batch_stats='population' estimates Algorithm 2's statistics from in-memory "
-        f'training batches under parallelism=jit for normalizers '
-        f'{", ".join(POPULATION_NORMALIZERS)}; got parallelism={config.parallelism!r}, '
-        f'data.name={config.data.name!r}, model.normalizer={config.model.normalizer!r}.')
+        f'training batches under parallelism=jit; got parallelism={config.parallelism!r}, '
+        f"data.name={config.data.name!r} (use eval.batch_stats='moving_average').")
   if measure.every_steps and (config.parallelism == 'pmap' or _is_imagenet(config)):
     raise ValueError(f'measure.every_steps={measure.every_steps}: the measurements run on '
                      'in-memory data under parallelism=jit (not pmap, not the streamed '

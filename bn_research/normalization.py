@@ -5,6 +5,17 @@ The math lives in pure functions (`batch_norm`, `batch_norm_inference`,
 owns the learned `scale` (gamma) and `bias` (beta) in `params` and the moving averages
 in the `batch_stats` collection, and calls those functions.
 
+The normalizers BN is compared with follow the same pattern, each selectable by name
+through `get_normalizer` (`NORMALIZERS`):
+
+* `batch_renorm` (Ioffe 2017): `batch_renorm` / `BatchRenorm`, BN corrected towards
+  the moving averages by r and d, clipped to limits that a `RenormSchedule` relaxes
+  over training (the module counts its training steps in `batch_stats`);
+* `layer_norm`, `group_norm` (Wu & He 2018): `layer_norm`, `group_norm` /
+  `LayerNorm`, `GroupNorm`, statistics per example, the same in training and inference;
+* `noisy_batch_norm` (Santurkar et al. 2018): `noisy_affine` / `NoisyBatchNorm`, BN
+  followed by a random per-unit affine distortion drawn afresh every training step.
+
 Conventions
 -----------
 * Features are on the last axis. Dense activations `(batch, features)` reduce over
@@ -23,6 +34,7 @@ Conventions
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple
@@ -34,7 +46,12 @@ import numpy as np
 
 Array = jax.Array
 
-NORMALIZERS = ('batch_norm', 'virtual_batch_norm', 'none')
+NORMALIZERS = ('batch_norm', 'virtual_batch_norm', 'batch_renorm', 'layer_norm',
+               'group_norm', 'noisy_batch_norm', 'none')
+# The ones that keep moving averages for inference (Algorithm 2's population statistics
+# can replace them); layer and group norm normalise each example by itself.
+MOVING_AVERAGE_NORMALIZERS = ('batch_norm', 'virtual_batch_norm', 'batch_renorm',
+                              'noisy_batch_norm')
 
 
 def _canonical_axes(ndim: int, axes: Sequence[int]) -> Tuple[int, ...]:
@@ -369,6 +386,198 @@ def fold_batch_norm(
   return kernel * s, new_bias
 
 
+# ----------------------------------------------------------------------------------
+# Batch Renormalization (Ioffe 2017).
+
+
+@dataclasses.dataclass(frozen=True)
+class RenormSchedule:
+  """How batch renorm's clipping limits relax over training.
+
+  r_max(t) = 1 + (r_max - 1) * ramp(t) and d_max(t) = d_max * ramp(t), with
+  ramp(t) = clip((t - start_step) / ramp_steps, 0, 1) (a step from 0 to 1 at
+  start_step when ramp_steps is 0). Before start_step batch renorm is exactly BN.
+  Ioffe (2017) kept r_max = 1, d_max = 0 for 5,000 steps, then relaxed them to reach
+  r_max = 3 at 40k steps and d_max = 5 at 25k steps; one ramp serves both here.
+
+  Attributes:
+    r_max: final limit on r = sigma_B / sigma, >= 1.
+    d_max: final limit on |d| = |mu_B - mu| / sigma, >= 0.
+    start_step: training steps of plain BN before the limits start to relax.
+    ramp_steps: steps over which they relax linearly to their final values.
+  """
+  r_max: float = 3.0
+  d_max: float = 5.0
+  start_step: int = 5000
+  ramp_steps: int = 20000
+
+  def __post_init__(self):
+    if not self.r_max >= 1.0:
+      raise ValueError(f'r_max={self.r_max!r} must be >= 1 (r is clipped to [1/r_max, r_max]).')
+    if not self.d_max >= 0.0:
+      raise ValueError(f'd_max={self.d_max!r} must be >= 0 (d is clipped to [-d_max, d_max]).')
+    if self.start_step < 0 or self.ramp_steps < 0:
+      raise ValueError(f'start_step={self.start_step!r} and ramp_steps={self.ramp_steps!r} '
+                       'must be >= 0.')
+
+  def limits(self, step: Any) -> Tuple[Array, Array]:
+    """(r_max, d_max) in force at training step `step` (an int or a traced scalar)."""
+    step = jnp.asarray(step, jnp.float32)
+    if self.ramp_steps:
+      ramp = jnp.clip((step - self.start_step) / self.ramp_steps, 0.0, 1.0)
+    else:
+      ramp = (step >= self.start_step).astype(jnp.float32)
+    return 1.0 + (self.r_max - 1.0) * ramp, self.d_max * ramp
+
+
+def renorm_correction(batch_mean: Array, batch_var: Array, mean: Array, var: Array, *,
+                      epsilon: float, r_max: Any, d_max: Any) -> Tuple[Array, Array]:
+  """Batch renorm's r and d (Ioffe 2017, Algorithm 1), held constant in backprop.
+
+      r = clip(sigma_B / sigma, 1/r_max, r_max)
+      d = clip((mu_B - mu) / sigma, -d_max, d_max)
+
+  with sigma_B = sqrt(var_B + eps) and sigma = sqrt(var + eps), mu and var the moving
+  averages. Gradients do not flow through r and d (stop_gradient), which is what makes
+  the layer's backward pass BN's own, scaled by r.
+  """
+  inv_sigma = jax.lax.rsqrt(var + epsilon)
+  r = jnp.clip(jnp.sqrt(batch_var + epsilon) * inv_sigma, 1.0 / r_max, r_max)
+  d = jnp.clip((batch_mean - mean) * inv_sigma, -d_max, d_max)
+  return jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)
+
+
+def batch_renorm(
+    x: Array,
+    scale: Optional[Array],
+    bias: Optional[Array],
+    mean: Array,
+    var: Array,
+    *,
+    axes: Sequence[int],
+    epsilon: float,
+    r_max: Any,
+    d_max: Any,
+    axis_name: Optional[str] = None,
+) -> Tuple[Array, Array, Array]:
+  """Batch Renormalization (Ioffe 2017) in training mode.
+
+      xhat_i = (x_i - mu_B) / sigma_B * r + d
+      y_i    = gamma * xhat_i + beta
+
+  computed as Algorithm 1 with gamma' = gamma * r and beta' = beta + gamma * d, so that
+  r = 1, d = 0 (r_max = 1, d_max = 0) is BN bit for bit, values and gradients.
+
+  Args:
+    x, scale, bias, axes, epsilon, axis_name: as for `batch_norm`.
+    mean, var: the moving averages mu and sigma^2 (shaped like the statistics, or
+      broadcastable to them, e.g. per feature when the statistics are per ghost batch).
+    r_max, d_max: the clipping limits now (see `RenormSchedule`).
+
+  Returns:
+    (y, mean_B, var_B) as for `batch_norm`.
+  """
+  axes = _canonical_axes(x.ndim, axes)
+  batch_mean, batch_var = batch_moments(x, axes=axes, axis_name=axis_name)
+  r, d = renorm_correction(batch_mean, batch_var, mean, var, epsilon=epsilon,
+                           r_max=r_max, d_max=d_max)
+  gamma = jnp.ones((), r.dtype) if scale is None else scale
+  beta = jnp.zeros((), r.dtype) if bias is None else bias
+  return batch_norm(x, gamma * r, beta + gamma * d, axes=axes, epsilon=epsilon,
+                    axis_name=axis_name)
+
+
+# ----------------------------------------------------------------------------------
+# Group and layer normalization (Wu & He 2018; Ba et al. 2016).
+
+
+def group_norm(
+    x: Array,
+    scale: Optional[Array],
+    bias: Optional[Array],
+    *,
+    num_groups: int,
+    epsilon: float,
+) -> Array:
+  """Group Normalization: statistics per example over each group of channels.
+
+  The channels (last axis) are split into `num_groups` groups of consecutive channels;
+  each example's group is normalized over its spatial positions and its channels,
+  (H, W, C/G) for NHWC activations or the group's C/G units for dense ones. Then
+  y = gamma * xhat + beta per channel. One group is layer norm over (H, W, C); one
+  group per channel is instance norm. The batch plays no part, so training and
+  inference compute the same thing.
+
+  Args:
+    x: activations (batch, ..., channels).
+    scale, bias: gamma and beta per channel, or None for 1 and 0.
+    num_groups: G, a divisor of the channel count.
+    epsilon: > 0, added to each group's variance.
+
+  Returns:
+    y, x's shape and dtype.
+  """
+  _check_epsilon(epsilon)
+  channels = x.shape[-1]
+  if x.ndim < 2:
+    raise ValueError(f'group_norm needs (batch, ..., channels) input, got shape {x.shape}.')
+  if not (isinstance(num_groups, (int, np.integer)) and num_groups >= 1
+          and channels % num_groups == 0):
+    raise ValueError(f'num_groups={num_groups!r} must be a positive divisor of the '
+                     f'{channels} channels.')
+  xg = x.astype(_stat_dtype(x.dtype)).reshape(
+      x.shape[:-1] + (num_groups, channels // num_groups))
+  axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)  # all but example and group
+  mean, var = _moments(xg, axes, None)
+  xhat = (xg - _expand(mean, xg, axes)) * _expand(jax.lax.rsqrt(var + epsilon), xg, axes)
+  y = xhat.reshape(x.shape)
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
+  return y.astype(x.dtype)
+
+
+def layer_norm(x: Array, scale: Optional[Array], bias: Optional[Array], *,
+               epsilon: float) -> Array:
+  """Layer Normalization: statistics per example over all its activations (H, W, C).
+
+  Group norm with one group, as Wu & He (2018) define layer norm for convolutions;
+  gamma and beta are per channel.
+  """
+  return group_norm(x, scale, bias, num_groups=1, epsilon=epsilon)
+
+
+# ----------------------------------------------------------------------------------
+# Noisy BN (Santurkar et al. 2018, Section 2.1).
+
+
+def sample_distortion(key: Array, features: int, strength: float) -> Tuple[Array, Array]:
+  """A random per-unit affine distortion (s, b) for one training step.
+
+  s ~ U(1, 1 + strength) and b ~ U(-strength, strength), independently per unit: after
+  y -> y * s + b a normalized unit's batch mean is b (non-zero) and its variance s^2
+  (above one), and both change with every key, that is every step.
+  """
+  k_scale, k_shift = jax.random.split(key)
+  s = jax.random.uniform(k_scale, (features,), jnp.float32, 1.0, 1.0 + strength)
+  b = jax.random.uniform(k_shift, (features,), jnp.float32, -strength, strength)
+  return s, b
+
+
+def noisy_affine(y: Array, key: Array, strength: float) -> Array:
+  """y * s + b with (s, b) from `sample_distortion`, per unit (last axis).
+
+  The distortion is noise: it carries no gradient to the key and is not learned.
+  strength = 0 is the identity.
+  """
+  if not strength >= 0:
+    raise ValueError(f'noise strength={strength!r} must be >= 0.')
+  s, b = sample_distortion(key, y.shape[-1], strength)
+  return (y * s.astype(y.dtype) + b.astype(y.dtype)).astype(y.dtype)
+
+
+
 class BatchNorm(nn.Module):
   """Batch Normalization layer over all axes but the last (features / channels).
 
@@ -393,6 +602,12 @@ class BatchNorm(nn.Module):
     use_scale, use_bias: learn gamma / beta.
     dtype: output dtype (statistics are always at least float32).
     param_dtype: dtype of gamma and beta.
+    renorm: batch renorm's schedule (`BatchRenorm`); None: plain BN. With it, the
+      module also counts its training steps in `batch_stats` as `step` (float32,
+      exact to 2^24 steps, and unchanged by the pmean that replicas' batch_stats get).
+    noise: strength of noisy BN's per-step random affine distortion after the
+      normalization (`NoisyBatchNorm`); 0: none. Training mode then needs the
+      'dropout' rng; inference mode is unaffected.
   """
   use_running_average: Optional[bool] = None
   momentum: float = 0.99
@@ -406,6 +621,8 @@ class BatchNorm(nn.Module):
   param_dtype: Any = jnp.float32
   scale_init: Callable = nn.initializers.ones
   bias_init: Callable = nn.initializers.zeros
+  renorm: Optional[RenormSchedule] = None
+  noise: float = 0.0
 
   @nn.compact
   def __call__(self, x: Array, use_running_average: Optional[bool] = None) -> Array:
@@ -415,6 +632,8 @@ class BatchNorm(nn.Module):
     # A traced momentum (a member sweep's per-member value) was checked in its config.
     if isinstance(self.momentum, numbers.Real) and not 0.0 <= self.momentum <= 1.0:
       raise ValueError(f'momentum={self.momentum!r} must be in [0, 1].')
+    if not self.noise >= 0.0:
+      raise ValueError(f'noise={self.noise!r} must be >= 0.')
     features = x.shape[-1]
     axes = tuple(range(x.ndim - 1))
     if not axes:
@@ -427,6 +646,11 @@ class BatchNorm(nn.Module):
     bias = (self.param('bias', self.bias_init, (features,), self.param_dtype)
             if self.use_bias else None)
     out_dtype = self.dtype or x.dtype
+    step = None
+    if self.renorm is not None and (not use_running_average or self.is_initializing()):
+      # Not declared at inference, so population statistics (mean, var only) can
+      # replace batch_stats there.
+      step = self.variable('batch_stats', 'step', lambda: jnp.zeros((), jnp.float32))
 
     if use_running_average:
       y = batch_norm_inference(x, scale, bias, ra_mean.value, ra_var.value,
@@ -436,6 +660,16 @@ class BatchNorm(nn.Module):
     # Flax's convention: no collectives while initializing, so `init` works outside
     # pmap / shard_map (the statistics computed then are discarded).
     axis_name = None if self.is_initializing() else self.axis_name
+
+    def normalize(xb, axes, axis_name):
+      if self.renorm is None:
+        return batch_norm(xb, scale, bias, axes=axes, epsilon=self.epsilon,
+                          axis_name=axis_name)
+      r_max, d_max = self.renorm.limits(step.value)
+      return batch_renorm(xb, scale, bias, ra_mean.value, ra_var.value, axes=axes,
+                          epsilon=self.epsilon, r_max=r_max, d_max=d_max,
+                          axis_name=axis_name)
+
     vbs = self.virtual_batch_size
     if vbs is not None:
       batch = x.shape[0]
@@ -449,8 +683,7 @@ class BatchNorm(nn.Module):
       # pooled across devices, so the ghost batch size does not depend on the device
       # count): reduce over every axis but the group and feature axes; gamma/beta
       # broadcast over groups.
-      y, mean, var = batch_norm(xg, scale, bias, axes=tuple(range(1, xg.ndim - 1)),
-                                epsilon=self.epsilon, axis_name=None)
+      y, mean, var = normalize(xg, tuple(range(1, xg.ndim - 1)), None)
       y = y.reshape(x.shape)
       # Moving averages / population statistics: E_B[mu_B] and E_B[var_B] over all
       # ghost batches, on all devices (which keeps replicas' batch_stats identical).
@@ -459,8 +692,7 @@ class BatchNorm(nn.Module):
         mean, var = jax.lax.pmean((mean, var), axis_name)
       count = np.prod(xg.shape[1:-1])
     else:
-      y, mean, var = batch_norm(x, scale, bias, axes=axes, epsilon=self.epsilon,
-                                axis_name=axis_name)
+      y, mean, var = normalize(x, axes, axis_name)
       count = np.prod(x.shape[:-1])
       if axis_name is not None:
         count = count * jax.lax.psum(1, axis_name)
@@ -473,7 +705,68 @@ class BatchNorm(nn.Module):
       tracked_var = unbiased_variance(var, count) if self.unbiased_running_var else var
       ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * tracked_var
+      if step is not None:
+        step.value = step.value + 1.0
+      if self.noise:
+        # A fresh distortion every step: the engine folds the step into its rng.
+        y = noisy_affine(y, self.make_rng('dropout'), self.noise)
     return y.astype(out_dtype)
+
+
+class BatchRenorm(BatchNorm):
+  """Batch Renormalization (Ioffe 2017): `BatchNorm` with r/d correction.
+
+  Training mode normalizes with `batch_renorm` under the clipping limits that
+  `renorm` gives at the module's own step count (`batch_stats['step']`); the moving
+  averages are BN's (so r_max = 1, d_max = 0 is BN exactly, moving averages included);
+  inference mode is BN's Algorithm 2 with those moving averages.
+  """
+  renorm: Optional[RenormSchedule] = RenormSchedule()
+
+
+class NoisyBatchNorm(BatchNorm):
+  """Noisy BN (Santurkar et al. 2018): BN, then in training mode y * s + b per unit
+  with (s, b) drawn afresh every step (`sample_distortion`) from the 'dropout' rng, so
+  the layer's output distribution has a non-zero mean and non-unit variance that
+  shift from step to step. The identity at inference.
+
+  The distortion is one per unit, shared by the mini-batch (no per-example noise), so
+  it shifts the whole distribution that the next layer sees, which is the property
+  their experiment is about; their Appendix A has their exact noise model.
+  """
+  noise: float = 0.5
+
+
+class GroupNorm(nn.Module):
+  """Group Normalization (Wu & He 2018) over the last axis' channels: `group_norm`.
+
+  Params `scale` and `bias` per channel, no `batch_stats`: the statistics are per
+  example, the same in training and inference. For dense (batch, units) activations a
+  group is `units / num_groups` consecutive units of one example.
+
+  Attributes:
+    num_groups: G; 1 is layer norm, one per channel instance norm.
+    epsilon: added to each group's variance, > 0.
+    dtype: output dtype (statistics are at least float32).
+    param_dtype: dtype of gamma and beta.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
+    y = group_norm(x, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon)
+    return y.astype(self.dtype or x.dtype)
+
+
+class LayerNorm(GroupNorm):
+  """Layer Normalization: `GroupNorm` with one group (per example over H, W, C)."""
+  num_groups: int = 1
 
 
 def estimate_population_statistics(
@@ -515,32 +808,59 @@ def get_normalizer(
     virtual_batch_size: Optional[int] = None,
     unbiased_running_var: bool = True,
     dtype: Optional[Any] = None,
+    num_groups: int = 32,
+    renorm: Optional[RenormSchedule] = None,
+    noise: float = 0.5,
 ) -> Optional[Callable[..., nn.Module]]:
-  """Normalizer by name, so models switch BN on and off by config.
+  """Normalizer by name, so models switch BN and its alternatives by config.
 
   Args:
-    name: 'batch_norm', 'virtual_batch_norm' (needs virtual_batch_size) or 'none'.
-    Other arguments: as for `BatchNorm`.
+    name: one of `NORMALIZERS`: 'batch_norm', 'virtual_batch_norm' (needs
+      virtual_batch_size), 'batch_renorm', 'noisy_batch_norm', 'layer_norm',
+      'group_norm' or 'none'.
+    use_running_average, momentum, axis_name, virtual_batch_size,
+      unbiased_running_var: as for `BatchNorm`; used by the batch normalizers
+      (all but layer/group norm, for which virtual_batch_size must be None).
+    epsilon, dtype: every normalizer's.
+    num_groups: group_norm's G.
+    renorm: batch_renorm's schedule (None: `RenormSchedule()`'s defaults).
+    noise: noisy_batch_norm's strength, > 0.
 
   Returns:
-    A `BatchNorm` constructor (call it with `name=...`) or None for 'none', in which
-    case the model keeps its layers' biases and applies no normalization.
+    A module constructor (call it with `name=...`, then on the activations) or None for
+    'none', in which case the model keeps its layers' biases and normalizes nothing.
   """
   if name not in NORMALIZERS:
     raise ValueError(f'unknown normalizer {name!r}; allowed: {", ".join(NORMALIZERS)}.')
   if name == 'none':
     return None
   _check_epsilon(epsilon)
+  if name in ('layer_norm', 'group_norm'):
+    if virtual_batch_size:
+      raise ValueError(f'virtual_batch_size={virtual_batch_size!r} does not apply to '
+                       f'{name!r}, whose statistics are per example; allowed: None.')
+    if name == 'layer_norm':
+      return functools.partial(LayerNorm, epsilon=epsilon, dtype=dtype)
+    if not (isinstance(num_groups, (int, np.integer)) and num_groups >= 1):
+      raise ValueError(f'num_groups={num_groups!r} must be an integer >= 1.')
+    return functools.partial(GroupNorm, num_groups=num_groups, epsilon=epsilon, dtype=dtype)
   if name == 'virtual_batch_norm':
     if not virtual_batch_size or virtual_batch_size < 1:
       raise ValueError("normalizer 'virtual_batch_norm' needs virtual_batch_size >= 1, "
                        f'got {virtual_batch_size!r}.')
   elif virtual_batch_size is not None:
-    # A batch_norm with ghost batches is a virtual_batch_norm: allowed, and spelled so
-    # that configs can set virtual_batch_size on either.
+    # Any batch normalizer takes ghost batches: a batch_norm with them is a
+    # virtual_batch_norm, spelled so that configs can set virtual_batch_size on either.
     if virtual_batch_size < 1:
       raise ValueError(f'virtual_batch_size={virtual_batch_size!r} must be >= 1 or None.')
+  module, extra = BatchNorm, {}
+  if name == 'batch_renorm':
+    module, extra = BatchRenorm, {'renorm': renorm or RenormSchedule()}
+  elif name == 'noisy_batch_norm':
+    if not noise > 0:
+      raise ValueError(f'noise={noise!r} must be > 0 for noisy_batch_norm (0 is batch_norm).')
+    module, extra = NoisyBatchNorm, {'noise': float(noise)}
   return functools.partial(
-      BatchNorm, use_running_average=use_running_average, momentum=momentum,
+      module, use_running_average=use_running_average, momentum=momentum,
       epsilon=epsilon, axis_name=axis_name, virtual_batch_size=virtual_batch_size,
-      unbiased_running_var=unbiased_running_var, dtype=dtype)
+      unbiased_running_var=unbiased_running_var, dtype=dtype, **extra)

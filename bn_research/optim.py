@@ -33,17 +33,39 @@ def _key_path(path) -> tuple:
   return tuple(str(getattr(k, 'key', k)) for k in path)
 
 
-def weight_decay_mask(params: Any, batch_stats: Any, regularize_batch_norm: bool) -> Any:
-  """True for the parameters L2 applies to: kernels (ndim > 1), and BN's gamma/beta if asked.
+def normalizer_modules(params: Any, batch_stats: Any = None) -> set:
+  """Paths of the modules that are normalizers, whatever they are called.
 
-  A parameter belongs to a BN layer when its module also owns `batch_stats`, whatever
-  the module is called. Layer biases are not regularised (as in TF-slim's recipe).
+  A module is a normalizer if it owns `batch_stats` (BN, batch renorm, noisy BN) or
+  has parameters but no `kernel` (layer and group norm: only gamma `scale` and beta
+  `bias`). Dense and convolution layers always have a kernel.
   """
-  bn_modules = {_key_path(path)[:-1] for path, _ in
+  owners = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = _key_path(path)
+    owners.setdefault(path[:-1], set()).add(path[-1])
+  with_stats = {_key_path(path)[:-1] for path, _ in
                 jax.tree_util.tree_flatten_with_path(batch_stats or {})[0]}
+  return {m for m, names in owners.items() if m in with_stats or 'kernel' not in names}
+
+
+def normalizer_mask(params: Any, batch_stats: Any = None) -> Any:
+  """True for the normalizers' gamma and beta, False for every other parameter."""
+  modules = normalizer_modules(params, batch_stats)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _key_path(path)[:-1] in modules, params)
+
+
+def weight_decay_mask(params: Any, batch_stats: Any, regularize_batch_norm: bool) -> Any:
+  """True for the parameters L2 applies to: kernels (ndim > 1), and the normalizers'
+  gamma/beta if asked (`normalizer_modules` tells which those are).
+
+  Layer biases are not regularised (as in TF-slim's recipe).
+  """
+  modules = normalizer_modules(params, batch_stats)
 
   def is_regularised(path, leaf):
-    if _key_path(path)[:-1] in bn_modules:
+    if _key_path(path)[:-1] in modules:
       return regularize_batch_norm
     return leaf.ndim > 1
   return jax.tree_util.tree_map_with_path(is_regularised, params)
@@ -56,19 +78,34 @@ def make_optimizer(opt: Any, params: Any,
   which is exactly the gradient of wd/2 * ||W||^2 added to the loss (coupled L2, not
   decoupled weight decay).
 
+  With `opt.trainable == 'batch_norm'` only the normalizers' gamma and beta train
+  (Frankle et al. 2021): every other parameter gets a zero update, so it stays bitwise
+  at its initial value, and the optimizer's state (momentum, L2) exists only for the
+  trained parameters (`optax.multi_transform`).
+
   Args:
     opt: the `optimizer` part of a config (learning_rate, momentum, weight_decay and
       decay_rate may be traced values: `engine.state.overlay`).
-    params, batch_stats: the model's initial variables (they decide the L2 mask).
+    params, batch_stats: the model's initial variables (they decide the L2 and
+      trainable masks; only their structure matters).
   """
   schedule = learning_rate_schedule(opt)
+  only_normalizers = opt.trainable == 'batch_norm'
   parts = []
-  if not (isinstance(opt.weight_decay, numbers.Real) and opt.weight_decay == 0):
-    parts.append(optax.add_decayed_weights(
-        opt.weight_decay,
-        mask=weight_decay_mask(params, batch_stats, opt.regularize_batch_norm)))
+  no_weight_decay = isinstance(opt.weight_decay, numbers.Real) and opt.weight_decay == 0
+  if not no_weight_decay and not (only_normalizers and not opt.regularize_batch_norm):
+    # Training only normalizers, L2 applies to all of them or none (the inner
+    # transformation sees only their parameters).
+    mask = (None if only_normalizers
+            else weight_decay_mask(params, batch_stats, opt.regularize_batch_norm))
+    parts.append(optax.add_decayed_weights(opt.weight_decay, mask=mask))
   if opt.name == 'momentum':
     parts.append(optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov))
   else:
     parts.append(optax.sgd(schedule))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  if not only_normalizers:
+    return tx
+  labels = jax.tree_util.tree_map(lambda trains: 'trained' if trains else 'frozen',
+                                  normalizer_mask(params, batch_stats))
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)

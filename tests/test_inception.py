@@ -329,7 +329,7 @@ def test_use_lrn_changes_outputs_not_params():
 
 @pytest.mark.parametrize('kwargs,bad', [
     (dict(activation='tanh'), 'tanh'),
-    (dict(normalizer='layer_norm'), 'layer_norm'),
+    (dict(normalizer='weight_norm'), 'weight_norm'),
     (dict(dropout_rate=1.0), '1.0'),
     (dict(dropout_rate=-0.1), '-0.1'),
     (dict(width_multiplier=0.0), '0.0'),

@@ -412,11 +412,12 @@ def test_get_normalizer():
   assert (module.momentum, module.epsilon, module.virtual_batch_size) == (0.9, 1e-3, None)
   vbn = bn.get_normalizer('virtual_batch_norm', virtual_batch_size=4)()
   assert vbn.virtual_batch_size == 4
-  assert set(bn.NORMALIZERS) == {'batch_norm', 'virtual_batch_norm', 'none'}
+  assert set(bn.NORMALIZERS) == {'batch_norm', 'virtual_batch_norm', 'batch_renorm',
+                                 'layer_norm', 'group_norm', 'noisy_batch_norm', 'none'}
 
 
 @pytest.mark.parametrize('kwargs, match', [
-    ({'name': 'layer_norm'}, 'layer_norm'),
+    ({'name': 'weight_norm'}, 'weight_norm'),
     ({'name': 'BatchNorm'}, 'BatchNorm'),
     ({'name': 'virtual_batch_norm'}, 'virtual_batch_size'),
     ({'name': 'virtual_batch_norm', 'virtual_batch_size': 0}, 'virtual_batch_size'),

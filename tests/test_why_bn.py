@@ -99,7 +99,7 @@ def test_job_measures_every_network(tmp_path):
   for net in why_bn.NETWORKS:
     s = summary[net]
     assert s['layers'] == ['hidden_0', 'hidden_1', 'hidden_2', 'logits']
-    assert [step for step, _ in s['ics_l2']['logits']] == [20, 40]
+    assert [step for step, _ in s['ics_l2']['logits']] == [0, 20, 40]
     assert s['mean_ics_l2']['hidden_0'] == 0.0
     assert s['mean_landscape_loss_range'] >= 0 and s['mean_landscape_beta'] > 0
   assert os.path.getsize(tmp_path / 'why_bn.png') > 10_000

@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bn_research import inputs as inputs_lib
+from bn_research import normalization
 from bn_research.engine import state as state_lib
 from bn_research.engine import steps
 
@@ -160,7 +161,8 @@ class JitProgram(Program):
                            out_shardings=self._replicated) if probe_fn is not None else None)
     self._population = None
     self._last_stats: Optional[tuple] = None
-    if config.eval.batch_stats == 'population' and config.model.normalizer != 'none':
+    if (config.eval.batch_stats == 'population'
+        and config.model.normalizer in normalization.MOVING_AVERAGE_NORMALIZERS):
       population_fn = steps.make_population_fn(builder, source.materialize)
       if vmapped:
         population_fn = jax.vmap(population_fn,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -35,7 +36,49 @@ MODEL_KEYS = {
     'model.small_inputs': checks.Bool(),
     'model.stem_stride': checks.Int(1, 2),
     'model.conv_features': checks.Ints(1, note='small_cnn conv widths'),
+    'model.norm_groups': checks.Int(1, note='group_norm groups'),
+    'model.renorm_r_max': checks.Float(1.0),
+    'model.renorm_d_max': checks.Float(0.0),
+    'model.renorm_start_step': checks.Int(0),
+    'model.renorm_ramp_steps': checks.Int(0),
+    'model.bn_noise': checks.Float(0.0, low_open=True, note='noisy_batch_norm strength'),
 }
+
+
+def _validate_normalizer_options(m: ml_collections.ConfigDict, widths: Sequence[int],
+                                 where: str) -> None:
+  """Checks the keys of the configured normalizer; `widths`: every normalized width."""
+  if m.normalizer == 'group_norm':
+    g = m.norm_groups
+    if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+      raise ValueError(f'model.norm_groups={g!r} must be an integer >= 1.')
+    bad = sorted({w for w in widths if w % g})
+    if bad:
+      common = math.gcd(*widths)
+      allowed = [d for d in range(1, common + 1) if common % d == 0]
+      raise ValueError(f'model.norm_groups={g} does not divide the width {bad[0]} of {where}; '
+                       f'allowed: {", ".join(map(str, allowed))}.')
+  elif m.normalizer == 'batch_renorm':
+    if not m.renorm_r_max >= 1:
+      raise ValueError(f'model.renorm_r_max={m.renorm_r_max!r} must be >= 1.')
+    if not m.renorm_d_max >= 0:
+      raise ValueError(f'model.renorm_d_max={m.renorm_d_max!r} must be >= 0.')
+    for key in ('renorm_start_step', 'renorm_ramp_steps'):
+      if not isinstance(m[key], int) or isinstance(m[key], bool) or m[key] < 0:
+        raise ValueError(f'model.{key}={m[key]!r} must be an integer >= 0.')
+  elif m.normalizer == 'noisy_batch_norm' and not m.bn_noise > 0:
+    raise ValueError(f'model.bn_noise={m.bn_noise!r} must be > 0 for noisy_batch_norm '
+                     '(0 is batch_norm).')
+
+
+def renorm_schedule(m: ml_collections.ConfigDict
+                    ) -> Optional[normalization.RenormSchedule]:
+  """Batch renorm's schedule from the model config's renorm_* keys (None unless used)."""
+  if m.normalizer != 'batch_renorm':
+    return None
+  return normalization.RenormSchedule(
+      r_max=float(m.renorm_r_max), d_max=float(m.renorm_d_max),
+      start_step=int(m.renorm_start_step), ramp_steps=int(m.renorm_ramp_steps))
 
 
 def validate_model_config(m: ml_collections.ConfigDict) -> None:
@@ -45,6 +88,12 @@ def validate_model_config(m: ml_collections.ConfigDict) -> None:
   if m.name == 'inception' and m.activation not in inception.ACTIVATIONS:
     raise ValueError(f'model.activation={m.activation!r} is invalid: inception allows '
                      f'{", ".join(inception.ACTIVATIONS)}.')
+  if m.name == 'mlp':
+    _validate_normalizer_options(m, [int(h) for h in m.hidden_sizes], 'a hidden layer')
+  elif m.name == 'inception':
+    _validate_normalizer_options(m, inception.normalized_widths(m.width_multiplier),
+                                 'a convolution (model.width_multiplier='
+                                 f'{m.width_multiplier})')
 
 
 def build_model(m: ml_collections.ConfigDict, *, num_classes: int,
@@ -60,7 +109,8 @@ def build_model(m: ml_collections.ConfigDict, *, num_classes: int,
   dtype = jnp.dtype(m.dtype)
   bn_kwargs = dict(momentum=m.bn_momentum, epsilon=m.bn_epsilon, axis_name=axis_name,
                    virtual_batch_size=m.virtual_batch_size or None,
-                   unbiased_running_var=m.unbiased_running_var)
+                   unbiased_running_var=m.unbiased_running_var,
+                   num_groups=m.norm_groups, renorm=renorm_schedule(m), noise=m.bn_noise)
   if m.name == 'mlp':
     from bn_research.models.mlp import MLP
     return MLP(hidden_sizes=tuple(int(h) for h in m.hidden_sizes), num_classes=num_classes,
@@ -83,5 +133,6 @@ def build_model(m: ml_collections.ConfigDict, *, num_classes: int,
                      bn_epsilon=m.bn_epsilon, axis_name=axis_name,
                      virtual_batch_size=m.virtual_batch_size or None, dtype=dtype,
                      unbiased_running_var=m.unbiased_running_var,
-                     stem_stride=m.stem_stride)
+                     stem_stride=m.stem_stride, norm_groups=m.norm_groups,
+                     renorm=renorm_schedule(m), bn_noise=m.bn_noise)
   raise ValueError(f'model.name={m.name!r}; allowed: {", ".join(MODELS)}.')

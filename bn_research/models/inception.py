@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bn_research.models import layers
-from bn_research.normalization import NORMALIZERS, get_normalizer
+from bn_research.normalization import NORMALIZERS, RenormSchedule, get_normalizer
 
 Array = jax.Array
 
@@ -125,6 +125,20 @@ def scaled_width(width: int, multiplier: float) -> int:
   return max(MIN_WIDTH, int(round(width * multiplier)))
 
 
+def normalized_widths(width_multiplier: float = 1.0, table: str = 'paper') -> list[int]:
+  """The width of every convolution unit (each followed by the normalizer), in order.
+
+  The stem's units and every branch of every module; what a normalizer that splits
+  channels (group_norm's groups) must divide.
+  """
+  w = lambda d: scaled_width(d, width_multiplier)
+  widths = [w(STEM_WIDTHS[k]) for k in ('conv1', 'conv2_reduce', 'conv2')]
+  for s in module_table(table):
+    widths += [w(d) for d in (s.conv1x1, s.reduce3x3, s.conv3x3, s.reduce_double3x3,
+                              s.double3x3, s.pool_proj) if d]
+  return widths
+
+
 def local_response_normalization(
     x: Array,
     *,
@@ -175,6 +189,8 @@ def validate_inception_options(
     bn_epsilon: float = 1e-3,
     virtual_batch_size: Optional[int] = None,
     table: str = 'paper',
+    norm_groups: int = 32,
+    bn_noise: float = 0.5,
 ) -> None:
   """Raises ValueError, naming the bad value, for options `Inception` cannot build."""
   if activation not in ACTIVATIONS:
@@ -195,7 +211,8 @@ def validate_inception_options(
   module_table(table)
   # Catches e.g. 'virtual_batch_norm' without virtual_batch_size at construction time.
   get_normalizer(normalizer, momentum=bn_momentum, epsilon=bn_epsilon,
-                 virtual_batch_size=virtual_batch_size)
+                 virtual_batch_size=virtual_batch_size, num_groups=norm_groups,
+                 noise=bn_noise)
 
 
 class ConvUnit(nn.Module):
@@ -261,8 +278,11 @@ class Inception(nn.Module):
 
   Attributes:
     num_classes: width of the linear classifier (softmax is left to the loss).
-    normalizer: 'batch_norm', 'virtual_batch_norm' (needs virtual_batch_size) or
-      'none' (the paper's "Inception" baseline: convolutions keep their biases).
+    normalizer: 'batch_norm', 'virtual_batch_norm' (needs virtual_batch_size),
+      'batch_renorm', 'noisy_batch_norm', 'layer_norm', 'group_norm' (see
+      `normalization.get_normalizer`) or 'none' (the paper's "Inception" baseline:
+      convolutions keep their biases). Under every normalizer the convolutions have
+      no bias, since each normalizer's beta takes its role.
     activation: 'relu' or 'sigmoid' (BN-x5-Sigmoid).
     dropout_rate: dropout before the classifier, in [0, 1); needs the 'dropout' rng
       when training. GoogLeNet used 0.4; the paper's BN-x5/x30 remove it.
@@ -280,6 +300,10 @@ class Inception(nn.Module):
     table: 'paper' (appendix table) or 'tf_slim' (96-wide pool projections in 4c, 4d).
     unbiased_running_var: BN's moving variance tracks m/(m-1) var_B (Algorithm 2) if
       True, the biased var_B (Flax, TF) if False.
+    norm_groups: group_norm's G per convolution (its channels over (H, W, C/G) per
+      example); it must divide every width (`normalized_widths`).
+    renorm: batch_renorm's schedule (None: its defaults).
+    bn_noise: noisy_batch_norm's strength.
   """
   num_classes: int = 1000
   normalizer: str = 'batch_norm'
@@ -296,6 +320,9 @@ class Inception(nn.Module):
   table: str = 'paper'
   stem_stride: int = 1
   unbiased_running_var: bool = True
+  norm_groups: int = 32
+  renorm: Optional[RenormSchedule] = None
+  bn_noise: float = 0.5
 
   def __post_init__(self):
     validate_inception_options(
@@ -303,7 +330,7 @@ class Inception(nn.Module):
         activation=self.activation, dropout_rate=self.dropout_rate,
         width_multiplier=self.width_multiplier, bn_momentum=self.bn_momentum,
         bn_epsilon=self.bn_epsilon, virtual_batch_size=self.virtual_batch_size,
-        table=self.table)
+        table=self.table, norm_groups=self.norm_groups, bn_noise=self.bn_noise)
     super().__post_init__()
 
   @nn.compact
@@ -315,7 +342,8 @@ class Inception(nn.Module):
         self.normalizer, use_running_average=not train, momentum=self.bn_momentum,
         epsilon=self.bn_epsilon, axis_name=self.axis_name,
         virtual_batch_size=self.virtual_batch_size,
-        unbiased_running_var=self.unbiased_running_var, dtype=self.dtype)
+        unbiased_running_var=self.unbiased_running_var, dtype=self.dtype,
+        num_groups=self.norm_groups, renorm=self.renorm, noise=self.bn_noise)
     w = lambda d: scaled_width(d, self.width_multiplier)
     unit = lambda feats, k, name, stride=1: ConvUnit(
         w(feats), (k, k), (stride, stride), norm, self.activation, self.dtype,

@@ -1,7 +1,11 @@
 """The MNIST network of the paper's Section 4.1: fully connected layers, sigmoid.
 
 With a normalizer, each hidden layer is z = g(BN(W u)): the dense layer has no bias
-(BN's beta takes its role) and BN sits between the matmul and the nonlinearity.
+(BN's beta takes its role) and BN sits between the matmul and the nonlinearity. The
+same holds for every normalizer of `normalization.NORMALIZERS` (each has a beta).
+For a dense layer, `layer_norm` normalizes each example over the layer's units and
+`group_norm` over each group of units / G consecutive units (G = `num_groups` in
+bn_kwargs); G = units would normalize single values and is useless here.
 The input to every nonlinearity is sown into the `intermediates` collection as
 `hidden_{i}` so the activation tracker (Figure 1) can read it.
 """
@@ -31,7 +35,9 @@ class MLP(nn.Module):
     hidden_sizes: width of each hidden layer (the paper: 100, 100, 100).
     num_classes: outputs of the final (softmax) layer.
     activation: 'sigmoid' (the paper), 'relu' or 'tanh'.
-    normalizer: 'batch_norm', 'virtual_batch_norm' or 'none'.
+    normalizer: a name from `normalization.NORMALIZERS` ('batch_norm',
+      'virtual_batch_norm', 'batch_renorm', 'noisy_batch_norm', 'layer_norm',
+      'group_norm') or 'none'.
     init_stddev: stddev of the Gaussian initialisation of every dense kernel
       ("small random Gaussian values").
     bn_kwargs: passed to `normalization.get_normalizer`.
