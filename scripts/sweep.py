@@ -178,7 +178,8 @@ def main(argv: Sequence[str]) -> None:
                  _SWEEP_FILE.value, _OVERRIDES, _PRINT_COMMANDS.value,
                  _PYTHON.value, _VALIDATE_KEYS.value, vmap=_VMAP.value)
   except sweep_lib.SweepError as e:
-    sys.exit(f'sweep: error: {e}')
+    print(f'sweep: error: {e}', file=sys.stderr)
+    sys.exit(2)
   sys.exit(code)
 
 

@@ -46,7 +46,7 @@ def test_bn_only_training_leaves_every_other_parameter_bitwise_at_init(tmp_path)
   (a working mask keeps them at their init; a broken one would move them every step),
   while BN's gamma and beta moved between the two.
   """
-  from bn_research import checkpoint, train
+  from bn_research import rundir, train
   final = {}
   for steps in (2, 5):
     config = helpers.tiny_mlp_config(**{
@@ -56,7 +56,7 @@ def test_bn_only_training_leaves_every_other_parameter_bitwise_at_init(tmp_path)
         'probe.enabled': False})
     workdir = str(tmp_path / f'steps{steps}')
     assert train.train_and_evaluate(config, workdir)['status'] == 'done'
-    final[steps] = checkpoint.load_latest(workdir)
+    final[steps] = rundir.load_latest(workdir)
   one, four = leaves(final[2]['params']), leaves(final[5]['params'])
   normalizer = sorted(k for k in one if "['bn_" in k)
   frozen = sorted(set(one) - set(normalizer))
