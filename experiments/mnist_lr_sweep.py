@@ -155,7 +155,7 @@ def markdown(summary: dict) -> str:
            '',
            f'{summary["steps"]} steps per run, batch 60, momentum 0.9; data: '
            f'{d.get("dataset")} ({d.get("num_train")} train / {d.get("num_test")} test). '
-           f'Outcome: diverged (non-finite loss), at chance (final accuracy < '
+           f'Outcome: diverged (non-finite, or a log-interval training loss above divergence.max_loss), at chance (final accuracy < '
            f'{summary["at_chance_below"]:g}), or trains.',
            '']
   if d.get('warning'):
@@ -263,6 +263,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   from bn_research import launch
   lrs = launch.exit_on_bad_flags('mnist_lr_sweep', check_flags)
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   logging.set_verbosity(logging.INFO)
   from bn_research import log_filter
   log_filter.quiet_library_logs()

@@ -196,12 +196,12 @@ def test_a_loss_above_max_loss_is_divergence_and_zero_disables_the_test(tmp_path
       'model.activation': 'relu', 'model.init_stddev': 1.0,
       'optimizer.learning_rate': 10.0, 'num_train_steps': 60})
   result = _train(config, tmp_path / 'run')
-  assert result['status'] == 'diverged' and result['reason'] == 'loss above 100'
+  assert result['status'] == 'diverged' and result['reason'] == 'loss above 20'
   status = helpers.read_json(tmp_path / 'run' / 'status.json')
-  assert status['reason'] == 'loss above 100' and status['diverged_step'] == status['step']
+  assert status['reason'] == 'loss above 20' and status['diverged_step'] == status['step']
   rows = helpers.read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
-  assert rows[-1]['step'] == status['step'] and rows[-1]['train_loss'] > 100
-  assert all(r['train_loss'] <= 100 for r in rows[1:-1] if 'train_loss' in r)
+  assert rows[-1]['step'] == status['step'] and rows[-1]['train_loss'] > 20
+  assert all(r['train_loss'] <= 20 for r in rows[1:-1] if 'train_loss' in r)
   from bn_research import rundir
   import jax
   kept = rundir.load_latest(str(tmp_path / 'run'))
