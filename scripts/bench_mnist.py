@@ -42,6 +42,8 @@ _OPTIONS = flags.DEFINE_string('compiler_options', None, "XLA compile options fo
                                 'programs (default: the config\'s; "" for none).')
 _PIN = flags.DEFINE_bool('pin', True, 'With --threads=1, pin to one core (Linux).')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time PyTorch, when it is installed.')
+_EVAL_COST = flags.DEFINE_bool('eval_cost', True, "Also time one evaluation (1,000 test "
+                               "images and the probe) with each eval.batch_stats option.")
 
 
 _ALL_CORES: list = []  # the cores this process may use, before it pins itself
@@ -221,8 +223,44 @@ def main(argv):
     print(f'ratio ours/PyTorch: {ours[1] / theirs[1]:.2f}x')
   elif _TORCH.value:
     print('PyTorch not installed: pip install torch==2.13.0 (CPU) to compare.')
+  if _EVAL_COST.value:
+    eval_cost(images, labels)
   if _PROCESSES.value > 1:
     side_by_side(ours[1], floor)
+
+
+def eval_cost(images, labels) -> None:
+  """Seconds per evaluation (test set and probe) with the moving averages vs with
+  Algorithm 2's population statistics (50 training batches of 60 re-estimated each time),
+  through the engine's own program; compile time left out."""
+  import jax
+  from bn_research import inputs
+  from bn_research.engine import programs
+  from configs import mnist_mlp
+  times = {}
+  for option in ('moving_average', 'population'):
+    config = mnist_mlp.get_config('bn,source=synthetic')
+    config.eval.batch_stats = option
+    data = inputs.RunData(
+        inputs.InMemoryInput(images, labels, batch_size=60, seed=0),
+        (lambda b=inputs.padded_eval_batches(images[:1000], labels[:1000], 1000): b), 10,
+        images[:1000], {}, images[:2])
+    program = programs.JitProgram(config, data, jax.devices()[:1], hparams={},
+                                  num_members=1, vmapped=False)
+    state = program.init()
+    program.evaluate(state), program.probe(state)  # compile
+    runs = []
+    for _ in range(20):
+      program._last_stats = None  # pylint: disable=protected-access
+      t = time.perf_counter()
+      program.evaluate(state)
+      program.probe(state)
+      runs.append(time.perf_counter() - t)
+    times[option] = sorted(runs)[len(runs) // 2]
+  print(f'one evaluation + probe (median of 20): moving averages {times["moving_average"] * 1e3:.1f} ms, '
+        f'population statistics (50 batches) {times["population"] * 1e3:.1f} ms, '
+        f'ratio {times["population"] / times["moving_average"]:.2f}x; x100 evaluations per '
+        'Figure 1 network')
 
 
 def side_by_side(ours_alone: float, floor_alone: float) -> None:
