@@ -606,8 +606,9 @@ class BatchNorm(nn.Module):
       module also counts its training steps in `batch_stats` as `step` (float32,
       exact to 2^24 steps, and unchanged by the pmean that replicas' batch_stats get).
     noise: strength of noisy BN's per-step random affine distortion after the
-      normalization (`NoisyBatchNorm`); 0: none. Training mode then needs the
-      'dropout' rng; inference mode is unaffected.
+      normalization (`NoisyBatchNorm`), drawn from the 'dropout' rng in training mode
+      (without that rng, as in population passes, none is applied); 0: none.
+      Inference mode is unaffected.
   """
   use_running_average: Optional[bool] = None
   momentum: float = 0.99
@@ -707,8 +708,10 @@ class BatchNorm(nn.Module):
       ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * tracked_var
       if step is not None:
         step.value = step.value + 1.0
-      if self.noise:
+      if self.noise and self.has_rng('dropout'):
         # A fresh distortion every step: the engine folds the step into its rng.
+        # Without the rng (Algorithm 2's population passes) the layer is BN, as at
+        # inference, so the statistics estimated are those of the inference network.
         y = noisy_affine(y, self.make_rng('dropout'), self.noise)
     return y.astype(out_dtype)
 

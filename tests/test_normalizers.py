@@ -306,6 +306,9 @@ def test_noisy_batch_norm_shifts_every_step_and_is_identity_at_inference():
     outs.append(np.asarray(y))
   assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[2])
   np.testing.assert_array_equal(train(1)[0], outs[1])  # the step's key decides the draw
+  # Without the rng (Algorithm 2's population passes) the training pass is BN's.
+  np.testing.assert_array_equal(
+      noisy.apply(variables, x, use_running_average=False, mutable=['batch_stats'])[0], y_bn)
   np.testing.assert_array_equal(
       noisy.apply(variables, x, use_running_average=True),
       norm.BatchNorm().apply(variables, x, use_running_average=True))
