@@ -192,8 +192,7 @@ def make_probe_fn(builder: Builder) -> Callable:
       # Dropout off: the probe looks at the normalised input, not at noise.
       model = model.clone(dropout_rate=0.0) if hasattr(model, 'dropout_rate') else model
       _, state = model.apply(variables, images, train=True,
-                             mutable=['intermediates', 'batch_stats'],
-                             rngs={'dropout': jax.random.PRNGKey(0)})
+                             mutable=['intermediates', 'batch_stats'])
     else:
       _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
     values = state['intermediates'][name][0][:, probe.unit].astype(jnp.float32)
@@ -227,10 +226,9 @@ def make_population_fn(builder: Builder, materialize: Callable) -> Callable:
 
     def moments_of(chunk_t):
       batch = materialize(resident, chunk_t)
-      # (noisy_batch_norm's noise needs a key; the moments are taken before it.)
+      # No rngs: noisy_batch_norm is then plain BN, as the inference network is.
       _, updates = model.apply(variables, batch['image'], train=True,
-                               mutable=['batch_stats', 'batch_moments'],
-                               rngs={'dropout': jax.random.PRNGKey(0)})
+                               mutable=['batch_stats', 'batch_moments'])
       return updates['batch_moments']
 
     stacked = jax.lax.map(moments_of, chunk)
