@@ -28,6 +28,9 @@ def tiny_mlp_config(**overrides):
   c.model.hidden_sizes = (16, 16)
   c.probe.num_examples = 64
   c.optimizer.learning_rate = 0.1
+  # The engine's default (the MNIST config evaluates with population statistics, which
+  # tests/test_population_eval.py and the Figure 1 job test cover).
+  c.eval.batch_stats = 'moving_average'
   for key, value in overrides.items():
     node = c
     *path, last = key.split('.')

@@ -215,7 +215,7 @@ def test_a_loss_above_max_loss_is_divergence_and_zero_disables_the_test(tmp_path
     ('optimizer.learning_rate', -1.0, 'optimizer.learning_rate=-1.0'),
     ('batch_size', 0, 'batch_size=0'),
     ('model.name', 'resnet', "model.name='resnet'"),
-    ('model.normalizer', 'layer_norm', "model.normalizer='layer_norm'"),
+    ('model.normalizer', 'instance_norm', "model.normalizer='instance_norm'"),
     ('data.name', 'cifar', "data.name='cifar'"),
     ('data.data_dir', '/no/such/dir', '/no/such/dir'),
     ('parallelism', 'pjit', "parallelism='pjit'"),
