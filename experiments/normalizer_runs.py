@@ -37,10 +37,12 @@ class ArgumentParser(argparse.ArgumentParser):
     self.exit(2, f'{self.prog}: error: {message}\n')
 
 
-def add_common_flags(parser: argparse.ArgumentParser, default_steps: int) -> None:
+def add_common_flags(parser: argparse.ArgumentParser, default_steps: int | None) -> None:
   parser.add_argument('--workdir', required=True, help='Output directory.')
   parser.add_argument('--steps', type=int, default=default_steps,
-                      help='Training steps per run (scales the whole job).')
+                      help='Training steps per run (scales the whole job; default: '
+                      + (f'{default_steps}' if default_steps else "each network's own")
+                      + ').')
   parser.add_argument('--models', default=','.join(MODELS),
                       help=f'Comma-separated networks: {", ".join(MODELS)}.')
   parser.add_argument('--data', default='real', choices=DATA,
@@ -57,7 +59,7 @@ def check_common_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
 
   `controlled`: the config keys the experiment sets per run, which --set may not change.
   """
-  if args.steps < 2:
+  if args.steps is not None and args.steps < 2:
     parser.error(f'--steps={args.steps}: allowed: an integer >= 2.')
   models = [m for m in args.models.split(',') if m]
   bad = [m for m in models if m not in MODELS]

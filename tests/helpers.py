@@ -31,7 +31,12 @@ def tiny_mlp_config(**overrides):
   # The engine's default (the MNIST config evaluates with population statistics, which
   # tests/test_population_eval.py and the Figure 1 job test cover).
   c.eval.batch_stats = 'moving_average'
-  for key, value in overrides.items():
+  return set_keys(c, overrides)
+
+
+def set_keys(c, values: dict):
+  """Sets {'dotted.key': value} in a ConfigDict; returns it."""
+  for key, value in values.items():
     node = c
     *path, last = key.split('.')
     for p in path:

@@ -99,3 +99,34 @@ def test_ablation_experiment_writes_figures_2_and_3(tmp_path):
   assert inception['steps_to_inception_max'] == inception['step_of_max']
   assert os.path.getsize(tmp_path / 'figure2.png') > 1000
   assert '| bn_x30 |' in (tmp_path / 'figure3.md').read_text()
+
+
+def test_member_sweep_on_the_imagenet_stream(tmp_path):
+  """Two BN-x5 members (learning rate and seed) as one program on the streamed ImageNet
+  pipeline (TFDS mock data): both finish, share the batch stream, and differ."""
+  import jax
+  import numpy as np
+  import tensorflow_datasets as tfds
+  from bn_research import rundir, train
+  c = _imagenet('bn_x5')
+  c.data.data_dir = str(tmp_path)
+  c.data.image_size = 32
+  c.data.num_workers = 1
+  c.model.width_multiplier = 0.125
+  c.batch_size = 4
+  c.eval_batch_size = 8
+  c.num_train_steps = 2
+  c.eval_every_steps = 2
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  points = [(str(tmp_path / 'a'), {'optimizer.learning_rate': 0.01, 'seed': 0}),
+            (str(tmp_path / 'b'), {'optimizer.learning_rate': 0.1, 'seed': 1})]
+  with tfds.testing.mock_data(num_examples=8):
+    results = train.train_members(c, points)
+  assert [r['status'] for r in results] == ['done', 'done']
+  for workdir, _ in points:
+    assert rundir.read_description(workdir)['vmap_members'] == 2
+    assert [r['step'] for r in rundir.read_metrics(workdir) if 'train_loss' in r] == [1, 2]
+  a, b = (rundir.load_latest(w)['params'] for w, _ in points)
+  assert max(float(np.max(np.abs(x - y))) for x, y in zip(
+      jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))) > 1e-3

@@ -91,13 +91,7 @@ def _inception_config(**overrides):
   c.eval_every_steps = 2
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return helpers.set_keys(c, overrides)
 
 
 @pytest.mark.usefixtures('fast_compiles')
@@ -202,7 +196,9 @@ def test_bfloat16_computes_in_bf16_keeps_float32_state_and_tracks_float32(tmp_pa
   assert f32[-1] < f32[0] - 0.3  # and it is a curve that moved
 
 
-def test_sigterm_ends_the_run_interrupted_and_the_same_command_resumes(tmp_path):
+@pytest.mark.parametrize('signum, code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_ends_the_run_interrupted_and_the_same_command_resumes(tmp_path, signum,
+                                                                        code):
   args = ['--config=configs/mnist_mlp.py:bn,source=synthetic',
           '--config.num_train_steps=400000', '--config.eval_every_steps=100000',
           '--config.log_every_steps=100', '--config.checkpoint_every_steps=100000',
@@ -217,13 +213,13 @@ def test_sigterm_ends_the_run_interrupted_and_the_same_command_resumes(tmp_path)
   deadline = time.time() + 120
   while time.time() < deadline and not (metrics.exists() and 'train_loss' in metrics.read_text()):
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   _, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 143, stderr[-3000:]
+  assert proc.returncode == code, stderr[-3000:]
   assert 'Traceback' not in stderr
   from bn_research import rundir
   status = rundir.read_status(str(tmp_path / 'run'))
-  assert status['status'] == 'interrupted' and status['signal'] == signal.SIGTERM
+  assert status['status'] == 'interrupted' and status['signal'] == signum
   # The step it names has a complete checkpoint, and the metrics reach exactly there.
   assert status['step'] in rundir.checkpoint_steps(str(tmp_path / 'run'))
   assert rundir.read_metrics(str(tmp_path / 'run'))[-1]['step'] == status['step']
@@ -255,3 +251,26 @@ def test_measurements_ride_on_the_cadence_and_members_measure_as_separate_runs(t
   for step in measured:
     for key in ('landscape_beta', 'landscape_loss_range', 'ics_l2/hidden_1'):
       assert member[step][key] == pytest.approx(rows[step][key], rel=1e-4, abs=1e-6)
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused_in_one_line(tmp_path):
+  """While a process holds the workdir (a run, here a stand-in holding its lock), the
+  engine refuses to train in it, with or without --overwrite, and writes nothing."""
+  from bn_research import train
+  workdir = tmp_path / 'run'
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; sys.path.insert(0, sys.argv[1]); '
+       'from bn_research import rundir; lock = rundir.WorkdirLock(sys.argv[2]).acquire(); '
+       'print("held", flush=True); time.sleep(60)', helpers.REPO, str(workdir)],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    before = sorted(os.listdir(workdir))
+    for overwrite in (False, True):
+      with pytest.raises(ValueError) as err:
+        train.train_and_evaluate(helpers.tiny_mlp_config(), str(workdir), overwrite=overwrite)
+      assert str(holder.pid) in str(err.value) and '\n' not in str(err.value)
+      assert sorted(os.listdir(workdir)) == before
+  finally:
+    holder.kill()
+    holder.wait()

@@ -34,8 +34,11 @@ pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 def _config(lr=0.1, seed=0, init=0.1):
   # Every swept value explicit: the config file's defaults may change.
+  # Population inference as the MNIST config (and the sweep script's runs) use it:
+  # vmapped members then estimate their own population statistics.
   return helpers.tiny_mlp_config(**{'optimizer.learning_rate': lr, 'seed': seed,
-                                    'model.init_stddev': init})
+                                    'model.init_stddev': init,
+                                    'eval.batch_stats': 'population'})
 
 
 @pytest.fixture(scope='module')

@@ -81,6 +81,28 @@ class Program:
     return None
 
 
+def member_vmap(fn: Callable, in_axes: tuple, *, broadcast: Sequence[int] = ()) -> Callable:
+  """jax.vmap over members, after broadcasting the shared arguments at positions
+  `broadcast` (in_axes None) to the member axis.
+
+  Convolutional models need that: XLA's batching of a convolution whose kernel is per
+  member but whose input is shared is not implemented for grouped (depthwise)
+  convolutions under a sharded program; with both batched it is. What is broadcast is an
+  index chunk (in-memory data) or one batch (streamed data).
+  """
+  inner = jax.vmap(fn, in_axes=tuple(0 if i in broadcast else a for i, a in enumerate(in_axes)))
+  if not broadcast:
+    return inner
+
+  def wrapped(*args):
+    k = jax.tree_util.tree_leaves(args[1])[0].shape[0]
+    args = list(args)
+    for i in broadcast:
+      args[i] = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), args[i])
+    return inner(*args)
+  return wrapped
+
+
 def _eval_rows(totals: np.ndarray) -> list[dict]:
   """(3, K) sums of loss, correct, count -> one row per member."""
   count = np.maximum(totals[2], 1.0)
@@ -142,13 +164,16 @@ class JitProgram(Program):
 
     source = data.source
     self._resident = jax.device_put(source.resident, self._replicated)
+    convolutional = config.model.name != 'mlp'
+    shared_chunk = (3,) if convolutional and not own_data else ()
     init_fn = steps.make_init(builder)
     run_chunk = steps.make_chunk_fn(steps.make_train_step(builder), source.materialize)
     eval_step = steps.make_eval_step(builder)
     probe_fn = steps.make_probe_fn(builder) if data.probe_images is not None else None
     if vmapped:
-      run_chunk = jax.vmap(run_chunk, in_axes=(0, 0, None, 0 if own_data else None))
-      eval_step = jax.vmap(eval_step, in_axes=(0, 0, 0, None))
+      chunk_axes = (0, 0, None, 0 if own_data else None)
+      run_chunk = member_vmap(run_chunk, chunk_axes, broadcast=shared_chunk)
+      eval_step = member_vmap(eval_step, (0, 0, 0, None), broadcast=(3,) if convolutional else ())
       if probe_fn is not None:
         probe_fn = jax.vmap(probe_fn, in_axes=(0, 0, 0, None))
     self._init = init_fn
@@ -165,8 +190,9 @@ class JitProgram(Program):
         and config.model.normalizer in normalization.MOVING_AVERAGE_NORMALIZERS):
       population_fn = steps.make_population_fn(builder, source.materialize)
       if vmapped:
-        population_fn = jax.vmap(population_fn,
-                                 in_axes=(0, 0, 0, None, 0 if own_data else None))
+        population_fn = member_vmap(
+            population_fn, (0, 0, 0, None, 0 if own_data else None),
+            broadcast=(4,) if convolutional and not own_data else ())
       self._population = jax.jit(population_fn, compiler_options=options,
                                  out_shardings=self._state_sharding)
     self._measure = None
@@ -178,7 +204,8 @@ class JitProgram(Program):
           builder.model(first), np.asarray(data.sample_image)))
       measure_fn = steps.make_measure_fn(builder, layers, source.materialize)
       if vmapped:
-        measure_fn = jax.vmap(measure_fn, in_axes=(0, 0, None, 0 if own_data else None))
+        measure_fn = member_vmap(measure_fn, (0, 0, None, 0 if own_data else None),
+                                 broadcast=shared_chunk)
       self._measure = jax.jit(measure_fn, compiler_options=options,
                               out_shardings=self._replicated)
     self._hp = self._global(self.hparams, self._hparams_sharding)
