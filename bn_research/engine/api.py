@@ -362,15 +362,19 @@ def train_members(base: ml_collections.ConfigDict,
     results: list = [done.get(i) for i in range(len(points))]
     if not todo:
       return results
-    data_axis = (len(devices) if _plain
-                 else programs.mesh_shape(len(todo), len(devices))['data'])
-    for _, m in todo:
-      config_lib.validate_config(m.config, num_devices=data_axis)
+    data = inputs_lib.load_run_data(todo[0][1].config)
+    groups = sorted(_restore([m for _, m in todo], keys, data).items())
+    # Each group (members resuming from one step) is its own program, with its own mesh:
+    # the batches must split over that mesh's data axis.
+    for _, group in groups:
+      data_axis = (len(devices) if _plain
+                   else programs.mesh_shape(len(group), len(devices))['data'])
+      for m, _ in group:
+        config_lib.validate_config(m.config, num_devices=data_axis)
     config_lib.check_compiler_options(
         config_lib.parse_compiler_options(base.compiler_options))
-    data = inputs_lib.load_run_data(todo[0][1].config)
     index = {id(m): i for i, m in todo}
-    for start, group in sorted(_restore([m for _, m in todo], keys, data).items()):
+    for start, group in groups:
       out = _train([m for m, _ in group], [r for _, r in group], keys, overwrite=overwrite,
                    vmapped=not _plain, devices=devices, start_step=start, data=data)
       for (m, _), r in zip(group, out):
