@@ -550,7 +550,9 @@ class RunFiles:
 def write_json(path: str, obj: Any, *, sort_keys: bool = True) -> None:
   """Writes a JSON file atomically (a temporary file renamed into place): a reader never
   sees half a file, and a kill mid-write leaves the previous version."""
-  tmp = path + '.tmp'
+  # A temporary name of this writer's own: the processes of a multi-process sweep may
+  # each write the same sweep.json at once.
+  tmp = f'{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
   with open(tmp, 'w') as f:
     # default=repr: anything JSON cannot hold stays readable.
     json.dump(obj, f, indent=2, sort_keys=sort_keys, default=repr)

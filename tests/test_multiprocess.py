@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -49,11 +50,16 @@ def _launch(module: str, args: list[str], *, processes: int) -> list:
                BN_RESEARCH_NUM_PROCESSES=str(processes), BN_RESEARCH_PROCESS_ID=str(i)),
       cwd=helpers.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
       for i in range(processes)]
-  out = []
+  # If one process fails, the other would wait for it at a barrier: end it too.
+  deadline = time.time() + 300
+  while time.time() < deadline and any(p.poll() is None for p in procs):
+    if any(p.poll() not in (None, 0) for p in procs):
+      break
+    time.sleep(0.2)
   for p in procs:
-    _, err = p.communicate(timeout=300)
-    out.append((p.returncode, err))
-  return out
+    if p.poll() is None:
+      p.kill()
+  return [(p.wait(), p.stderr.read()) for p in procs]
 
 
 def _same_run(a: str, b: str) -> None:

@@ -135,8 +135,9 @@ def sweep_run_dirs(sweep_dir: str | pathlib.Path) -> list[pathlib.Path]:
 def is_sweep_own_file(path: str | pathlib.Path) -> bool:
   """Whether `path` is one of a sweep's own files (sweep.json), not a run."""
   path = pathlib.Path(path)
-  return (path.name in rundir.SWEEP_OWN_FILES and not path.is_dir()
-          and rundir.is_sweep_dir(str(path.parent)))
+  own = path.name in rundir.SWEEP_OWN_FILES or (
+      path.name.startswith(rundir.SWEEP_FILE + '.') and path.name.endswith('.tmp'))
+  return own and not path.is_dir() and rundir.is_sweep_dir(str(path.parent))
 
 
 def expand_run_dirs(paths: Iterable[str | pathlib.Path]) -> list[pathlib.Path]:
