@@ -59,12 +59,10 @@ def test_imagenet_many_devices_keep_batch_32_statistics():
     _imagenet('resnet')
 
 
-@pytest.mark.parametrize('model', MODELS)
-def test_every_imagenet_config_trains_on_mock_data(tmp_path, model):
-  import tensorflow_datasets as tfds
-  from bn_research import train
+def _tiny_imagenet(model, data_dir):
+  """An ImageNet ablation config shrunk for TFDS mock data: 32x32, width 1/8, 2 steps."""
   c = _imagenet(model)
-  c.data.data_dir = str(tmp_path)
+  c.data.data_dir = str(data_dir)
   c.data.image_size = 32
   c.data.num_workers = 1
   c.model.width_multiplier = 0.125
@@ -74,6 +72,14 @@ def test_every_imagenet_config_trains_on_mock_data(tmp_path, model):
   c.eval_every_steps = 2
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
+  return c
+
+
+@pytest.mark.parametrize('model', MODELS)
+def test_every_imagenet_config_trains_on_mock_data(tmp_path, model):
+  import tensorflow_datasets as tfds
+  from bn_research import train
+  c = _tiny_imagenet(model, tmp_path)
   with tfds.testing.mock_data(num_examples=8):
     result = train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert result['status'] == 'done' and result['step'] == 2
@@ -108,17 +114,7 @@ def test_member_sweep_on_the_imagenet_stream(tmp_path):
   import numpy as np
   import tensorflow_datasets as tfds
   from bn_research import rundir, train
-  c = _imagenet('bn_x5')
-  c.data.data_dir = str(tmp_path)
-  c.data.image_size = 32
-  c.data.num_workers = 1
-  c.model.width_multiplier = 0.125
-  c.batch_size = 4
-  c.eval_batch_size = 8
-  c.num_train_steps = 2
-  c.eval_every_steps = 2
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 2
+  c = _tiny_imagenet('bn_x5', tmp_path)
   points = [(str(tmp_path / 'a'), {'optimizer.learning_rate': 0.01, 'seed': 0}),
             (str(tmp_path / 'b'), {'optimizer.learning_rate': 0.1, 'seed': 1})]
   with tfds.testing.mock_data(num_examples=8):
