@@ -326,13 +326,14 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   if measure.every_steps and not (measure.ics or measure.landscape):
     raise ValueError(f'measure.every_steps={measure.every_steps} but measure.ics and '
                      'measure.landscape are both False; turn one on or set every_steps=0.')
-  if config.eval.batch_stats == 'population' and (
-      config.parallelism == 'pmap' or _is_imagenet(config)):
+  # Both read extra training batches by step number: in-memory data under jit only.
+  in_memory_jit = config.parallelism == 'jit' and not _is_imagenet(config)
+  if config.eval.batch_stats == 'population' and not in_memory_jit:
     raise ValueError(
         "eval.batch_stats='population' estimates Algorithm 2's statistics from in-memory "
         f'training batches under parallelism=jit; got parallelism={config.parallelism!r}, '
         f"data.name={config.data.name!r} (use eval.batch_stats='moving_average').")
-  if measure.every_steps and (config.parallelism == 'pmap' or _is_imagenet(config)):
+  if measure.every_steps and not in_memory_jit:
     raise ValueError(f'measure.every_steps={measure.every_steps}: the measurements run on '
                      'in-memory data under parallelism=jit (not pmap, not the streamed '
                      'imagenet2012); set measure.every_steps=0.')

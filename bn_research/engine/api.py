@@ -107,15 +107,15 @@ class _Member:
 
 
 def _prepare(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
-             overwrite: bool, num_devices: Optional[int]) -> tuple[list, list]:
-  """Validates every member and decides what to do with its workdir (writes nothing).
+             overwrite: bool) -> tuple[list, dict]:
+  """Decides what to do with every member's workdir (writes nothing but a rebuilt
+  status of a finished run; the configs were validated by the caller).
 
   Returns:
     (members to train, results of members already finished as {index: status}).
   """
   todo, done = [], {}
   for i, (c, w) in enumerate(zip(configs, workdirs)):
-    config_lib.validate_config(c, num_devices=num_devices)
     mode = rundir.check_workdir(w, c, overwrite)
     if mode == 'done':
       done[i] = rundir.read_status(w)
@@ -349,12 +349,11 @@ def train_members(base: ml_collections.ConfigDict,
     check_sweepable(base, keys)
   configs = [member_config(base, p) for _, p in points]
   workdirs = [str(w) for w, _ in points]
-  config_lib.validate_config(base)
   for c in configs:
     config_lib.validate_config(c)
   devices = _devices(base)
   with _locked(workdirs):
-    todo, done = _prepare(configs, workdirs, overwrite, None)
+    todo, done = _prepare(configs, workdirs, overwrite)
     if jax.process_count() > 1:
       # Every process decided from the same files before any is written.
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

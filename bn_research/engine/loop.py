@@ -125,6 +125,10 @@ class MemberState:
     self.extra = {'diverged_step': step, 'reason': reason,
                   'message': f'{reason} at step {step}'}
 
+  def finish_as_recorded(self) -> None:
+    """Writes the member's final status as the loop recorded it."""
+    self.sink.finish(self.status, self.step, **self.extra, **_eval_metrics(self.last))
+
   def result(self) -> dict:
     return {'status': self.status, 'step': self.step, **self.extra, **self.last}
 
@@ -248,10 +252,9 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
           if m.active:
             m.sink.finish('interrupted', step, signal=signum)
           else:
-            m.sink.finish(m.status, m.step, **m.extra, **_eval_metrics(m.last))
+            m.finish_as_recorded()
         raise Interrupted(signum, step)
-    final = [m for m in members if m.active]
-    if final:
+    if any(m.active for m in members):
       for m, member_state in zip(members, program.split(state)):
         if m.active:
           m.sink.save(step, member_state)
@@ -262,10 +265,10 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
       if m.active:
         m.sink.finish('failed', m.step, message=f'{type(e).__name__}: {e}')
       else:
-        m.sink.finish(m.status, m.step, **m.extra, **_eval_metrics(m.last))
+        m.finish_as_recorded()
     raise
   for m in members:
-    m.sink.finish(m.status, m.step, **m.extra, **_eval_metrics(m.last))
+    m.finish_as_recorded()
   return [m.result() for m in members]
 
 

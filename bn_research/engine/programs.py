@@ -144,14 +144,11 @@ class JitProgram(Program):
     process_count = jax.process_count()
     self._process_count = process_count
     builder = steps.Builder(config, data.num_classes)
-    self.builder = builder
-    self.shape = (mesh_shape(num_members, len(devices)) if vmapped
-                  else {'members': 1, 'data': len(devices)})
-    self.mesh = self.shape
-    mesh = jax.make_mesh((self.shape['members'], self.shape['data']), ('members', 'data'),
+    self.mesh = (mesh_shape(num_members, len(devices)) if vmapped
+                 else {'members': 1, 'data': len(devices)})
+    mesh = jax.make_mesh((self.mesh['members'], self.mesh['data']), ('members', 'data'),
                          devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    self._mesh = mesh
     self._replicated = NamedSharding(mesh, P())
     # A vmapped state's leading axis is the member axis; a plain state is replicated.
     self._state_sharding = NamedSharding(mesh, P('members') if vmapped else P())
@@ -208,6 +205,7 @@ class JitProgram(Program):
                                  broadcast=shared_chunk)
       self._measure = jax.jit(measure_fn, compiler_options=options,
                               out_shardings=self._replicated)
+    # The swept values on the devices ({} for a plain run: nothing is traced).
     self._hp = self._global(self.hparams, self._hparams_sharding)
     self._eval_batches: Optional[list] = None
     self._probe_images = None
@@ -270,8 +268,7 @@ class JitProgram(Program):
     return self._process_local(chunk, self._chunk_sharding, batch_axis=1)
 
   def dispatch(self, state, start, num_steps):
-    hp = self._hp if self.vmapped else {}
-    state, metrics, finite = self._run_chunk(hp, state, self._resident,
+    state, metrics, finite = self._run_chunk(self._hp, state, self._resident,
                                              self._chunk(start, num_steps))
     metrics = {k: np.asarray(v) for k, v in metrics.items()}
     finite = np.asarray(finite)
@@ -303,18 +300,16 @@ class JitProgram(Program):
       return state.batch_stats
     if self._last_stats is not None and self._last_stats[0] is state:
       return self._last_stats[1]  # the probe right after the evaluation
-    hp = self._hp if self.vmapped else {}
-    stats = self._population(hp, state.params, state.batch_stats, self._resident,
+    stats = self._population(self._hp, state.params, state.batch_stats, self._resident,
                              self._chunk(0, self.config.eval.population_batches))
     self._last_stats = (state, stats)
     return stats
 
   def evaluate(self, state) -> list[dict]:
-    hp = self._hp if self.vmapped else {}
     totals = np.zeros((3, self.num_members))
     stats = self._inference_statistics(state)
     for b in self._placed_eval_batches():
-      out = self._eval(hp, state.params, stats, b)
+      out = self._eval(self._hp, state.params, stats, b)
       totals += np.stack([np.asarray(out[k], np.float64).reshape(-1)
                           for k in ('loss_sum', 'correct', 'count')])
     return _eval_rows(totals)
@@ -322,8 +317,7 @@ class JitProgram(Program):
   def measure(self, state, step: int) -> Optional[list[dict]]:
     if self._measure is None:
       return None
-    hp = self._hp if self.vmapped else {}
-    out = self._measure(hp, state, self._resident, self._chunk(step, 1))
+    out = self._measure(self._hp, state, self._resident, self._chunk(step, 1))
     out = {k: np.asarray(v, np.float64).reshape(self.num_members) for k, v in out.items()}
     return [{k: float(v[i]) for k, v in out.items()} for i in range(self.num_members)]
 
@@ -333,8 +327,7 @@ class JitProgram(Program):
     if self._probe_images is None:
       self._probe_images = self._global(np.asarray(self.data.probe_images),
                                         self._replicated)
-    hp = self._hp if self.vmapped else {}
-    values = np.asarray(self._probe(hp, state.params, self._inference_statistics(state),
+    values = np.asarray(self._probe(self._hp, state.params, self._inference_statistics(state),
                                     self._probe_images)).reshape(self.num_members, -1)
     return _probe_rows(values, self.config.probe.percentiles)
 
