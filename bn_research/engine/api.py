@@ -268,7 +268,8 @@ def _train(members: list[_Member], restored: list, keys: Sequence[str], *,
   else:
     state = program.init()
   sinks = [RunDirSink(m.workdir, is_writer=process_index == 0) for m in members]
-  num_params = state_lib.count_params(program.split(state)[0].params)
+  # From the placed state's shapes: no copy of every member's values to the host.
+  num_params = state_lib.count_params(state.params, leading_axis=program.layout != 'jit')
   platform = devices[0].platform
   for m, s in zip(members, sinks):
     # Rows past the resumed step are dropped (a killed run may have logged beyond it).

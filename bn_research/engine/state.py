@@ -98,8 +98,9 @@ def stack_hparams(configs: Sequence[ml_collections.ConfigDict],
   return out
 
 
-def count_params(params: Any, *, member_axis: bool = False) -> int:
-  skip = 1 if member_axis else 0
+def count_params(params: Any, *, leading_axis: bool = False) -> int:
+  """Parameters of one member; leading_axis: every leaf has a member (or device) axis."""
+  skip = 1 if leading_axis else 0
   return sum(int(math.prod(x.shape[skip:])) for x in jax.tree_util.tree_leaves(params))
 
 

@@ -39,8 +39,13 @@ class Builder:
     self.num_classes = num_classes
     self.bn_axis_name = bn_axis_name
 
-  def model(self, hparams: Mapping[str, Any]):
-    m = state_lib.overlay(self.config.model, state_lib.section_values(hparams, 'model'))
+  def model(self, hparams: Mapping[str, Any], *, dropout: bool = True):
+    """The member's model; dropout=False builds it without dropout (a Python zero rate,
+    which the layers skip), for passes that look at the network, not its noise."""
+    values = state_lib.section_values(hparams, 'model')
+    if not dropout:
+      values['dropout_rate'] = 0.0
+    m = state_lib.overlay(self.config.model, values)
     return models.build_model(m, num_classes=self.num_classes, axis_name=self.bn_axis_name)
 
   def optimizer_config(self, hparams: Mapping[str, Any]):
@@ -56,6 +61,11 @@ class Builder:
 
   def seed(self, hparams: Mapping[str, Any]):
     return hparams.get('seed', self.config.seed)
+
+
+def model_variables(params: Any, batch_stats: Any) -> dict:
+  """The variables a model applies with (no batch_stats collection without BN)."""
+  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -98,10 +108,8 @@ def make_train_step(builder: Builder, *, axis_name: Optional[str] = None) -> Cal
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
-      variables = {'params': params}
-      if state.batch_stats:
-        variables['batch_stats'] = state.batch_stats
-      logits, updates = model.apply(variables, batch['image'], train=True,
+      logits, updates = model.apply(model_variables(params, state.batch_stats),
+                                    batch['image'], train=True,
                                     mutable=['batch_stats'], rngs={'dropout': rng})
       loss = cross_entropy_loss(logits, batch['label'])
       return loss, (logits, updates.get('batch_stats', state.batch_stats))
@@ -155,10 +163,8 @@ def make_eval_step(builder: Builder) -> Callable:
   """eval_step(hparams, params, batch_stats, batch) -> masked sums of loss and correct."""
 
   def eval_step(hparams, params, batch_stats, batch):
-    variables = {'params': params}
-    if batch_stats:
-      variables['batch_stats'] = batch_stats
-    logits = builder.model(hparams).apply(variables, batch['image'], train=False)
+    logits = builder.model(hparams).apply(model_variables(params, batch_stats),
+                                          batch['image'], train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), batch['label'])
     correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
@@ -184,13 +190,10 @@ def make_probe_fn(builder: Builder) -> Callable:
   train = probe.mode == 'train'
 
   def probe_fn(hparams, params, batch_stats, images):
-    variables = {'params': params}
-    if batch_stats:
-      variables['batch_stats'] = batch_stats
-    model = builder.model(hparams)
+    variables = model_variables(params, batch_stats)
+    # Dropout off: the probe looks at the normalised input, not at noise.
+    model = builder.model(hparams, dropout=False)
     if train:
-      # Dropout off: the probe looks at the normalised input, not at noise.
-      model = model.clone(dropout_rate=0.0) if hasattr(model, 'dropout_rate') else model
       _, state = model.apply(variables, images, train=True,
                              mutable=['intermediates', 'batch_stats'])
     else:
@@ -220,8 +223,7 @@ def make_population_fn(builder: Builder, materialize: Callable) -> Callable:
   """
 
   def population(hparams, params, batch_stats, resident, chunk):
-    model = builder.model(hparams)
-    model = model.clone(dropout_rate=0.0) if hasattr(model, 'dropout_rate') else model
+    model = builder.model(hparams, dropout=False)
     variables = {'params': params, 'batch_stats': batch_stats}
 
     def moments_of(chunk_t):
