@@ -9,6 +9,12 @@ Every layout returns a `Program`, the one interface the loop drives (`loop.run`)
   `members x data` mesh. The member axis of the state is sharded over `members`; each
   member's batch over `data`. The swept values are traced per-member inputs. BN's
   statistics are taken per member (vmap never mixes slices), over that member's batch.
+  The member axis is mapped by hand (`jax.shard_map` over `members`, the `data` axis
+  left to the partitioner): each device vmaps its own members, so no convolution is
+  ever partitioned along the member axis. Left to XLA's SPMD partitioner, a vmapped
+  convolution (per-member kernels become one grouped convolution whose groups are the
+  members) sharded over `members` computed wrong values on XLA:CPU (jax 0.10.2: a
+  1x1 convolution off by the size of its output, `tests/test_engine_members.py`).
 * `PmapProgram`: one member under `jax.pmap` with axis name 'batch'; gradients are
   averaged and BN pools its statistics across replicas through that axis name.
 
@@ -167,12 +173,20 @@ class JitProgram(Program):
     run_chunk = steps.make_chunk_fn(steps.make_train_step(builder), source.materialize)
     eval_step = steps.make_eval_step(builder)
     probe_fn = steps.make_probe_fn(builder) if data.probe_images is not None else None
+    # The specs of the member-mapped functions' inputs: per member ('members') or shared.
+    per, shared = P('members'), P()
+    chunk_spec = per if own_data else shared
     if vmapped:
       chunk_axes = (0, 0, None, 0 if own_data else None)
-      run_chunk = member_vmap(run_chunk, chunk_axes, broadcast=shared_chunk)
-      eval_step = member_vmap(eval_step, (0, 0, 0, None), broadcast=(3,) if convolutional else ())
+      run_chunk = self._map_members(
+          member_vmap(run_chunk, chunk_axes, broadcast=shared_chunk), mesh,
+          (per, per, shared, chunk_spec), (per, per, per))
+      eval_step = self._map_members(
+          member_vmap(eval_step, (0, 0, 0, None), broadcast=(3,) if convolutional else ()),
+          mesh, (per, per, per, shared), per)
       if probe_fn is not None:
-        probe_fn = jax.vmap(probe_fn, in_axes=(0, 0, 0, None))
+        probe_fn = self._map_members(jax.vmap(probe_fn, in_axes=(0, 0, 0, None)), mesh,
+                                     (per, per, per, shared), per)
     self._init = init_fn
     self._run_chunk = jax.jit(
         run_chunk, donate_argnums=(1,), compiler_options=options,
@@ -187,9 +201,10 @@ class JitProgram(Program):
         and config.model.normalizer in normalization.MOVING_AVERAGE_NORMALIZERS):
       population_fn = steps.make_population_fn(builder, source.materialize)
       if vmapped:
-        population_fn = member_vmap(
+        population_fn = self._map_members(member_vmap(
             population_fn, (0, 0, 0, None, 0 if own_data else None),
-            broadcast=(4,) if convolutional and not own_data else ())
+            broadcast=(4,) if convolutional and not own_data else ()), mesh,
+            (per, per, per, shared, chunk_spec), per)
       self._population = jax.jit(population_fn, compiler_options=options,
                                  out_shardings=self._state_sharding)
     self._measure = None
@@ -201,14 +216,23 @@ class JitProgram(Program):
           builder.model(first), np.asarray(data.sample_image)))
       measure_fn = steps.make_measure_fn(builder, layers, source.materialize)
       if vmapped:
-        measure_fn = member_vmap(measure_fn, (0, 0, None, 0 if own_data else None),
-                                 broadcast=shared_chunk)
+        measure_fn = self._map_members(
+            member_vmap(measure_fn, (0, 0, None, 0 if own_data else None),
+                        broadcast=shared_chunk), mesh, (per, per, shared, chunk_spec), per)
       self._measure = jax.jit(measure_fn, compiler_options=options,
                               out_shardings=self._replicated)
     # The swept values on the devices ({} for a plain run: nothing is traced).
     self._hp = self._global(self.hparams, self._hparams_sharding)
     self._eval_batches: Optional[list] = None
     self._probe_images = None
+
+  @staticmethod
+  def _map_members(fn: Callable, mesh: jax.sharding.Mesh, in_specs: tuple,
+                   out_specs: Any) -> Callable:
+    """`fn` (vmapped over members) run by each device on its own members: manual over
+    `members`, automatic over `data` (the partitioner still splits a member's batch)."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         axis_names={'members'})
 
   # ---- placement ---------------------------------------------------------------
 
