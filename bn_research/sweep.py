@@ -23,6 +23,8 @@ import logging
 import math
 import pathlib
 import re
+import shlex
+import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from bn_research import launch
@@ -604,30 +606,139 @@ class SweepResult:
 
 
 def run_sweep(planned: Sequence[PlannedRun],
-              launcher: Launcher = subprocess_launcher) -> SweepResult:
-  """Launches the unfinished runs of a sweep one after another.
+              launcher: Launcher = subprocess_launcher, *,
+              parallel: int = 1) -> SweepResult:
+  """Launches the unfinished runs of a sweep, one after another or `parallel` at once.
 
   A failing run does not stop the sweep: the others are independent, and
   re-running the sweep retries only what is unfinished.
 
   Args:
     planned: Runs from `plan_sweep`.
-    launcher: Runs one command and returns its exit code; replaced in tests.
+    launcher: Runs one command and returns its exit code; replaced in tests. Used
+      when parallel is 1.
+    parallel: runs at once (`launch.run_jobs`: each pinned to its share of the CPU
+      cores, XLA single-threaded, output in `<sweep dir>/<run name>.log`).
 
   Returns:
     What was skipped, launched and failed.
   """
   result = SweepResult()
+  to_launch = []
   for i, run in enumerate(planned, 1):
-    launch, state = needs_launch(run)
-    if not launch:
+    launch_it, state = needs_launch(run)
+    if not launch_it:
       logging.info('[%d/%d] %s: %s, skipping.', i, len(planned), run.name, state)
       result.skipped.append((run.name, state))
       continue
     logging.info('[%d/%d] %s: %s, launching.', i, len(planned), run.name, state)
     result.launched.append(run.name)
-    code = launcher(run.command)
+    to_launch.append(run)
+  if parallel > 1 and to_launch:
+    pathlib.Path(to_launch[0].workdir).parent.mkdir(parents=True, exist_ok=True)
+    jobs = [launch.Job(run.name, run.command,
+                       log=str(pathlib.Path(run.workdir).parent / f'{run.name}.log'))
+            for run in to_launch]
+    codes = [(r.name, r.returncode) for r in launch.run_jobs(
+        jobs, parallel=parallel, pin_cores=True, single_thread=True, poll_seconds=1.0)]
+  else:
+    codes = [(run.name, launcher(run.command)) for run in to_launch]
+  for name, code in codes:
     if code != 0:
-      logging.error('%s exited with code %d.', run.name, code)
-      result.failed.append((run.name, code))
+      logging.error('%s exited with code %d.', name, code)
+      result.failed.append((name, code))
   return result
+
+
+def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
+          sweep_file: str | None, overrides: Sequence[str],
+          print_commands: bool = False, python: str = sys.executable,
+          validate_keys: bool = True,
+          launcher: Launcher = subprocess_launcher,
+          vmap: bool = False, parallel: int = 1) -> int:
+  """Plans, records and runs (or prints) a sweep.
+
+  Args:
+    config: Config spec, or None to take CONFIG from the sweep file.
+    workdir: Sweep directory.
+    sweep_args: `--sweep` values.
+    sweep_file: Optional experiments/ file.
+    overrides: Common `--config.KEY=VALUE` arguments.
+    print_commands: Print commands instead of running them.
+    python: Interpreter for the commands.
+    validate_keys: Check keys against the loaded config first.
+    launcher: Runs one command (tests pass a fake).
+    vmap: Train every point in this process as one vmapped program.
+    parallel: Separate runs launched at once.
+
+  Returns:
+    Process exit code: 0, or 1 if a launched run failed.
+
+  Raises:
+    SweepError: For any problem found before launching.
+  """
+  try:
+    launch.check_parallel(parallel)
+  except ValueError as e:
+    raise SweepError(str(e)) from None
+  if parallel > 1 and vmap:
+    raise SweepError(f'--parallel={parallel} launches separate runs; --vmap '
+                               'trains every point in one program: choose one')
+  base, file_config = ({}, None)
+  if sweep_file:
+    base, file_config = load_sweep_file(sweep_file)
+  grid = merge_sweeps(base, sweep_args)
+  config = config or file_config
+  if not config:
+    raise SweepError('no config: pass --config or define CONFIG in '
+                               'the --sweep_file')
+  if not grid:
+    raise SweepError('nothing to sweep: pass --sweep or --sweep_file')
+  planned = plan_sweep(config, workdir, grid, overrides, python)
+  if validate_keys:
+    keys = list(grid) + [override_key(o) for o in overrides]
+    check_keys(load_config(config), keys, config)
+  if vmap:
+    if print_commands:
+      raise SweepError('--vmap trains every point in this process; there '
+                                 'are no per-run commands for --print_commands')
+    # Imported here: the sequential path never loads JAX in this process.
+    from bn_research import log_filter
+    from bn_research import train
+    log_filter.quiet_library_logs()
+    try:
+      base = load_config(config, overrides)
+      train.check_sweepable(base, list(grid))
+    except ValueError as e:
+      raise SweepError(str(e)) from None
+  write_sweep_json(workdir, config, grid, overrides, planned)
+  logging.info('Sweep of %d runs in %s.', len(planned), workdir)
+
+  if print_commands:
+    for run in planned:
+      launch_it, state = needs_launch(run)
+      if launch_it:
+        print(shlex.join(run.command), flush=True)
+      else:
+        logging.info('%s: %s, not printed.', run.name, state)
+    return 0
+
+  if vmap:
+    logging.info('Training the %d runs as one vmapped program.', len(planned))
+    try:
+      results = train.train_members(
+          base, [(str(run.workdir), run.params) for run in planned])
+    except ValueError as e:
+      raise SweepError(str(e)) from None
+    for run, res in zip(planned, results):
+      logging.info('%s: %s at step %s, eval_accuracy %s', run.name, res.get('status'),
+                   res.get('step'), res.get('eval_accuracy'))
+    return 0
+
+  result = run_sweep(planned, launcher, parallel=parallel)
+  logging.info('Sweep finished: %d launched, %d skipped as finished, '
+               '%d failed.', len(result.launched), len(result.skipped),
+               len(result.failed))
+  for name, code in result.failed:
+    logging.error('Failed (exit code %d): %s', code, name)
+  return 1 if result.failed else 0

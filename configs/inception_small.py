@@ -31,7 +31,7 @@ BASE_DROPOUT = 0.4
 def get_config(arg: str = 'model=bn_x30') -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, model=('bn_x30', common.INCEPTION_MODELS),
                           data=('fashion_mnist', ('fashion_mnist', 'digits', 'synthetic')),
-                          steps=1000)
+                          steps=1500)
   model, data = args.model, args.data
   c = base_config()
   c.batch_size = 32
@@ -42,6 +42,10 @@ def get_config(arg: str = 'model=bn_x30') -> ml_collections.ConfigDict:
   c.steps_per_dispatch = 1  # conv nets: see train.make_chunk_fn
   c.eval_batch_size = 500
   c.num_eval_examples = 1000
+  # Inference as Algorithm 2: population statistics from 20 training batches (640
+  # images, 640 x p x q values per channel) at every evaluation.
+  c.eval.batch_stats = 'population'
+  c.eval.population_batches = 20
 
   c.optimizer.name = 'momentum'
   c.optimizer.momentum = 0.9

@@ -3,12 +3,13 @@ r"""Runs a grid of training runs, one sub-directory per grid point.
 Usage:
   python -m scripts.sweep --config=configs/<file>.py[:args] --workdir=DIR \
       --sweep=KEY=V1,V2,... [--sweep=KEY2=...] [--sweep_file=experiments/x.py] \
-      [--config.key=value ...] [--print_commands] [--python=INTERPRETER] [--vmap]
+      [--config.key=value ...] [--print_commands] [--python=INTERPRETER] [--vmap | --parallel=N]
 
 Each grid point runs as
   INTERPRETER -m bn_research.main --config=... --workdir=DIR/NAME \
       [--config.key=value ...] --config.KEY=V ...
-one after another, where NAME is built from the point's values (e.g.
+one after another (`--parallel=N`: N at once, each pinned to its share of the CPU
+cores with XLA single-threaded, output in DIR/NAME.log), where NAME is built from the point's values (e.g.
 `optimizer.learning_rate=0.1,model.normalizer=batch_norm`). Re-running the
 same command skips runs whose status is done or diverged and relaunches the
 others, which the engine resumes from their checkpoints. `--print_commands`
@@ -40,13 +41,11 @@ check that every swept and overridden key exists before anything launches.
 
 from __future__ import annotations
 
-import shlex
 import sys
 from typing import Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from bn_research import sweep as sweep_lib
 
@@ -67,6 +66,8 @@ _VMAP = flags.DEFINE_bool(
     'vmap', False,
     'Train all grid points at once in this process as one program, vmapped over the '
     'swept values (keys that change numbers, not shapes; see bn_research.train.SWEEPABLE).')
+_PARALLEL = flags.DEFINE_integer(
+    'parallel', 1, 'Runs launched at once (separate processes; CPU: one core each).')
 _VALIDATE_KEYS = flags.DEFINE_bool(
     'validate_keys', True,
     'Load the config and check that swept/overridden keys exist.')
@@ -82,90 +83,8 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
   return flags.FLAGS([argv[0]] + rest)
 
 
-def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
-          sweep_file: str | None, overrides: Sequence[str],
-          print_commands: bool = False, python: str = sys.executable,
-          validate_keys: bool = True,
-          launcher: sweep_lib.Launcher = sweep_lib.subprocess_launcher,
-          vmap: bool = False) -> int:
-  """Plans, records and runs (or prints) a sweep.
-
-  Args:
-    config: Config spec, or None to take CONFIG from the sweep file.
-    workdir: Sweep directory.
-    sweep_args: `--sweep` values.
-    sweep_file: Optional experiments/ file.
-    overrides: Common `--config.KEY=VALUE` arguments.
-    print_commands: Print commands instead of running them.
-    python: Interpreter for the commands.
-    validate_keys: Check keys against the loaded config first.
-    launcher: Runs one command (tests pass a fake).
-    vmap: Train every point in this process as one vmapped program.
-
-  Returns:
-    Process exit code: 0, or 1 if a launched run failed.
-
-  Raises:
-    SweepError: For any problem found before launching.
-  """
-  base, file_config = ({}, None)
-  if sweep_file:
-    base, file_config = sweep_lib.load_sweep_file(sweep_file)
-  grid = sweep_lib.merge_sweeps(base, sweep_args)
-  config = config or file_config
-  if not config:
-    raise sweep_lib.SweepError('no config: pass --config or define CONFIG in '
-                               'the --sweep_file')
-  if not grid:
-    raise sweep_lib.SweepError('nothing to sweep: pass --sweep or --sweep_file')
-  planned = sweep_lib.plan_sweep(config, workdir, grid, overrides, python)
-  if validate_keys:
-    keys = list(grid) + [sweep_lib.override_key(o) for o in overrides]
-    sweep_lib.check_keys(sweep_lib.load_config(config), keys, config)
-  if vmap:
-    if print_commands:
-      raise sweep_lib.SweepError('--vmap trains every point in this process; there '
-                                 'are no per-run commands for --print_commands')
-    # Imported here: the sequential path never loads JAX in this process.
-    from bn_research import log_filter
-    from bn_research import train
-    log_filter.quiet_library_logs()
-    try:
-      base = sweep_lib.load_config(config, overrides)
-      train.check_sweepable(base, list(grid))
-    except ValueError as e:
-      raise sweep_lib.SweepError(str(e)) from None
-  sweep_lib.write_sweep_json(workdir, config, grid, overrides, planned)
-  logging.info('Sweep of %d runs in %s.', len(planned), workdir)
-
-  if print_commands:
-    for run in planned:
-      launch, state = sweep_lib.needs_launch(run)
-      if launch:
-        print(shlex.join(run.command), flush=True)
-      else:
-        logging.info('%s: %s, not printed.', run.name, state)
-    return 0
-
-  if vmap:
-    logging.info('Training the %d runs as one vmapped program.', len(planned))
-    try:
-      results = train.train_members(
-          base, [(str(run.workdir), run.params) for run in planned])
-    except ValueError as e:
-      raise sweep_lib.SweepError(str(e)) from None
-    for run, res in zip(planned, results):
-      logging.info('%s: %s at step %s, eval_accuracy %s', run.name, res.get('status'),
-                   res.get('step'), res.get('eval_accuracy'))
-    return 0
-
-  result = sweep_lib.run_sweep(planned, launcher)
-  logging.info('Sweep finished: %d launched, %d skipped as finished, '
-               '%d failed.', len(result.launched), len(result.skipped),
-               len(result.failed))
-  for name, code in result.failed:
-    logging.error('Failed (exit code %d): %s', code, name)
-  return 1 if result.failed else 0
+# The sweep itself lives in the library, so that experiments run it without this CLI's flags.
+sweep = sweep_lib.sweep
 
 
 def main(argv: Sequence[str]) -> None:
@@ -176,7 +95,8 @@ def main(argv: Sequence[str]) -> None:
   try:
     code = sweep(_CONFIG.value, _WORKDIR.value, _SWEEP.value,
                  _SWEEP_FILE.value, _OVERRIDES, _PRINT_COMMANDS.value,
-                 _PYTHON.value, _VALIDATE_KEYS.value, vmap=_VMAP.value)
+                 _PYTHON.value, _VALIDATE_KEYS.value, vmap=_VMAP.value,
+                 parallel=_PARALLEL.value)
   except sweep_lib.SweepError as e:
     print(f'sweep: error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -286,3 +286,42 @@ def test_cli_bad_syntax_fails_before_anything(tmp_path, config_file):
   assert 'value #2' in proc.stderr
   assert proc.stdout == ''
   assert not workdir.exists()
+
+
+FAKE_MAIN = '''#!{python}
+import os, pathlib, sys, time
+workdir = pathlib.Path(next(a for a in sys.argv if a.startswith('--workdir='))[10:])
+workdir.mkdir(parents=True, exist_ok=True)
+(workdir / 'started').write_text('')
+others = [p for p in workdir.parent.iterdir() if p.is_dir() and p != workdir]
+deadline = time.time() + 60
+while not all((p / 'started').exists() for p in others):  # both must be running at once
+  if time.time() > deadline:
+    sys.exit(3)
+  time.sleep(0.05)
+print('hello from', workdir.name)
+sys.exit(1 if workdir.name == 'seed=1' else 0)
+'''
+
+
+def test_parallel_sweep_runs_the_points_at_once_with_a_log_each(tmp_path):
+  fake = tmp_path / 'fake_python'
+  fake.write_text(FAKE_MAIN.format(python=sys.executable))
+  fake.chmod(0o755)
+  planned = sweep_lib.plan_sweep('c.py', tmp_path / 'sweep', {'seed': [0, 1]},
+                                 python=str(fake))
+  result = sweep_lib.run_sweep(planned, parallel=2)
+  # Each waited for the other to start, so neither exited 3: they ran concurrently.
+  assert result.launched == ['seed=0', 'seed=1']
+  assert result.failed == [('seed=1', 1)]
+  assert 'hello from seed=0' in (tmp_path / 'sweep' / 'seed=0.log').read_text()
+
+
+def test_parallel_and_vmap_are_refused_together(tmp_path, config_file):
+  with pytest.raises(sweep_lib.SweepError, match='choose one'):
+    sweep_script.sweep(config_file, str(tmp_path / 'w'), ['seed=0,1'], None, [],
+                       vmap=True, parallel=2, launcher=FakeEngine())
+  with pytest.raises(sweep_lib.SweepError, match='--parallel=0'):
+    sweep_script.sweep(config_file, str(tmp_path / 'w'), ['seed=0,1'], None, [],
+                       parallel=0, launcher=FakeEngine())
+  assert not (tmp_path / 'w').exists()
