@@ -24,8 +24,10 @@ from bn_research import cpu_placement
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One compute thread per XLA process: for small models run side by side, one thread
-# each beats processes sharing threads (set before the child's JAX starts).
-SINGLE_THREAD_XLA_FLAGS = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+# each beats processes sharing threads (set before the child's JAX starts). Only
+# `--` options: XLA silently ignores every flag after a bare token (an earlier
+# `intra_op_parallelism_threads=1` here hid any flag appended after it).
+SINGLE_THREAD_XLA_FLAGS = '--xla_cpu_multi_thread_eigen=false'
 
 
 def with_single_thread(xla_flags: str) -> str:

@@ -5,16 +5,23 @@ r"""Figures 2 and 3 of the paper: the Inception learning-rate and dropout ablati
         --set=data.data_dir=/data/tfds --print_commands   # one command per model, for a queue
 
 Trains the seven models of `configs/common.py`'s Inception table (the paper's five plus
-its two reported failures), each in `DIR/<model>` in the engine's format (re-running
-skips finished models and resumes unfinished ones), then writes
+its two reported failures), `--seeds` seeds each. A model's seeds are one sweep
+(`scripts.sweep --sweep=seed=0,1,...`; with 2+ seeds `--vmap`: ONE compiled program of
+all the seeds), in `DIR/<model>/seed=<s>` in the engine's format; re-running skips
+finished runs and resumes unfinished ones. Then it writes
 
-    DIR/figure2.png    eval accuracy vs training step, every model (the paper's Figure 2)
-    DIR/figure3.md     per model: steps to reach the `inception` model's maximum
-    DIR/figure3.json   accuracy, its own maximum accuracy, and "diverged at step N"
+    DIR/figure2.png    eval accuracy vs training step, every model: the mean over seeds
+                       (thick) and each seed (thin); the paper's Figure 2
+    DIR/figure3.md     per model: steps for the seed-mean curve to reach the `inception`
+    DIR/figure3.json   model's maximum (of its seed-mean curve), the maximum of its own
+                       seed-mean curve, and its outcome: trains, at chance (never above
+                       2x chance) or diverged (in k of n seeds, at which steps); each
+                       seed's numbers too
 
 Presets: `small` (configs/inception_small.py: width 1/8 on 28x28 Fashion-MNIST from
-Debian's dataset-fashion-mnist, or `--data=digits` for the offline MNIST sample; about
-20 minutes on 2 CPU cores) and `imagenet` (configs/imagenet_inception.py).
+Debian's dataset-fashion-mnist, or `--data=digits` for the offline MNIST sample; 2 seeds,
+1,500 steps, about 25 minutes on 2 CPU cores) and `imagenet`
+(configs/imagenet_inception.py, 1 seed).
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ _DATA = flags.DEFINE_string('data', None, 'small preset: fashion_mnist (default)
                             'or synthetic.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Training steps per model (default: the '
                               "config's).")
+_SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per model, 0..N-1 (default: 2 for the '
+                              'small preset, 1 for imagenet).')
 _MODELS = flags.DEFINE_list('models', list(common.INCEPTION_MODELS), 'Models to run.')
 _SET = flags.DEFINE_multi_string('set', [], 'Config override for every model, e.g. '
                                  '--set=data.data_dir=/data (repeatable).')
@@ -49,11 +58,23 @@ _PRINT = flags.DEFINE_bool('print_commands', False, 'Print one launch command pe
                            'instead of training.')
 
 CONFIG_FILE = {'small': 'inception_small.py', 'imagenet': 'imagenet_inception.py'}
+DEFAULT_SEEDS = {'small': 2, 'imagenet': 1}
+NUM_CLASSES = {'small': 10, 'imagenet': 1000}
+
+
+def num_seeds() -> int:
+  return _SEEDS.value if _SEEDS.value is not None else DEFAULT_SEEDS[_PRESET.value]
+
+
+def seed_dir(root: str, model: str, seed: int) -> str:
+  from bn_research import sweep as sweep_lib
+  return os.path.join(root, model, sweep_lib.run_name({'seed': seed}))
 
 
 def check_flags() -> None:
   """ValueError naming the first bad flag, before anything runs."""
   launch.check_positive_flag('steps', _STEPS.value, 'training steps per model')
+  launch.check_positive_flag('seeds', _SEEDS.value, 'seeds per model')
   launch.check_parallel(_PARALLEL.value)
   unknown = [m for m in _MODELS.value if m not in common.INCEPTION_MODELS]
   if unknown or not _MODELS.value:
@@ -61,89 +82,118 @@ def check_flags() -> None:
                      f'{", ".join(common.INCEPTION_MODELS)}.')
 
 
-def launch_command(model: str, workdir: str) -> list[str]:
+def launch_command(model: str, root: str) -> list[str]:
+  """The model's seed sweep: one program of all its seeds when there are several."""
   arg = f'model={model}'
   if _DATA.value:
     arg += f',data={_DATA.value}'
   if _STEPS.value is not None:
     arg += f',steps={_STEPS.value}'
   config = os.path.join(launch.REPO, 'configs', CONFIG_FILE[_PRESET.value])
-  cmd = [sys.executable, '-m', 'bn_research.main', f'--config={config}:{arg}',
-         f'--workdir={workdir}']
+  seeds = ','.join(str(s) for s in range(num_seeds()))
+  cmd = [sys.executable, '-m', 'scripts.sweep', f'--config={config}:{arg}',
+         f'--workdir={os.path.join(root, model)}', f'--sweep=seed={seeds}']
+  if num_seeds() > 1:
+    cmd.append('--vmap')
   return cmd + [f'--config.{kv}' for kv in _SET.value]
 
 
 def train_models(root: str, models: list[str]) -> list[str]:
   """Trains the models, `--parallel` at a time; returns those whose process failed."""
-  jobs = [launch.Job(m, launch_command(m, os.path.join(root, m)),
-                     log=os.path.join(root, f'{m}.log')) for m in models]
-  results = launch.run_jobs(jobs, parallel=_PARALLEL.value,
+  jobs = [launch.Job(m, launch_command(m, root), log=os.path.join(root, f'{m}.log'))
+          for m in models]
+  results = launch.run_jobs(jobs, parallel=_PARALLEL.value, pin_cores=_PARALLEL.value > 1,
                             single_thread=_PARALLEL.value > 1, poll_seconds=1.0)
   return [r.name for r in results if r.returncode != 0]
 
 
-def figure3(root: str, models: list[str]) -> dict:
-  """The paper's Figure 3 table from the run directories."""
-  loaded = {m: runs_lib.load_run(os.path.join(root, m)) for m in models
-            if rundir.is_run_dir(os.path.join(root, m))}
-  baseline = loaded.get('inception')
-  target = (curves.default_target(baseline, 'eval_accuracy') if baseline is not None
-            else None)
+def figure3(root: str, models: list[str], seeds: int, num_classes: int = 10) -> dict:
+  """The paper's Figure 3 table from the run directories, over seeds."""
+  at_chance = 2.0 / num_classes
+  loaded = {}
+  for m in models:
+    dirs = [seed_dir(root, m, s) for s in range(seeds)]
+    if all(rundir.is_run_dir(d) for d in dirs):
+      loaded[m] = [runs_lib.load_run(d) for d in dirs]
+  per_seed = {m: [runs_lib.metric_series(r, 'eval_accuracy') for r in runs]
+              for m, runs in loaded.items()}
+  means = {m: curves.mean_curve(c) for m, c in per_seed.items()}
+  target = (curves.best(*means['inception'])[0] if 'inception' in means else None)
   rows = {}
-  for model, run in loaded.items():
-    steps, values = runs_lib.metric_series(run, 'eval_accuracy')
+  for model, runs in loaded.items():
+    steps, values = means[model]
     best_value, best_step = curves.best(steps, values)
+    statuses = [r.status or {} for r in runs]
+    config = runs[0].config
     rows[model] = {
-        'learning_rate': run.config.get('optimizer', {}).get('learning_rate'),
-        'normalizer': run.config.get('model', {}).get('normalizer'),
-        'activation': run.config.get('model', {}).get('activation'),
-        'steps_to_inception_max': (None if target is None
-                                   else curves.steps_to_target(steps, values, target)),
+        'learning_rate': config.get('optimizer', {}).get('learning_rate'),
+        'normalizer': config.get('model', {}).get('normalizer'),
+        'activation': config.get('model', {}).get('activation'),
+        'steps_to_target': (None if target is None
+                            else curves.steps_to_target(steps, values, target)),
         'max_accuracy': best_value,
         'step_of_max': best_step,
         'final_accuracy': curves.final_value(values),
-        'status': runs_lib.status_label(run),
+        'status': curves.outcome(statuses, best_value, at_chance),
+        'diverged_steps': [s.get('diverged_step', s.get('step')) for s in statuses
+                           if s.get('status') == 'diverged'],
+        'mean_curve': {'steps': steps, 'eval_accuracy': values},
+        'seeds': [{
+            'seed': i,
+            'steps_to_target': (None if target is None else
+                                curves.steps_to_target(*per_seed[model][i], target)),
+            'max_accuracy': curves.best(*per_seed[model][i])[0],
+            'final_accuracy': curves.final_value(per_seed[model][i][1]),
+            'status': runs_lib.status_label(r)} for i, r in enumerate(runs)],
     }
-  return {'target': target, 'target_from': 'inception max eval_accuracy', 'models': rows}
+  return {'target': target, 'target_from': "max of the inception model's seed-mean eval "
+          'accuracy', 'at_chance_below': at_chance, 'seeds': seeds, 'models': rows}
 
 
 def write_markdown(table: dict, path: str, title: str) -> str:
   lines = [f'# {title}', '',
-           f'Target: the `inception` model\'s maximum eval accuracy '
-           f'({table["target"]:.4f}).' if table['target'] is not None else
+           (f"Target: the `inception` model's maximum seed-mean eval accuracy "
+            f'({table["target"]:.4f}); {table["seeds"]} seed(s) per model.')
+           if table['target'] is not None else
            'Target: n/a (the inception model has no eval yet).', '',
-           '| model | lr | steps to inception max | max accuracy | status |',
-           '|---|---|---|---|---|']
+           '| model | lr | steps to inception max | max accuracy | outcome | per seed: '
+           'steps to target, max |', '|---|---|---|---|---|---|']
   for model, r in table['models'].items():
-    reached = r['steps_to_inception_max']
+    reached = r['steps_to_target']
     best = r['max_accuracy']
+    seeds = '; '.join(
+        f'{s["steps_to_target"] if s["steps_to_target"] is not None else "never"}, '
+        f'{"n/a" if s["max_accuracy"] is None else format(s["max_accuracy"], ".3f")}'
+        for s in r['seeds'])
+    outcome_text = r['status'] + (f' (step {", ".join(map(str, r["diverged_steps"]))})'
+                                  if r['diverged_steps'] else '')
     lines.append(f'| {model} | {r["learning_rate"]:g} | '
                  f'{reached if reached is not None else "never"} | '
-                 f'{"n/a" if best is None else f"{best:.4f}"} | {r["status"]} |')
+                 f'{"n/a" if best is None else f"{best:.4f}"} | {outcome_text} | {seeds} |')
   text = '\n'.join(lines) + '\n'
   with open(path, 'w') as f:
     f.write(text)
   return text
 
 
-def plot_figure2(root: str, table: dict, path: str, title: str) -> None:
+def plot_figure2(table: dict, path: str, title: str, per_seed_runs: dict) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(8, 5))
-  for model in table['models']:
-    run = runs_lib.load_run(os.path.join(root, model))
-    steps, values = runs_lib.metric_series(run, 'eval_accuracy')
-    style = '--' if table['models'][model]['normalizer'] == 'none' else '-'
-    line, = ax.plot(steps, values, style, label=f'{model} ({table["models"][model]["status"]})')
-    status = table['models'][model]['status']
-    if status.startswith('diverged') and steps:
+  fig, ax = plt.subplots(figsize=(9, 5.5))
+  for model, r in table['models'].items():
+    style = '--' if r['normalizer'] == 'none' else '-'
+    steps, values = r['mean_curve']['steps'], r['mean_curve']['eval_accuracy']
+    line, = ax.plot(steps, values, style, lw=2, label=f'{model} ({r["status"]})')
+    for seed_steps, seed_values in per_seed_runs.get(model, []):
+      ax.plot(seed_steps, seed_values, style, lw=0.6, alpha=0.45, color=line.get_color())
+    if r['diverged_steps'] and steps:
       ax.plot(steps[-1], values[-1], 'x', color=line.get_color(), markersize=10)
   if table['target'] is not None:
     ax.axhline(table['target'], color='gray', lw=0.8, ls=':', label='inception max')
   ax.set_xlabel('training step')
-  ax.set_ylabel('eval accuracy')
+  ax.set_ylabel('eval accuracy (mean over seeds; thin: each seed)')
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc='lower right')
@@ -158,23 +208,27 @@ def main(argv):
   root = _WORKDIR.value
   if _PRINT.value:
     for model in _MODELS.value:
-      print(shlex.join(launch_command(model, os.path.join(root, model))))
+      print(shlex.join(launch_command(model, root)))
     return
   os.makedirs(root, exist_ok=True)
   t0 = time.time()
-  failed = train_models(root, list(_MODELS.value))
-  table = figure3(root, list(_MODELS.value))
-  some_run = next((os.path.join(root, m) for m in table['models']), None)
+  models = list(_MODELS.value)
+  failed = train_models(root, models)
+  table = figure3(root, models, num_seeds(), NUM_CLASSES[_PRESET.value])
+  some_run = next((seed_dir(root, m, 0) for m in table['models']), None)
   data = (rundir.read_description(some_run) if some_run else None) or {}
-  dataset = data.get('dataset', '?')
-  title = f'Inception ablation ({_PRESET.value} preset) on {dataset}'
-  table['data'] = {k: data.get(k) for k in ('dataset', 'source', 'num_train', 'num_test',
-                                             'is_full_mnist', 'warning', 'num_params')}
+  title = (f'Inception ablation ({_PRESET.value} preset) on '
+           f'{data.get("display_name", data.get("dataset", "?"))}, {num_seeds()} seed(s)')
+  table['data'] = {k: data.get(k) for k in ('dataset', 'display_name', 'source',
+                                             'num_train', 'num_test', 'num_params')}
   table['wall_seconds'] = round(time.time() - t0, 1)
   with open(os.path.join(root, 'figure3.json'), 'w') as f:
     json.dump(table, f, indent=1)
   text = write_markdown(table, os.path.join(root, 'figure3.md'), title)
-  plot_figure2(root, table, os.path.join(root, 'figure2.png'), title)
+  per_seed = {m: [runs_lib.metric_series(runs_lib.load_run(seed_dir(root, m, s)),
+                                         'eval_accuracy') for s in range(num_seeds())]
+              for m in table['models']}
+  plot_figure2(table, os.path.join(root, 'figure2.png'), title, per_seed)
   print(text)
   print(f'wrote {root}/figure2.png, figure3.md, figure3.json in {table["wall_seconds"]} s')
   if failed:

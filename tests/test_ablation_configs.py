@@ -90,21 +90,51 @@ def test_every_imagenet_config_trains_on_mock_data(tmp_path, model):
 
 
 def test_ablation_experiment_writes_figures_2_and_3(tmp_path):
+  """Two models, two seeds each (one vmapped program per model): the table's numbers
+  are those of the seed-mean curve, recomputed here from the runs' metric files."""
   proc = helpers.run_module(
       'experiments.inception_ablation',
       [f'--workdir={tmp_path}', '--preset=small', '--data=synthetic', '--steps=4',
-       '--models=inception,bn_x30', '--set=eval_every_steps=2', '--set=log_every_steps=2',
-       '--set=checkpoint_every_steps=4', '--set=num_eval_examples=32'],
+       '--seeds=2', '--models=inception,bn_x30', '--set=eval_every_steps=2',
+       '--set=log_every_steps=2', '--set=checkpoint_every_steps=4',
+       '--set=num_eval_examples=32', '--set=eval.population_batches=2'],
       env={'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'})
   assert proc.returncode == 0, proc.stderr[-3000:]
   table = helpers.read_json(tmp_path / 'figure3.json')
   assert set(table['models']) == {'inception', 'bn_x30'}
+  curves = {}
+  for model in ('inception', 'bn_x30'):
+    rows = [helpers.read_jsonl(tmp_path / model / f'seed={s}' / 'metrics.jsonl')
+            for s in (0, 1)]
+    assert helpers.read_json(tmp_path / model / 'seed=0' / 'data.json')['vmap_members'] == 2
+    acc = [[r['eval_accuracy'] for r in seed_rows if 'eval_accuracy' in r] for seed_rows in rows]
+    curves[model] = [(a + b) / 2 for a, b in zip(*acc)]
+    entry = table['models'][model]
+    assert entry['mean_curve']['steps'] == [0, 2, 4]
+    assert entry['mean_curve']['eval_accuracy'] == pytest.approx(curves[model])
+    assert entry['max_accuracy'] == pytest.approx(max(curves[model]))
+    assert [s['max_accuracy'] for s in entry['seeds']] == pytest.approx([max(a) for a in acc])
+    assert entry['status'] in ('trains', 'at chance')
+  # The target is the inception model's own seed-mean maximum: it reaches it at its max.
   inception = table['models']['inception']
-  # The target is the inception model's own maximum, so it reaches it at its step of max.
-  assert table['target'] == pytest.approx(inception['max_accuracy'])
-  assert inception['steps_to_inception_max'] == inception['step_of_max']
+  assert table['target'] == pytest.approx(max(curves['inception']))
+  assert inception['steps_to_target'] == inception['step_of_max']
+  expected = next((s for s, v in zip([0, 2, 4], curves['bn_x30']) if v >= table['target']),
+                  None)
+  assert table['models']['bn_x30']['steps_to_target'] == expected
   assert os.path.getsize(tmp_path / 'figure2.png') > 1000
   assert '| bn_x30 |' in (tmp_path / 'figure3.md').read_text()
+
+
+def test_seed_mean_curve_and_outcome_rules():
+  from bn_research.analysis import curves as ab
+  done, div = {'status': 'done'}, {'status': 'diverged', 'diverged_step': 30}
+  assert ab.outcome([done, done], 0.5, 0.2) == 'trains'
+  assert ab.outcome([done, done], 0.15, 0.2) == 'at chance'
+  assert ab.outcome([div, div], 0.5, 0.2) == 'diverged'
+  assert ab.outcome([done, div], 0.5, 0.2) == 'diverged in 1/2 seeds'
+  steps, mean = ab.mean_curve([([0, 10, 20], [0.1, 0.5, 0.7]), ([0, 10], [0.3, 0.7])])
+  assert steps == [0, 10] and mean == pytest.approx([0.2, 0.6])  # ends where a seed ended
 
 
 def test_member_sweep_on_the_imagenet_stream(tmp_path):
@@ -126,3 +156,32 @@ def test_member_sweep_on_the_imagenet_stream(tmp_path):
   a, b = (rundir.load_latest(w)['params'] for w, _ in points)
   assert max(float(np.max(np.abs(x - y))) for x, y in zip(
       jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))) > 1e-3
+
+
+def test_calibration_rule_scores_the_end_of_training_and_flags_the_grid_edge():
+  from experiments import inception_lr_calibration as cal
+  assert cal.score([0.1, 0.5, 0.6, 0.7, 0.8], 'done') == pytest.approx(0.7)
+  assert cal.score([0.1, 0.9, 0.9, 0.9], 'diverged') is None  # diverged: no score
+  assert cal.score([0.5, 0.6], 'done') is None                  # too short to score
+  assert cal.choose({0.01: 0.6, 0.02: 0.7, 0.05: 0.65}) == (0.02, False)
+  # A diverged rate above the best brackets it: the edge is the grid's own ends.
+  assert cal.choose({0.01: 0.6, 0.02: 0.7, 0.05: None}) == (0.02, False)
+  assert cal.choose({0.01: 0.7, 0.02: 0.6}) == (0.01, True)
+  assert cal.choose({0.005: 0.5, 0.01: 0.7, 0.02: 0.7, 0.05: 0.1}) == (0.01, False)  # tie
+  assert cal.choose({0.01: None}) == (None, False)
+
+
+def test_the_small_preset_uses_the_rate_its_calibration_chose():
+  """BASE_LR is not chosen by hand: it is the committed calibration's choice, made at the
+  preset's own step budget on its own data, with the rule the job states."""
+  from configs import inception_small
+  from experiments import inception_lr_calibration as cal
+  record = helpers.read_json(os.path.join(helpers.REPO, inception_small.CALIBRATION))
+  assert inception_small.BASE_LR == record['base_learning_rate']
+  assert not record['at_grid_edge']
+  assert record['grid'] == list(cal.GRID) and record['procedure'] == cal.RULE
+  assert record['steps'] == inception_small.get_config('model=inception').num_train_steps
+  assert record['data']['dataset'] == 'fashion_mnist'
+  scores = {r['lr']: cal.score(r['eval_accuracy'][1:], 'done' if r['status'] == 'done'
+                               else r['status']) for r in record['rows']}
+  assert cal.choose(scores) == (record['base_learning_rate'], False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -95,3 +96,13 @@ def test_the_jobs_flags_are_one_line_errors_with_exit_code_2(tmp_path, module, f
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and flag.split('=')[0] in lines[0], proc.stderr
   assert not workdir.exists()
+
+
+def test_single_thread_flags_do_not_hide_flags_given_after_them():
+  """XLA ignores every flag after a bare token; the single-thread options must not be one."""
+  flags = launch.with_single_thread('') + ' --xla_force_host_platform_device_count=2'
+  proc = subprocess.run([sys.executable, '-c', 'import jax; print(jax.device_count())'],
+                        env=dict(os.environ, XLA_FLAGS=flags), capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split()[-1] == '2'

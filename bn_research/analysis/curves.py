@@ -61,6 +61,30 @@ def best(steps: Sequence[int], values: Sequence[float],
   return best_value, best_step
 
 
+def mean_curve(curves_by_seed: Sequence[tuple[Sequence[int], Sequence[float]]]
+               ) -> tuple[list[int], list[float]]:
+  """The mean over seeds of one metric, at the steps every seed recorded (a diverged
+  seed's curve ends where it diverged, and so does the mean)."""
+  common = sorted(set.intersection(*(set(steps) for steps, _ in curves_by_seed)))
+  lookups = [dict(zip(steps, values)) for steps, values in curves_by_seed]
+  return common, [sum(l[s] for l in lookups) / len(lookups) for s in common]
+
+
+def outcome(statuses: Sequence[Mapping[str, Any]], max_accuracy: float | None,
+            at_chance: float) -> str:
+  """A model's outcome over its seeds' status.json records: "diverged" (every seed),
+  "diverged in k/n seeds", "unfinished", "at chance" (its best accuracy below
+  `at_chance`, e.g. 2x chance: a network that never learned, without any NaN) or
+  "trains"."""
+  diverged = [s for s in statuses if s.get('status') == 'diverged']
+  if diverged:
+    return ('diverged' if len(diverged) == len(statuses)
+            else f'diverged in {len(diverged)}/{len(statuses)} seeds')
+  if any(s.get('status') != 'done' for s in statuses):
+    return 'unfinished'
+  return 'at chance' if max_accuracy is None or max_accuracy < at_chance else 'trains'
+
+
 def final_value(values: Sequence[float]) -> float | None:
   """Last recorded value of a curve (may be NaN for a diverged run)."""
   return values[-1] if values else None
