@@ -11,11 +11,16 @@ offline 5,000-image MNIST sample) or synthetic (tests), and `steps=`.
 
 The network is the paper's Inception at width 1/8 (no layer under 8 channels) with
 the small-input stem at stride 2 (28x28 -> 14x14 before module 3a), batch 32 as in the
-paper; 1,000 steps, about 0.1-0.3 s per step on one CPU core. The learning-rate *multiples* (1x, 5x, 30x)
-and every other 4.2.1 change are the paper's; the base rate (0.01) is ours, chosen so
-the unaccelerated Inception learns within the short budget. The ImageNet-only changes
-(more thorough shuffling, reduced photometric distortions) have no counterpart for
-in-memory data, which is shuffled thoroughly and not distorted in every model.
+paper; 1,500 steps, about 16 steps/s on one CPU core. Evaluation uses Algorithm 2's
+population statistics. The learning-rate *multiples* (1x, 5x, 30x) and every other
+4.2.1 change are the paper's. The base rate is chosen as the paper's was, as the
+unnormalised Inception's own best rate: `experiments/inception_lr_calibration.py`
+trained the `inception` model at 0.002, 0.005, ..., 0.2 for this budget on this data
+and 0.02 had the best end-of-training accuracy (the sweep and its numbers:
+experiments/results/inception_small_lr_calibration.json; a test keeps BASE_LR equal to
+its choice). The ImageNet-only changes (more thorough shuffling, reduced photometric
+distortions) have no counterpart for in-memory data, which is shuffled thoroughly and
+not distorted in every model.
 """
 
 import ml_collections
@@ -23,7 +28,9 @@ import ml_collections
 from bn_research.config import base_config
 from configs import common
 
-BASE_LR = 0.01
+# Chosen by experiments/inception_lr_calibration.py (not by hand); see CALIBRATION.
+BASE_LR = 0.02
+CALIBRATION = 'experiments/results/inception_small_lr_calibration.json'
 BASE_L2 = 4e-5
 BASE_DROPOUT = 0.4
 
