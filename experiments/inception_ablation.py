@@ -150,6 +150,48 @@ def figure3(root: str, models: list[str], seeds: int, num_classes: int = 10) -> 
           'accuracy', 'at_chance_below': at_chance, 'seeds': seeds, 'models': rows}
 
 
+def _sooner(a: dict, b: dict) -> bool:
+  """Whether model row `a` reaches the target at an earlier step than row `b` (never
+  reaching it counts as later than any step)."""
+  inf = float('inf')
+  sa, sb = a['steps_to_target'], b['steps_to_target']
+  return (sa if sa is not None else inf) < (sb if sb is not None else inf)
+
+
+def claims(table: dict) -> list[dict]:
+  """The paper's Section 4.2 orderings, each with whether it holds here and its numbers.
+
+  A claim whose models are missing from the table is left out."""
+  m = table['models']
+  def row(name):
+    return m.get(name)
+  def nums(*names):
+    return '; '.join(f'{n}: steps {m[n]["steps_to_target"]}, max {m[n]["max_accuracy"]}, '
+                     f'{m[n]["status"]}' for n in names)
+  out = []
+  def add(text, names, test):
+    if all(row(n) is not None for n in names):
+      out.append({'claim': text, 'holds': bool(test()), 'numbers': nums(*names)})
+  add("BN-Baseline reaches Inception's maximum accuracy in fewer steps",
+      ('bn_baseline', 'inception'), lambda: _sooner(m['bn_baseline'], m['inception']))
+  for x in ('bn_x5', 'bn_x30'):
+    add(f"{x} reaches it sooner than BN-Baseline and ends above Inception's maximum",
+        (x, 'bn_baseline', 'inception'),
+        lambda x=x: (_sooner(m[x], m['bn_baseline'])
+                     and (m[x]['max_accuracy'] or 0) > m['inception']['max_accuracy']))
+  add('BN-x30 starts slower than BN-x5 (reaches the target later) but ends higher',
+      ('bn_x30', 'bn_x5'),
+      lambda: (_sooner(m['bn_x5'], m['bn_x30'])
+               and (m['bn_x30']['max_accuracy'] or 0) > (m['bn_x5']['max_accuracy'] or 0)))
+  add('Inception without BN at 5x the rate diverges', ('inception_x5',),
+      lambda: m['inception_x5']['status'].startswith('diverged'))
+  add('Inception with sigmoids and no BN stays at chance', ('inception_sigmoid',),
+      lambda: m['inception_sigmoid']['status'] == 'at chance')
+  add('BN-x5-Sigmoid trains (the paper: 69.8%, below Inception\'s 72.2%)',
+      ('bn_x5_sigmoid',), lambda: m['bn_x5_sigmoid']['status'] == 'trains')
+  return out
+
+
 def write_markdown(table: dict, path: str, title: str) -> str:
   lines = [f'# {title}', '',
            (f"Target: the `inception` model's maximum seed-mean eval accuracy "
@@ -170,6 +212,10 @@ def write_markdown(table: dict, path: str, title: str) -> str:
     lines.append(f'| {model} | {r["learning_rate"]:g} | '
                  f'{reached if reached is not None else "never"} | '
                  f'{"n/a" if best is None else f"{best:.4f}"} | {outcome_text} | {seeds} |')
+  if table.get('claims'):
+    lines += ['', '| the paper\'s claim | here |', '|---|---|']
+    lines += [f'| {c["claim"]} | {"holds" if c["holds"] else "does not hold"} |'
+              for c in table['claims']]
   text = '\n'.join(lines) + '\n'
   with open(path, 'w') as f:
     f.write(text)
@@ -222,6 +268,7 @@ def main(argv):
   table['data'] = {k: data.get(k) for k in ('dataset', 'display_name', 'source',
                                              'num_train', 'num_test', 'num_params')}
   table['wall_seconds'] = round(time.time() - t0, 1)
+  table['claims'] = claims(table)
   with open(os.path.join(root, 'figure3.json'), 'w') as f:
     json.dump(table, f, indent=1)
   text = write_markdown(table, os.path.join(root, 'figure3.md'), title)
