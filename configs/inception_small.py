@@ -32,6 +32,12 @@ from configs import common
 BASE_LR = 0.02
 CALIBRATION = 'experiments/results/inception_small_lr_calibration.json'
 BASE_L2 = 4e-5
+# The BN-Baseline settings of the studies beyond the paper that use this network
+# (experiments/normalizer_runs.py: BN batch size, BN-only, normalizers; why_bn.py),
+# fixed when they were measured, before the base rate was calibrated: lr 0.01, its
+# decay period for the then 1,000-step default, evaluation with the moving averages.
+STUDY_RECIPE = {'optimizer.learning_rate': 0.01, 'optimizer.decay_steps': 500,
+                'eval.batch_stats': 'moving_average'}
 BASE_DROPOUT = 0.4
 
 

@@ -90,9 +90,9 @@ def model_spec(model: str, steps: int, data: str) -> tuple[str, list[str]]:
 
   mlp: the paper's Figure 1 network (configs/mnist_mlp.py: 3 x 100 sigmoid, momentum
   0.9, lr 0.05) at batch 64, so that ghost batches of 2 ... 64 all divide it.
-  inception: configs/inception_small.py's BN-Baseline recipe (width 1/8, batch 32,
-  lr 0.01 decaying) without dropout and LRN, which have no part in a normalizer
-  comparison.
+  inception: configs/inception_small.py's BN-Baseline recipe (width 1/8, batch 32) with
+  its STUDY_RECIPE (lr 0.01 decaying, moving-average evaluation), without dropout and
+  LRN, which have no part in a normalizer comparison.
   """
   every = eval_every(steps)
   common = [f'num_train_steps={steps}', f'eval_every_steps={every}',
@@ -109,7 +109,9 @@ def model_spec(model: str, steps: int, data: str) -> tuple[str, list[str]]:
   else:
     source = 'synthetic' if data == 'synthetic' else 'fashion_mnist'
     spec = f'configs/inception_small.py:model=bn_baseline,data={source}'
-    overrides = common + ['model.dropout_rate=0.0', 'model.use_lrn=false']
+    from configs import inception_small  # pylint: disable=g-import-not-at-top
+    overrides = common + ['model.dropout_rate=0.0', 'model.use_lrn=false'] + [
+        f'{k}={v}' for k, v in inception_small.STUDY_RECIPE.items()]
   return spec, overrides
 
 

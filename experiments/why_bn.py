@@ -86,6 +86,7 @@ def network_config(network: str, *, model: str = 'mlp', steps: int = 5000,
   else:
     from configs import inception_small  # pylint: disable=g-import-not-at-top
     c = inception_small.get_config(f'model=bn_baseline,data={data or "fashion_mnist"}')
+    c.update_from_flattened_dict(inception_small.STUDY_RECIPE)
   c.model.normalizer = NETWORKS[network]
   c.num_train_steps = steps
   c.eval_every_steps = c.log_every_steps = measure_every
