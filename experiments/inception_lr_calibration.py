@@ -26,7 +26,6 @@ checks that the preset's BASE_LR is the rate it chose.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -146,6 +145,7 @@ def run(root: str, *, lrs: Sequence[float] = GRID, data: Optional[str] = None,
         overrides: Sequence[str] = ()) -> dict:
   """Trains the grid (re-running resumes it) and writes the summary files."""
   from bn_research import sweep as sweep_lib
+  from experiments import normalizer_runs
   t0 = time.time()
   spec = config_spec(data, steps)
   values = ','.join(sweep_lib.format_value(lr) for lr in lrs)
@@ -158,11 +158,7 @@ def run(root: str, *, lrs: Sequence[float] = GRID, data: Optional[str] = None,
   summary['command'] = ' '.join(['python -m experiments.inception_lr_calibration'] +
                                 sys.argv[1:])
   summary['wall_seconds'] = round(time.time() - t0, 1)
-  with open(os.path.join(root, 'lr_calibration.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
-  with open(os.path.join(root, 'lr_calibration.md'), 'w') as f:
-    f.write(markdown(summary))
-  plot(summary, os.path.join(root, 'lr_calibration.png'))
+  normalizer_runs.write_summary(root, 'lr_calibration', summary, markdown, plot)
   return summary
 
 
@@ -178,6 +174,8 @@ def check_flags() -> list[float]:
                      'numbers.') from None
   if len(lrs) < 2 or any(not 0 < lr < float('inf') for lr in lrs):
     raise ValueError(f'--lrs={",".join(FLAGS.lrs)!r}: at least 2 finite rates > 0.')
+  from bn_research import sweep as sweep_lib
+  sweep_lib.check_sweep({LR_KEY: lrs}, f'--lrs={",".join(FLAGS.lrs)}')  # no rate twice
   return sorted(lrs)
 
 

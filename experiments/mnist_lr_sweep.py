@@ -36,7 +36,6 @@ on the held-out split, Figure-1 probe off. Re-running skips finished runs.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -231,11 +230,8 @@ def run(root: str, *, steps: int = 5000, source: str | None = None,
   summary = summarize(root, lrs)
   summary.update(steps=steps, lrs=list(lrs), vmap=vmap,
                  wall_seconds=round(time.time() - t0, 1))
-  with open(os.path.join(root, 'lr_sweep.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
-  with open(os.path.join(root, 'lr_sweep.md'), 'w') as f:
-    f.write(markdown(summary))
-  plot(summary, os.path.join(root, 'lr_sweep.png'))
+  from experiments import normalizer_runs
+  normalizer_runs.write_summary(root, 'lr_sweep', summary, markdown, plot)
   return summary
 
 

@@ -10,7 +10,6 @@ import json
 import math
 import os
 
-import jax
 import pytest
 
 from tests import helpers
@@ -170,6 +169,33 @@ def test_calibration_rule_scores_the_end_of_training_and_flags_the_grid_edge():
   assert cal.choose({0.01: 0.7, 0.02: 0.6}) == (0.01, True)
   assert cal.choose({0.005: 0.5, 0.01: 0.7, 0.02: 0.7, 0.05: 0.1}) == (0.01, False)  # tie
   assert cal.choose({0.01: None}) == (None, False)
+
+
+def test_calibration_job_runs_its_sweep_and_applies_its_rule(tmp_path):
+  """The calibration job end to end on synthetic data (2 rates, 6 steps, a thin
+  network, two runs side by side): its choice is the rule applied to the runs' files."""
+  from experiments import inception_lr_calibration as cal
+  proc = helpers.run_module(
+      'experiments.inception_lr_calibration',
+      [f'--workdir={tmp_path}', '--data=synthetic', '--steps=6', '--lrs=0.01,0.1',
+       '--set=model.width_multiplier=0.0625', '--set=eval_every_steps=2',
+       '--set=eval.population_batches=2', '--set=num_eval_examples=32'],
+      env={'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  record = helpers.read_json(tmp_path / 'lr_calibration.json')
+  assert record['grid'] == [0.01, 0.1] and record['steps'] == 6
+  scores = {}
+  for lr in (0.01, 0.1):
+    rows = helpers.read_jsonl(tmp_path / f'optimizer.learning_rate={lr:g}' / 'metrics.jsonl')
+    acc = [r['eval_accuracy'] for r in rows if 'eval_accuracy' in r]
+    assert [r['step'] for r in rows if 'eval_accuracy' in r] == [0, 2, 4, 6]
+    scores[lr] = sum(acc[1:]) / 3  # the last 3 evaluations
+  chosen = max(sorted(scores), key=lambda lr: scores[lr])
+  assert record['base_learning_rate'] == chosen
+  assert record['at_grid_edge']  # with two rates the best is always at an edge
+  assert [r['score'] for r in record['rows']] == pytest.approx([scores[0.01], scores[0.1]])
+  assert cal.choose(scores) == (chosen, True)
+  assert os.path.getsize(tmp_path / 'lr_calibration.png') > 1000
 
 
 def test_the_small_preset_uses_the_rate_its_calibration_chose():
