@@ -108,7 +108,7 @@ def test_two_member_inception_sweep_equals_separate_runs(tmp_path):
   differs by orders of magnitude more.
   """
   from bn_research import rundir, train
-  base = _inception_config()
+  base = _inception_config(**{'eval.batch_stats': 'moving_average'})  # population: below
   points = [(str(tmp_path / 'a'), {'optimizer.learning_rate': 0.01, 'model.dropout_rate': 0.0}),
             (str(tmp_path / 'b'), {'optimizer.learning_rate': 0.005, 'model.dropout_rate': 0.3})]
   results = train.train_members(base, points)
