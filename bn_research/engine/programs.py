@@ -87,26 +87,29 @@ class Program:
     return None
 
 
-def member_vmap(fn: Callable, in_axes: tuple, *, broadcast: Sequence[int] = ()) -> Callable:
-  """jax.vmap over members, after broadcasting the shared arguments at positions
-  `broadcast` (in_axes None) to the member axis.
+def member_vmap(fn: Callable, in_axes: tuple, mesh: jax.sharding.Mesh, *,
+                broadcast: Sequence[int] = ()) -> Callable:
+  """`fn` vmapped over members (`in_axes`: 0 per member, None shared), each device
+  mapping its own members: `jax.shard_map` manual over `members`, automatic over
+  `data` (the partitioner still splits a member's batch). Every output is per member.
 
-  Convolutional models need that: XLA's batching of a convolution whose kernel is per
-  member but whose input is shared is not implemented for grouped (depthwise)
-  convolutions under a sharded program; with both batched it is. What is broadcast is an
-  index chunk (in-memory data) or one batch (streamed data).
+  The shared arguments at positions `broadcast` are broadcast to the member axis
+  first. Convolutional models need that: XLA's batching of a convolution whose kernel
+  is per member but whose input is shared is not implemented for grouped (depthwise)
+  convolutions under a sharded program; with both batched it is. What is broadcast is
+  an index chunk (in-memory data) or one batch (streamed data).
   """
-  inner = jax.vmap(fn, in_axes=tuple(0 if i in broadcast else a for i, a in enumerate(in_axes)))
-  if not broadcast:
-    return inner
+  batched = jax.vmap(fn, in_axes=tuple(0 if i in broadcast else a
+                                       for i, a in enumerate(in_axes)))
 
-  def wrapped(*args):
-    k = jax.tree_util.tree_leaves(args[1])[0].shape[0]
-    args = list(args)
-    for i in broadcast:
-      args[i] = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), args[i])
-    return inner(*args)
-  return wrapped
+  def device_members(*args):
+    k = jax.tree_util.tree_leaves(args[1])[0].shape[0]  # this device's members
+    return batched(*(jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), a)
+                     if i in broadcast else a for i, a in enumerate(args)))
+
+  specs = tuple(P() if a is None else P('members') for a in in_axes)
+  return jax.shard_map(device_members, mesh=mesh, in_specs=specs, out_specs=P('members'),
+                       axis_names={'members'})
 
 
 def _eval_rows(totals: np.ndarray) -> list[dict]:
@@ -173,20 +176,13 @@ class JitProgram(Program):
     run_chunk = steps.make_chunk_fn(steps.make_train_step(builder), source.materialize)
     eval_step = steps.make_eval_step(builder)
     probe_fn = steps.make_probe_fn(builder) if data.probe_images is not None else None
-    # The specs of the member-mapped functions' inputs: per member ('members') or shared.
-    per, shared = P('members'), P()
-    chunk_spec = per if own_data else shared
     if vmapped:
       chunk_axes = (0, 0, None, 0 if own_data else None)
-      run_chunk = self._map_members(
-          member_vmap(run_chunk, chunk_axes, broadcast=shared_chunk), mesh,
-          (per, per, shared, chunk_spec), (per, per, per))
-      eval_step = self._map_members(
-          member_vmap(eval_step, (0, 0, 0, None), broadcast=(3,) if convolutional else ()),
-          mesh, (per, per, per, shared), per)
+      run_chunk = member_vmap(run_chunk, chunk_axes, mesh, broadcast=shared_chunk)
+      eval_step = member_vmap(eval_step, (0, 0, 0, None), mesh,
+                              broadcast=(3,) if convolutional else ())
       if probe_fn is not None:
-        probe_fn = self._map_members(jax.vmap(probe_fn, in_axes=(0, 0, 0, None)), mesh,
-                                     (per, per, per, shared), per)
+        probe_fn = member_vmap(probe_fn, (0, 0, 0, None), mesh)
     self._init = init_fn
     self._run_chunk = jax.jit(
         run_chunk, donate_argnums=(1,), compiler_options=options,
@@ -201,10 +197,9 @@ class JitProgram(Program):
         and config.model.normalizer in normalization.MOVING_AVERAGE_NORMALIZERS):
       population_fn = steps.make_population_fn(builder, source.materialize)
       if vmapped:
-        population_fn = self._map_members(member_vmap(
-            population_fn, (0, 0, 0, None, 0 if own_data else None),
-            broadcast=(4,) if convolutional and not own_data else ()), mesh,
-            (per, per, per, shared, chunk_spec), per)
+        population_fn = member_vmap(
+            population_fn, (0, 0, 0, None, 0 if own_data else None), mesh,
+            broadcast=(4,) if convolutional and not own_data else ())
       self._population = jax.jit(population_fn, compiler_options=options,
                                  out_shardings=self._state_sharding)
     self._measure = None
@@ -216,23 +211,14 @@ class JitProgram(Program):
           builder.model(first), np.asarray(data.sample_image)))
       measure_fn = steps.make_measure_fn(builder, layers, source.materialize)
       if vmapped:
-        measure_fn = self._map_members(
-            member_vmap(measure_fn, (0, 0, None, 0 if own_data else None),
-                        broadcast=shared_chunk), mesh, (per, per, shared, chunk_spec), per)
+        measure_fn = member_vmap(measure_fn, (0, 0, None, 0 if own_data else None), mesh,
+                                 broadcast=shared_chunk)
       self._measure = jax.jit(measure_fn, compiler_options=options,
                               out_shardings=self._replicated)
     # The swept values on the devices ({} for a plain run: nothing is traced).
     self._hp = self._global(self.hparams, self._hparams_sharding)
     self._eval_batches: Optional[list] = None
     self._probe_images = None
-
-  @staticmethod
-  def _map_members(fn: Callable, mesh: jax.sharding.Mesh, in_specs: tuple,
-                   out_specs: Any) -> Callable:
-    """`fn` (vmapped over members) run by each device on its own members: manual over
-    `members`, automatic over `data` (the partitioner still splits a member's batch)."""
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         axis_names={'members'})
 
   # ---- placement ---------------------------------------------------------------
 
