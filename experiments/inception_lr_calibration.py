@@ -55,10 +55,10 @@ def _define_flags() -> None:
 
 
 def config_spec(data: Optional[str], steps: Optional[int]) -> str:
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  from bn_research import launch
   arg = 'model=inception' + (f',data={data}' if data else '') + (
       f',steps={steps}' if steps else '')
-  return os.path.join(repo, 'configs', 'inception_small.py') + ':' + arg
+  return os.path.join(launch.REPO, 'configs', 'inception_small.py') + ':' + arg
 
 
 def score(accuracies: Sequence[float], status: str) -> Optional[float]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from typing import Sequence
 
@@ -70,9 +69,9 @@ def _define_flags() -> None:
 
 
 def config_spec(network: str, steps: int, source: str | None) -> str:
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  from bn_research import launch
   arg = f'{network},steps={steps}' + (f',source={source}' if source else '')
-  return os.path.join(repo, 'configs', 'mnist_mlp.py') + ':' + arg
+  return os.path.join(launch.REPO, 'configs', 'mnist_mlp.py') + ':' + arg
 
 
 def common_overrides(steps: int, eval_every: int | None) -> list[str]:
@@ -85,24 +84,14 @@ def common_overrides(steps: int, eval_every: int | None) -> list[str]:
 
 def train_network(root: str, network: str, lrs: Sequence[float], steps: int,
                   source: str | None, eval_every: int | None, vmap: bool) -> None:
-  """One sweep directory per network, laid out as `scripts.sweep` lays it out."""
+  """One sweep directory per network: `scripts.sweep`'s sweep, in this process."""
   from bn_research import sweep as sweep_lib
-  spec = config_spec(network, steps, source)
-  overrides = common_overrides(steps, eval_every)
-  grid = {LR_KEY: list(lrs)}
-  sweep_dir = os.path.join(root, network)
-  planned = sweep_lib.plan_sweep(spec, sweep_dir, grid, overrides, python=sys.executable)
-  if vmap:
-    from bn_research import train
-    base = sweep_lib.load_config(spec, overrides)
-    train.check_sweepable(base, list(grid))
-    sweep_lib.write_sweep_json(sweep_dir, spec, grid, overrides, planned)
-    train.train_members(base, [(str(r.workdir), r.params) for r in planned])
-  else:
-    sweep_lib.write_sweep_json(sweep_dir, spec, grid, overrides, planned)
-    result = sweep_lib.run_sweep(planned)
-    if result.failed:
-      raise SystemExit(f'{network}: runs failed: {result.failed}')
+  values = ','.join(sweep_lib.format_value(lr) for lr in lrs)
+  code = sweep_lib.sweep(config_spec(network, steps, source), os.path.join(root, network),
+                         [f'{LR_KEY}={values}'], None, common_overrides(steps, eval_every),
+                         vmap=vmap)
+  if code:
+    raise SystemExit(f'{network}: some runs failed; see {root}/{network}')
 
 
 def summarize_run(run_dir: str) -> dict:
