@@ -144,7 +144,9 @@ def figure3(root: str, models: list[str], seeds: int, num_classes: int = 10) -> 
                                 curves.steps_to_target(*per_seed[model][i], target)),
             'max_accuracy': curves.best(*per_seed[model][i])[0],
             'final_accuracy': curves.final_value(per_seed[model][i][1]),
-            'status': runs_lib.status_label(r)} for i, r in enumerate(runs)],
+            'status': runs_lib.status_label(r),
+            'curve': {'steps': per_seed[model][i][0], 'eval_accuracy': per_seed[model][i][1]},
+        } for i, r in enumerate(runs)],
     }
   return {'target': target, 'target_from': "max of the inception model's seed-mean eval "
           'accuracy', 'at_chance_below': at_chance, 'seeds': seeds, 'models': rows}
@@ -236,7 +238,7 @@ def write_markdown(table: dict, path: str, title: str) -> str:
   return text
 
 
-def plot_figure2(table: dict, path: str, title: str, per_seed_runs: dict) -> None:
+def plot_figure2(table: dict, path: str, title: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -246,8 +248,9 @@ def plot_figure2(table: dict, path: str, title: str, per_seed_runs: dict) -> Non
     style = '--' if r['normalizer'] == 'none' else '-'
     steps, values = r['mean_curve']['steps'], r['mean_curve']['eval_accuracy']
     line, = ax.plot(steps, values, style, lw=2, label=f'{model} ({r["status"]})')
-    for seed_steps, seed_values in per_seed_runs.get(model, []):
-      ax.plot(seed_steps, seed_values, style, lw=0.6, alpha=0.45, color=line.get_color())
+    for seed in r['seeds']:
+      ax.plot(seed['curve']['steps'], seed['curve']['eval_accuracy'], style, lw=0.6,
+              alpha=0.45, color=line.get_color())
     if r['diverged_steps'] and steps:
       ax.plot(steps[-1], values[-1], 'x', color=line.get_color(), markersize=10)
   if table['target'] is not None:
@@ -286,10 +289,7 @@ def main(argv):
   with open(os.path.join(root, 'figure3.json'), 'w') as f:
     json.dump(table, f, indent=1)
   text = write_markdown(table, os.path.join(root, 'figure3.md'), title)
-  per_seed = {m: [runs_lib.metric_series(runs_lib.load_run(seed_dir(root, m, s)),
-                                         'eval_accuracy') for s in range(num_seeds())]
-              for m in table['models']}
-  plot_figure2(table, os.path.join(root, 'figure2.png'), title, per_seed)
+  plot_figure2(table, os.path.join(root, 'figure2.png'), title)
   print(text)
   print(f'wrote {root}/figure2.png, figure3.md, figure3.json in {table["wall_seconds"]} s')
   if failed:

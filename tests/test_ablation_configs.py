@@ -114,6 +114,7 @@ def test_ablation_experiment_writes_figures_2_and_3(tmp_path):
     assert entry['mean_curve']['eval_accuracy'] == pytest.approx(curves[model])
     assert entry['max_accuracy'] == pytest.approx(max(curves[model]))
     assert [s['max_accuracy'] for s in entry['seeds']] == pytest.approx([max(a) for a in acc])
+    assert [s['curve']['eval_accuracy'] for s in entry['seeds']] == acc  # Figure 2's lines
     assert entry['status'] in ('trains', 'at chance')
   # The target is the inception model's own seed-mean maximum: it reaches it at its max.
   inception = table['models']['inception']
