@@ -683,15 +683,14 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
     raise SweepError(str(e)) from None
   if parallel > 1 and vmap:
     raise SweepError(f'--parallel={parallel} launches separate runs; --vmap '
-                               'trains every point in one program: choose one')
+                     'trains every point in one program: choose one')
   base, file_config = ({}, None)
   if sweep_file:
     base, file_config = load_sweep_file(sweep_file)
   grid = merge_sweeps(base, sweep_args)
   config = config or file_config
   if not config:
-    raise SweepError('no config: pass --config or define CONFIG in '
-                               'the --sweep_file')
+    raise SweepError('no config: pass --config or define CONFIG in the --sweep_file')
   if not grid:
     raise SweepError('nothing to sweep: pass --sweep or --sweep_file')
   planned = plan_sweep(config, workdir, grid, overrides, python)
@@ -701,7 +700,7 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
   if vmap:
     if print_commands:
       raise SweepError('--vmap trains every point in this process; there '
-                                 'are no per-run commands for --print_commands')
+                       'are no per-run commands for --print_commands')
     # Imported here: the sequential path never loads JAX in this process.
     from bn_research import log_filter
     from bn_research import train
