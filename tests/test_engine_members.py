@@ -273,7 +273,8 @@ def test_a_signal_ends_the_run_interrupted_and_the_same_command_resumes(tmp_path
   # An interrupted run is resumed by the same command (it is not finished).
   import ml_collections
   config = ml_collections.ConfigDict(rundir.read_config(str(tmp_path / 'run')))
-  assert rundir.check_workdir(str(tmp_path / 'run'), config, False) == 'resume'
+  from bn_research.engine import resume
+  assert resume.decide(str(tmp_path / 'run'), config, False) == resume.RESUME
 
 
 @pytest.mark.usefixtures('fast_compiles')
