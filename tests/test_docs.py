@@ -285,3 +285,85 @@ def test_readme_setup_commands_are_the_ci_and_main_job_commands():
   main_job = [line for line in setup if 'experiments.mnist_figure1' in line]
   assert len(main_job) == 1 and main_job[0].startswith('python3 -m venv .venv && ')
   assert 'pip install -r requirements.txt' in main_job[0]
+
+
+# ---------------------------------------------------------------- results md from JSON
+
+def cells_by_column(path: pathlib.Path, first_header: str) -> dict[str, dict[str, str]]:
+  """{first cell: {header: cell}} of the table whose first column is `first_header`."""
+  table = find_table(path, first_header)
+  header = [norm_cell(h) for h in table.header]
+  return {norm_cell(r[0]): dict(zip(header, map(norm_cell, r))) for r in table.rows}
+
+
+def assert_numbers(cell: str, values: list[float], where: str) -> None:
+  shown = numbers(cell)
+  assert len(shown) == len(values), f'{where}: {cell!r} vs {values}'
+  for s, v in zip(shown, values):
+    assert_shown(s, v, where)
+
+
+def test_why_bn_md_matches_json():
+  result = load('why_bn.json')
+  rows = cells_by_column(RESULTS / 'why_bn.md', 'network')
+  layers = ('hidden_1', 'hidden_2', 'logits')
+  columns = {'ICS l2 hidden_1 / hidden_2 / logits': 'mean_ics_l2',
+             'ICS relative, same layers': 'mean_ics_rel',
+             'ICS cosine, same layers': 'mean_ics_cos'}
+  for label, key in (('BN', 'bn'), ('noisy BN', 'noisy_bn'), ('no BN', 'baseline')):
+    r, row = result[key], rows[label]
+    assert_numbers(row['steps'], [r['eval_accuracy'][-1][0]], f'why_bn.md {label} steps')
+    assert_numbers(row['final test acc'], [r['final_eval_accuracy']], f'why_bn.md {label}')
+    for column, mean_key in columns.items():
+      assert_numbers(row[column], [r[mean_key][layer] for layer in layers],
+                     f'why_bn.md {label} {column}')
+    assert_numbers(row['loss range along -g'], [r['mean_landscape_loss_range']],
+                   f'why_bn.md {label} loss range')
+    assert_numbers(row['gradient predictiveness'], [r['mean_landscape_grad_pred']],
+                   f'why_bn.md {label} gradient predictiveness')
+    assert_numbers(row['beta-smoothness'], [r['mean_landscape_beta']],
+                   f'why_bn.md {label} beta')
+
+
+def test_conv_bn_regularization_md_matches_json():
+  result = load('conv_bn_regularization.json')
+  rows = cells_by_column(RESULTS / 'conv_bn_regularization.md', 'network')
+  for label, key in (('BN', 'bn'), ('no BN', 'baseline')):
+    r, row, where = result[key], rows[label], f'conv_bn_regularization.md {label}'
+    assert_numbers(row['final val acc'], [r['final_val_accuracy']], where)
+    assert_numbers(row['best val acc'], [r['best_val_accuracy']], where)
+    assert_numbers(row['min val loss (epoch)'], [r['min_val_loss'], r['epoch_of_min_val_loss']],
+                   where)
+    assert_numbers(row['final val loss'], [r['final_val_loss']], where)
+    assert_numbers(row['rise after min'], [100 * r['val_loss_rise_after_min']], where)
+    assert_numbers(row['final train acc'], [r['train_accuracy'][-1][1]], where)
+    assert_numbers(row['final train loss'], [r['final_train_loss']], where)
+
+
+def test_input_normalization_md_matches_json():
+  result = load('input_normalization.json')
+  path = RESULTS / 'input_normalization.md'
+  quadratic = result['quadratic']
+  bowls = cells_by_column(path, 'bowl')
+  for label, key in (('x²/20 + y² (elongated)', 'elongated'), ('x² + y² (round)', 'round')):
+    row, bowl = bowls[label], quadratic[key]
+    assert_numbers(row['curvatures'], bowl['curvatures'], f'{label} curvatures')
+    assert_numbers(row['contraction per step'], bowl['contraction_per_step'], label)
+    assert_numbers(row['steps to |x|, |y| < 0.01'], [bowl['steps_to_tol']], label)
+  mlp = result['mlp']
+  variance = mlp['target_mse'] / mlp['target_relative_mse']
+  per_lr = find_table(path, 'inputs')
+  best = [t for t in tables(path.read_text()) if norm_cell(t.header[1]) == 'best lr']
+  assert len(best) == 1, 'input_normalization.md: one table of best rates'
+  best_rows = {norm_cell(r[0]): r for r in best[0].rows}
+  for row in per_lr.rows:
+    key = {'raw': 'unnormalised', 'standardised': 'normalised'}[norm_cell(row[0])]
+    run = mlp[key]
+    assert [float(h) for h in per_lr.header[1:]] == mlp['lrs'], per_lr.header
+    for cell, steps, diverged in zip(row[1:], run['steps_to_target'], run['diverged']):
+      expected = 'diverged' if diverged else '-' if steps is None else f'{steps:,}'
+      assert norm_cell(cell) == expected, f'input_normalization.md {key}: {cell!r}'
+    b = best_rows[norm_cell(row[0])]
+    assert_numbers(b[1], [run['best_lr']], f'{key} best lr')
+    assert_numbers(b[2], [run['best_steps_to_target']], f'{key} steps')
+    assert_numbers(b[3], [run['best_final_mse'] / variance], f'{key} final MSE')
