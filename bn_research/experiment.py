@@ -247,21 +247,6 @@ def parse_args(module: types.ModuleType, handles: dict[str, Any],
 # ---------------------------------------------------------------- the driver
 
 
-def progress_line(runs: Sequence[plan_lib.Run]) -> str:
-  """'name: step S/N, test accuracy A | ...' for the runs being trained."""
-  parts = []
-  for run in runs:
-    try:
-      rows = rundir.read_metrics(run.workdir) if os.path.isdir(run.workdir) else []
-    except rundir.RunDirError:
-      rows = []
-    step = rows[-1]['step'] if rows else 0
-    acc = [r['eval_accuracy'] for r in rows if 'eval_accuracy' in r]
-    parts.append(f'{run.name}: step {step}/{run.config.num_train_steps}'
-                 + (f', test accuracy {acc[-1]:.4f}' if acc else ''))
-  return ' | '.join(parts)
-
-
 def machine() -> str:
   """What the numbers were measured on, in words."""
   return f'{os.cpu_count()}-core {platform.machine()} CPU ({platform.system()})'
@@ -322,7 +307,7 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
     os.makedirs(args.workdir, exist_ok=True)
     outcomes = plan_lib.run_plan(
         runs, args.how, parallel=args.parallel, pin_cores=args.pin_cores,
-        overwrite=args.overwrite, progress=lambda r: print(progress_line(r), flush=True))
+        overwrite=args.overwrite, progress=plan_lib.print_progress)
   except launch.Interrupted as e:
     _fail(program, f'{e}', 128 + e.signum)
   except errors as e:

@@ -206,7 +206,7 @@ def _run(jobs, slots, shares, env, cwd, on_finish, on_poll, poll_seconds, report
   results: dict[int, JobResult] = {}
   passed_on = 0
   next_report = time.monotonic() + report_seconds
-  while pending or running:
+  while running or (pending and not received):
     while pending and free_slots and not received:
       index, job = pending.pop(0)
       slot = free_slots.pop(0)
@@ -248,8 +248,7 @@ def _run(jobs, slots, shares, env, cwd, on_finish, on_poll, poll_seconds, report
       if on_finish is not None:
         on_finish(result, len(running))
   if received:
-    stopped = [jobs[i].name for i in sorted(results)]
-    raise Interrupted(received[0], f'interrupted by signal {received[0]}: '
-                      f'{len(stopped)} run(s) stopped after saving, '
-                      f'{len(jobs) - len(stopped)} not started; the same command resumes')
+    raise Interrupted(received[0], f'interrupted by signal {received[0]}: every started '
+                      f'run saved and stopped, {len(jobs) - len(results)} not started; '
+                      'the same command resumes')
   return [results[i] for i in range(len(jobs))]

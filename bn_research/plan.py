@@ -101,8 +101,13 @@ def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     value = format_value(value)  # e.g. compiler_options given as a number-like text
   if isinstance(current, tuple) and isinstance(value, list):
     value = tuple(value)
+  if isinstance(value, bool) and not isinstance(current, bool):
+    raise SweepError(f'{key}={value!r} is invalid: a bool where the default is {current!r}.')
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
+    try:
+      value = float(value)
+    except OverflowError:
+      raise SweepError(f'{key}={value!r} is invalid: too large for a float.') from None
   if current is not None and not isinstance(value, type(current)):
     raise SweepError(f'{key}={value!r} is invalid: must be of type '
                      f'{type(current).__name__}, like the default {current!r}.')
@@ -235,6 +240,26 @@ def check_names(runs: Sequence[Run]) -> None:
       seen.add(value)
 
 
+def check_vmappable(runs: Sequence[Run]) -> None:
+  """SweepError unless the runs can train as members of one program (how='vmap'):
+  one config file, the same values but for the varied keys, keys that change numbers."""
+  from bn_research import train  # pylint: disable=g-import-not-at-top
+  if not runs:
+    return
+  varied = sorted({k for run in runs for k, _ in run.params})
+  try:
+    train.check_sweepable(runs[0].config, varied)
+  except ValueError as e:
+    raise SweepError(str(e)) from None
+  first = dict(runs[0].overrides)
+  for run in runs:
+    values = dict(run.overrides)
+    if run.spec != runs[0].spec or {k: v for k, v in values.items() if k not in varied} != {
+        k: v for k, v in first.items() if k not in varied}:
+      raise SweepError(f'how=vmap trains runs that differ only in their swept keys; '
+                       f'{run.name!r} differs from {runs[0].name!r} in more')
+
+
 # ---------------------------------------------------------------- executing
 
 
@@ -278,6 +303,26 @@ class Outcome:
 def log_path(run: Run) -> str:
   """Where a process backend sends a run's output: beside its workdir, `<name>.log`."""
   return os.path.join(os.path.dirname(os.path.abspath(run.workdir)), f'{run.name}.log')
+
+
+def progress_line(runs: Sequence[Run]) -> str:
+  """'name: step S/N, test accuracy A | ...' for the runs being trained."""
+  parts = []
+  for run in runs:
+    try:
+      rows = rundir.read_metrics(run.workdir) if os.path.isdir(run.workdir) else []
+    except rundir.RunDirError:
+      rows = []
+    step = rows[-1]['step'] if rows else 0
+    acc = [r['eval_accuracy'] for r in rows if 'eval_accuracy' in r]
+    parts.append(f'{run.name}: step {step}/{run.config.num_train_steps}'
+                 + (f', test accuracy {acc[-1]:.4f}' if acc else ''))
+  return ' | '.join(parts)
+
+
+def print_progress(runs: Sequence[Run]) -> None:
+  """The live progress a command shows: one `progress_line` on stdout."""
+  print(progress_line(runs), flush=True)
 
 
 def run_plan(runs: Sequence[Run], how: str = 'inline', *, parallel: int = 1,
@@ -346,16 +391,8 @@ def _run_in_process(todo: Sequence[Run], *, vmapped: bool, overwrite: bool) -> N
   from bn_research import train  # pylint: disable=g-import-not-at-top
   try:
     if vmapped:
-      varied = sorted({k for run in todo for k, _ in run.params})
-      base = todo[0].config
-      train.check_sweepable(base, varied)
-      same = [k for k, _ in todo[0].overrides if k not in varied]
-      for run in todo:
-        if run.spec != todo[0].spec or [dict(run.overrides).get(k) for k in same] != [
-            dict(todo[0].overrides)[k] for k in same]:
-          raise SweepError(f'how=vmap trains runs that differ only in their swept keys; '
-                           f'{run.name!r} differs from {todo[0].name!r} in more')
-      train.train_members(base, [(run.workdir, dict(run.params)) for run in todo],
+      check_vmappable(todo)
+      train.train_members(todo[0].config, [(run.workdir, dict(run.params)) for run in todo],
                           overwrite=overwrite)
     else:
       for run in todo:
