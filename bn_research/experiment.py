@@ -272,6 +272,27 @@ def write_outputs(module: types.ModuleType, workdir: str, summary: dict,
   return paths
 
 
+def record_sweeps(runs: Sequence[plan_lib.Run]) -> None:
+  """Writes sweep.json into every directory whose runs vary keys of one config file, so
+  that `scripts.compare DIR` and the analysis readers see a job's sweeps as sweeps."""
+  by_dir: dict[str, list[plan_lib.Run]] = {}
+  for r in runs:
+    if r.params:
+      by_dir.setdefault(os.path.dirname(os.path.abspath(r.workdir)), []).append(r)
+  for directory, group in by_dir.items():
+    if len({r.spec for r in group}) != 1:
+      continue
+    keys = [k for k, _ in group[0].params]
+    grid: dict[str, list[Any]] = {k: [] for k in keys}
+    for r in group:
+      for k, v in r.params:
+        if v not in grid.setdefault(k, []):
+          grid[k].append(v)
+    common = [f'--config.{k}={plan_lib.format_value(v)}' for k, v in group[0].overrides
+              if k not in grid]
+    sweep_lib.write_sweep_json(directory, group[0].spec, grid, common, group)
+
+
 def module_name(module: types.ModuleType) -> str:
   """`experiments.x` also when run as `python -m experiments.x` (then named __main__)."""
   spec = getattr(module, '__spec__', None)
@@ -304,6 +325,7 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
     signal.signal(sig, _raise_interrupted)
   t0 = time.time()
   try:
+    record_sweeps(runs)
     os.makedirs(args.workdir, exist_ok=True)
     outcomes = plan_lib.run_plan(
         runs, args.how, parallel=args.parallel, pin_cores=args.pin_cores,

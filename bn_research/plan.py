@@ -230,34 +230,33 @@ def grid(spec: str, sweep_dir: str, sweep: Mapping[str, Sequence[Any]],
 
 
 def check_names(runs: Sequence[Run]) -> None:
-  """SweepError if two runs share a name or a workdir (one would overwrite the other)."""
-  for attr in ('name', 'workdir'):
+  """SweepError if two runs share a workdir or a log file (one would overwrite the
+  other); names need only differ between runs of one directory."""
+  for what, key in (('workdir', lambda r: os.path.abspath(r.workdir)),
+                    ('name and directory', log_path)):
     seen = set()
     for run in runs:
-      value = os.path.abspath(run.workdir) if attr == 'workdir' else run.name
-      if value in seen:
-        raise SweepError(f'two runs share the {attr} {value!r}')
-      seen.add(value)
+      if key(run) in seen:
+        raise SweepError(f'two runs share the {what} {key(run)!r}')
+      seen.add(key(run))
 
 
-def check_vmappable(runs: Sequence[Run]) -> None:
-  """SweepError unless the runs can train as members of one program (how='vmap'):
-  one config file, the same values but for the varied keys, keys that change numbers."""
+def vmap_groups(runs: Sequence[Run]) -> list[list[Run]]:
+  """The runs that train as one program each (how='vmap'): same config file and the
+  same values but for the keys they vary; in plan order. SweepError for keys that
+  change the program's structure (`train.SWEEPABLE` says which can be vmapped)."""
   from bn_research import train  # pylint: disable=g-import-not-at-top
-  if not runs:
-    return
-  varied = sorted({k for run in runs for k, _ in run.params})
-  try:
-    train.check_sweepable(runs[0].config, varied)
-  except ValueError as e:
-    raise SweepError(str(e)) from None
-  first = dict(runs[0].overrides)
+  groups: dict[Any, list[Run]] = {}
   for run in runs:
-    values = dict(run.overrides)
-    if run.spec != runs[0].spec or {k: v for k, v in values.items() if k not in varied} != {
-        k: v for k, v in first.items() if k not in varied}:
-      raise SweepError(f'how=vmap trains runs that differ only in their swept keys; '
-                       f'{run.name!r} differs from {runs[0].name!r} in more')
+    varied = {k for k, _ in run.params}
+    fixed = tuple((k, repr(v)) for k, v in run.overrides if k not in varied)
+    groups.setdefault((run.spec, fixed, tuple(sorted(varied))), []).append(run)
+  for group in groups.values():
+    try:
+      train.check_sweepable(group[0].config, sorted({k for r in group for k, _ in r.params}))
+    except ValueError as e:
+      raise SweepError(str(e)) from None
+  return list(groups.values())
 
 
 # ---------------------------------------------------------------- executing
@@ -391,9 +390,10 @@ def _run_in_process(todo: Sequence[Run], *, vmapped: bool, overwrite: bool) -> N
   from bn_research import train  # pylint: disable=g-import-not-at-top
   try:
     if vmapped:
-      check_vmappable(todo)
-      train.train_members(todo[0].config, [(run.workdir, dict(run.params)) for run in todo],
-                          overwrite=overwrite)
+      for group in vmap_groups(todo):
+        train.train_members(group[0].config,
+                            [(run.workdir, dict(run.params)) for run in group],
+                            overwrite=overwrite)
     else:
       for run in todo:
         train.train_and_evaluate(run.config, run.workdir, overwrite=overwrite)

@@ -487,7 +487,7 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
   runs = plan_lib.grid(config, workdir, grid, common)
   how = 'print' if print_commands else 'vmap' if vmap else 'processes'
   if vmap:
-    plan_lib.check_vmappable(runs)
+    plan_lib.vmap_groups(runs)  # refused now, before sweep.json is written
   write_sweep_json(workdir, config, grid,
                    [f'--config.{k}={format_value(v)}' for k, v in common.items()], runs)
   logging.info('Sweep of %d runs in %s.', len(runs), workdir)
