@@ -351,6 +351,7 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
     _fail(program, str(e), 2)
   summary['wall_seconds'] = round(time.time() - t0, 2)
   command = shlex.join(['python', '-m', module_name(module)] + list(sys.argv[1:]))
+  summary.setdefault('command', command)
   paths = write_outputs(module, args.workdir, summary, command)
   print('\n' + module.table(summary))
   print(f'\nwrote {paths["png"]}, {paths["json"]} and {paths["md"]} '
