@@ -253,12 +253,14 @@ def machine() -> str:
 
 
 def write_outputs(module: types.ModuleType, workdir: str, summary: dict,
-                  command: str) -> dict[str, str]:
-  """Writes <workdir>/<NAME>.json, .md and .png; returns their paths."""
-  name = module.NAME
+                  extra: dict) -> dict[str, str]:
+  """Writes <workdir>/<NAME>.json (the summary and `extra`: the command and the wall
+  time), .md (the table, the command, the date, the machine) and .png; their paths."""
+  name, command = module.NAME, extra['command']
   paths = {ext: os.path.join(workdir, f'{name}.{ext}') for ext in ('json', 'md', 'png')}
   with open(paths['json'], 'w') as f:
-    json.dump(summary, f, indent=1)
+    json.dump({**summary, **{k: v for k, v in extra.items() if k not in summary}}, f,
+              indent=1)
   table = module.table(summary)
   date = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
   doc = (module.__doc__ or name).strip().splitlines()[0]
@@ -349,20 +351,19 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
     summary = module.summarize([read(r) for r in runs], args)
   except errors as e:
     _fail(program, str(e), 2)
-  summary['wall_seconds'] = round(time.time() - t0, 2)
   command = shlex.join(['python', '-m', module_name(module)] + list(sys.argv[1:]))
-  summary.setdefault('command', command)
-  paths = write_outputs(module, args.workdir, summary, command)
+  extra = {'wall_seconds': round(time.time() - t0, 2), 'command': command}
+  paths = write_outputs(module, args.workdir, summary, extra)
   print('\n' + module.table(summary))
   print(f'\nwrote {paths["png"]}, {paths["json"]} and {paths["md"]} '
-        f'in {summary["wall_seconds"]} s')
+        f'in {extra["wall_seconds"]} s')
   for line in summary.get('warnings', []):
     print(f'WARNING: {line}')
 
 
-def main(module_name: str) -> None:
+def main(name: str) -> None:
   """The entry point of `python -m experiments.<name>`: `experiment.main(__name__)`."""
-  module = sys.modules[module_name]
+  module = sys.modules[name]
   handles = _define_flags(module)
 
   def parser(argv: Sequence[str]) -> list[str]:
