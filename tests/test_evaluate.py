@@ -187,6 +187,9 @@ def test_multi_crop_ensemble_matches_numpy(runs):
     assert row['top5_accuracy'] == pytest.approx(_np_top_k(member_probs[-1], labels, 5).mean())
     centre = _row(record, workdir)
     assert centre['top1_accuracy'] == pytest.approx(_np_top_k(probs[0], labels, 1).mean())
+    # The training engine logs top-5 too: the same numbers on the centre view.
+    assert _last_eval(workdir)['eval_top5_accuracy'] == pytest.approx(
+        _np_top_k(probs[0], labels, 5).mean())
   ensemble = np.mean(member_probs, axis=0)
   row = _row(record, 'ensemble', 'multi:2')
   assert row['top1_accuracy'] == pytest.approx(_np_top_k(ensemble, labels, 1).mean())
