@@ -416,9 +416,27 @@ def evaluate(plan: Plan) -> dict:
   names = [m.name for m in members] + (['ensemble'] if plan.ensemble else [])
   rows = [_row(name, scheme, len(plan.schemes[scheme]), totals[(name, scheme)])
           for name in names for scheme in plan.schemes]
-  return {'runs': descriptions, 'rows': rows, 'top_k': TOP_K,
-          'crop_schemes': {s: [v.name for v in vs] for s, vs in plan.schemes.items()},
-          'ensemble': plan.ensemble}
+  record = {'runs': descriptions, 'rows': rows, 'top_k': TOP_K,
+            'crop_schemes': {s: [v.name for v in vs] for s, vs in plan.schemes.items()},
+            'ensemble': plan.ensemble}
+  if plan.ensemble:
+    record['ensemble_vs_best_single'] = ensemble_vs_best_single(rows)
+  return record
+
+
+def ensemble_vs_best_single(rows: Sequence[dict]) -> list[dict]:
+  """Per crop scheme: the ensemble's top-1 and top-5 next to its best member's (the
+  member with the highest top-1 under that scheme)."""
+  out = []
+  for scheme in dict.fromkeys(r['crops'] for r in rows):
+    members = [r for r in rows if r['crops'] == scheme and r['name'] != 'ensemble']
+    (ensemble,) = [r for r in rows if r['crops'] == scheme and r['name'] == 'ensemble']
+    best = max(members, key=lambda r: r['top1_accuracy'])
+    out.append({'crops': scheme, 'best_single': best['name'],
+                **{f'{who}_{metric}': r[metric]
+                   for who, r in (('best_single', best), ('ensemble', ensemble))
+                   for metric in ('top1_accuracy', f'top{TOP_K}_accuracy')}})
+  return out
 
 
 # ---------------------------------------------------------------- files
@@ -445,6 +463,15 @@ def markdown(record: dict) -> str:
     lines.append(f'| {name} | {steps.get(row["name"], "")} | {row["crops"]} | {row["views"]} '
                  f'| {top1:.4f} | {topk:.4f} | {1 - top1:.2%} | {1 - topk:.2%} | '
                  f'{row["nll"]:.4f} | {row["count"]} |')
+  if record.get('ensemble_vs_best_single'):
+    lines += ['', f'| crops | best single run | its top-1 err | ensemble top-1 err | '
+              f'its top-{k} err | ensemble top-{k} err |', '|---|---|---:|---:|---:|---:|']
+    for c in record['ensemble_vs_best_single']:
+      name = os.path.relpath(os.path.abspath(c['best_single']), os.path.dirname(base))
+      lines.append(f'| {c["crops"]} | {name} | {1 - c["best_single_top1_accuracy"]:.2%} | '
+                   f'{1 - c["ensemble_top1_accuracy"]:.2%} | '
+                   f'{1 - c[f"best_single_top{k}_accuracy"]:.2%} | '
+                   f'{1 - c[f"ensemble_top{k}_accuracy"]:.2%} |')
   stats = sorted({r['batch_stats'] for r in record['runs']})
   lines += ['', f'BN statistics at inference: {", ".join(stats)}.',
             f'Command: `{record["command"]}`', f'Date: {record["date"]}; machine: '

@@ -196,6 +196,11 @@ def test_multi_crop_ensemble_matches_numpy(runs):
   assert row['top5_accuracy'] == pytest.approx(_np_top_k(ensemble, labels, 5).mean())
   assert row['nll'] == pytest.approx(
       -np.mean(np.log(ensemble[np.arange(len(labels)), labels])), rel=1e-4)
+  # The summary pairs the ensemble with its member of the highest top-1.
+  (summary,) = [c for c in record['ensemble_vs_best_single'] if c['crops'] == 'multi:2']
+  best = max(members, key=lambda w: _row(record, w, 'multi:2')['top1_accuracy'])
+  assert summary['best_single'] == str(best)
+  assert summary['ensemble_top5_accuracy'] == row['top5_accuracy']
 
 
 def test_command_writes_json_and_markdown(runs, tmp_path):
