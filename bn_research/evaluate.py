@@ -45,6 +45,7 @@ from typing import Any, Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _WORKDIR = flags.DEFINE_multi_string('workdir', [], 'A finished run directory (repeatable).')
 _CROPS = flags.DEFINE_list('crops', ['center'], 'Crop schemes: center, flip, multi:N '
@@ -283,13 +284,7 @@ def make_plan(workdirs: Sequence[str], *, crops: Sequence[str], batch_stats: str
   runs = [check_run(w) for w in workdirs]
   if ensemble:
     check_ensemble(runs)
-  schemes = {}
-  for text in crops:
-    views = parse_scheme(text)
-    for run in runs:
-      size = run.config.data.image_size
-      check_scheme_fits(text, views, size, size)
-    schemes[text] = views
+  schemes = {text: parse_scheme(text) for text in crops}
   return Plan(runs, schemes, batch_stats, population_batches, num_eval_examples, ensemble)
 
 
@@ -377,36 +372,61 @@ def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[V
                                   batch['mask'], top_k=TOP_K))
 
 
-def evaluate(plan: Plan) -> dict:
-  """Evaluates the plan's runs (and their ensemble); returns the record to write."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+def load_data(plan: Plan) -> list:
+  """Each run's data (`inputs.RunData`), after checking the crop schemes fit its images.
+
+  Raises:
+    ValueError: one line (a scheme that does not fit, or the data's own refusal),
+      before anything is compiled.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from bn_research import inputs  # pylint: disable=g-import-not-at-top
+  datas = []
+  for run in plan.runs:
+    if plan.num_eval_examples is not None:
+      run.config.num_eval_examples = plan.num_eval_examples
+    data = inputs.load_run_data(run.config)
+    height, width = np.shape(data.sample_image)[1:3]
+    for text, views in plan.schemes.items():
+      check_scheme_fits(text, views, height, width)
+    datas.append(data)
+  return datas
+
+
+def evaluate(plan: Plan, datas: Optional[Sequence[Any]] = None) -> dict:
+  """Evaluates the plan's runs (and their ensemble); returns the record to write.
+
+  Args:
+    plan: from `make_plan`.
+    datas: the runs' data from `load_data(plan)` (loaded here if None).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from bn_research import rundir  # pylint: disable=g-import-not-at-top
   from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
 
+  datas = load_data(plan) if datas is None else datas
   views = sorted({v for vs in plan.schemes.values() for v in vs},
                  key=lambda v: (-v.scale, POSITIONS.index(v.position), v.flip))
   members, descriptions = [], []
-  for run in plan.runs:
+  for run, data in zip(plan.runs, datas):
     config = run.config
-    if plan.num_eval_examples is not None:
-      config.num_eval_examples = plan.num_eval_examples
-    data = inputs.load_run_data(config)
     state = rundir.load_latest(run.workdir)
     builder = steps.Builder(config, data.num_classes)
     stats, kind = _inference_statistics(run, plan, builder, data, state['params'],
                                         state.get('batch_stats') or {})
-    size = config.data.image_size
+    height, width = (int(n) for n in np.shape(data.sample_image)[1:3])
     members.append(_Member(
         run.workdir, state['params'], stats, _member_logits_fn(builder),
         data.eval_batches(),
-        [tuple(jnp.asarray(m) for m in view_matrices(v, size, size)) for v in views]))
+        [tuple(jnp.asarray(m) for m in view_matrices(v, height, width)) for v in views]))
     descriptions.append({
         'workdir': run.workdir, 'step': run.step, 'status': run.status.get('status'),
         'model': config.model.name, 'normalizer': config.model.normalizer,
         'seed': config.seed, 'learning_rate': config.optimizer.learning_rate,
         'batch_size': config.batch_size, 'dataset': data.description.get('dataset'),
-        'num_classes': data.num_classes, 'batch_stats': kind, 'image_size': [size, size]})
+        'num_classes': data.num_classes, 'batch_stats': kind,
+        'image_size': [height, width]})
   totals: dict = {}
   if plan.ensemble:
     _evaluate_together(members, plan, views, True, totals)
@@ -509,12 +529,16 @@ def main(argv: Sequence[str]) -> None:
     plan = make_plan(_WORKDIR.value, crops=_CROPS.value, batch_stats=_BATCH_STATS.value,
                      population_batches=_POPULATION_BATCHES.value,
                      num_eval_examples=_NUM_EVAL.value, ensemble=_ENSEMBLE.value)
+    from bn_research import log_filter  # pylint: disable=g-import-not-at-top
+    log_filter.quiet_library_logs()
+    # The data loaders' progress lines stay out of a refusal's one line.
+    logging.set_verbosity(logging.WARNING)
+    datas = load_data(plan)
   except ValueError as e:
     print(f'bn_research.evaluate: error: {e}', file=sys.stderr)
     sys.exit(2)
-  from bn_research import log_filter  # pylint: disable=g-import-not-at-top
-  log_filter.quiet_library_logs()
-  record = evaluate(plan)
+  logging.set_verbosity(logging.INFO)
+  record = evaluate(plan, datas)
   import jax  # pylint: disable=g-import-not-at-top
   record['command'] = ' '.join(['python -m bn_research.evaluate'] + sys.argv[1:])
   record['date'] = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
