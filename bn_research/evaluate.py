@@ -196,11 +196,10 @@ def config_from_json(config: dict):
 
 @dataclasses.dataclass
 class RunToEvaluate:
-  """A finished run: its directory, config, status and the step of its checkpoint."""
+  """A finished run: its directory, config and status."""
   workdir: str
   config: Any
   status: dict
-  step: int
 
 
 def check_run(workdir: str) -> RunToEvaluate:
@@ -212,8 +211,7 @@ def check_run(workdir: str) -> RunToEvaluate:
   if config is None:
     raise ValueError(f'--workdir={workdir!r} has no {rundir.CONFIG_FILE}: not a run '
                      'directory (a sweep directory holds one per run).')
-  steps = rundir.checkpoint_steps(workdir)
-  if not steps:
+  if not rundir.checkpoint_steps(workdir):
     raise ValueError(f'--workdir={workdir!r} has no checkpoint in '
                      f'{rundir.CHECKPOINT_DIR}/; allowed: a run that trained and saved one.')
   status = rundir.read_status(workdir) or {}
@@ -221,7 +219,7 @@ def check_run(workdir: str) -> RunToEvaluate:
     raise ValueError(f'--workdir={workdir!r} is not finished (status '
                      f'{status.get("status", "missing")!r}); allowed: '
                      f'{" or ".join(rundir.FINISHED_STATUSES)} (re-run its command to finish it).')
-  return RunToEvaluate(workdir, config_from_json(config), status, steps[-1])
+  return RunToEvaluate(workdir, config_from_json(config), status)
 
 
 def _eval_set(config) -> dict:
@@ -372,16 +370,18 @@ def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[V
                                   batch['mask'], top_k=TOP_K))
 
 
-def load_data(plan: Plan) -> list:
-  """Each run's data (`inputs.RunData`), after checking the crop schemes fit its images.
+def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
+  """Each run's data (`inputs.RunData`) and restored checkpoint, after checking the crop
+  schemes fit its images.
 
   Raises:
-    ValueError: one line (a scheme that does not fit, or the data's own refusal),
-      before anything is compiled.
+    ValueError: one line (a scheme that does not fit the images, no checkpoint that
+      restores, or the data's own refusal), before anything is compiled.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bn_research import inputs  # pylint: disable=g-import-not-at-top
-  datas = []
+  from bn_research import rundir  # pylint: disable=g-import-not-at-top
+  loaded = []
   for run in plan.runs:
     if plan.num_eval_examples is not None:
       run.config.num_eval_examples = plan.num_eval_examples
@@ -389,29 +389,31 @@ def load_data(plan: Plan) -> list:
     height, width = np.shape(data.sample_image)[1:3]
     for text, views in plan.schemes.items():
       check_scheme_fits(text, views, height, width)
-    datas.append(data)
-  return datas
+    state = rundir.load_latest(run.workdir)
+    if state is None:
+      raise ValueError(f'--workdir={run.workdir!r}: no checkpoint in '
+                       f'{rundir.CHECKPOINT_DIR}/ can be restored; allowed: a run with one.')
+    loaded.append((data, state))
+  return loaded
 
 
-def evaluate(plan: Plan, datas: Optional[Sequence[Any]] = None) -> dict:
+def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) -> dict:
   """Evaluates the plan's runs (and their ensemble); returns the record to write.
 
   Args:
     plan: from `make_plan`.
-    datas: the runs' data from `load_data(plan)` (loaded here if None).
+    loaded: the runs' data and checkpoints from `load_runs(plan)` (loaded here if None).
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from bn_research import rundir  # pylint: disable=g-import-not-at-top
   from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
 
-  datas = load_data(plan) if datas is None else datas
+  loaded = load_runs(plan) if loaded is None else loaded
   views = sorted({v for vs in plan.schemes.values() for v in vs},
                  key=lambda v: (-v.scale, POSITIONS.index(v.position), v.flip))
   members, descriptions = [], []
-  for run, data in zip(plan.runs, datas):
+  for run, (data, state) in zip(plan.runs, loaded):
     config = run.config
-    state = rundir.load_latest(run.workdir)
     builder = steps.Builder(config, data.num_classes)
     stats, kind = _inference_statistics(run, plan, builder, data, state['params'],
                                         state.get('batch_stats') or {})
@@ -421,7 +423,7 @@ def evaluate(plan: Plan, datas: Optional[Sequence[Any]] = None) -> dict:
         data.eval_batches(),
         [tuple(jnp.asarray(m) for m in view_matrices(v, height, width)) for v in views]))
     descriptions.append({
-        'workdir': run.workdir, 'step': run.step, 'status': run.status.get('status'),
+        'workdir': run.workdir, 'step': int(state['step']), 'status': run.status.get('status'),
         'model': config.model.name, 'normalizer': config.model.normalizer,
         'seed': config.seed, 'learning_rate': config.optimizer.learning_rate,
         'batch_size': config.batch_size, 'dataset': data.description.get('dataset'),
@@ -533,12 +535,12 @@ def main(argv: Sequence[str]) -> None:
     log_filter.quiet_library_logs()
     # The data loaders' progress lines stay out of a refusal's one line.
     logging.set_verbosity(logging.WARNING)
-    datas = load_data(plan)
+    loaded = load_runs(plan)
   except ValueError as e:
     print(f'bn_research.evaluate: error: {e}', file=sys.stderr)
     sys.exit(2)
   logging.set_verbosity(logging.INFO)
-  record = evaluate(plan, datas)
+  record = evaluate(plan, loaded)
   import jax  # pylint: disable=g-import-not-at-top
   record['command'] = ' '.join(['python -m bn_research.evaluate'] + sys.argv[1:])
   record['date'] = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
