@@ -53,7 +53,8 @@ CADENCE_IMAGES = {'log_every_steps': 1_000 * PAPER_BATCH,
 
 def get_config(arg: str = 'model=bn_x30') -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, model=('bn_x30', common.INCEPTION_MODELS),
-                          batch=PAPER_BATCH, steps=(None, int),
+                          batch=(PAPER_BATCH, common.PositiveInt),
+                          steps=(None, common.PositiveInt),
                           lr_scaling=('linear', ('linear', 'none')), warmup=0.0)
   model = args.model
   common.check_batch(args.batch)

@@ -52,7 +52,8 @@ TRAIN_IMAGES = {'fashion_mnist': 60_000, 'digits': 4_000, 'synthetic': 512}
 def get_config(arg: str = 'model=bn_x30') -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, model=('bn_x30', common.INCEPTION_MODELS),
                           data=('fashion_mnist', ('fashion_mnist', 'digits', 'synthetic')),
-                          steps=(None, int), batch=common.PAPER_BATCH,
+                          steps=(None, common.PositiveInt),
+                          batch=(common.PAPER_BATCH, common.PositiveInt),
                           lr_scaling=('linear', ('linear', 'none')), warmup=0.0)
   model, data, batch = args.model, args.data, args.batch
   common.check_batch(batch)

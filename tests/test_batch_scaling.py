@@ -119,7 +119,7 @@ def test_a_run_trains_with_the_warmed_up_rate(tmp_path):
 @pytest.mark.parametrize('arg, words', [
     ('batch=100', ['batch=100', 'multiple of 32']),
     ('batch=16', ['batch=16', 'multiple of 32']),
-    ('batch=0', ['batch=0', 'multiple of 32']),
+    ('batch=0', ['batch=', '>= 1']),
     ('batch=64,warmup=-1', ['warmup=-1', '>= 0']),
     ('batch=32,warmup=2', ['warmup=2', 'no effect']),
     ('batch=64,lr_scaling=none,warmup=2', ['warmup=2', 'lr_scaling=none']),
