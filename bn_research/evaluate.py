@@ -3,7 +3,7 @@ r"""The paper's evaluation of finished runs: top-1 and top-5, multi-crop, ensemb
     python -m bn_research.evaluate --workdir=runs/a [--workdir=runs/b ...] \
         [--crops=center,flip,multi:16] [--batch_stats=run|moving_average|population] \
         [--population_batches=N] [--num_eval_examples=N] [--ensemble] \
-        [--out=DIR] [--name=evaluation]
+        [--out=DIR] [--name=evaluation] [--note=TEXT]
 
 Each run directory's latest checkpoint is restored and its network rebuilt from its
 config.json (the engine's `steps.Builder`), then evaluated on its held-out set:
@@ -64,6 +64,8 @@ _OUT = flags.DEFINE_string('out', None, 'Directory for the results (default: the
                            'holding the runs).')
 _NAME = flags.DEFINE_string('name', 'evaluation', 'File name of the results, without '
                             '.json / .md.')
+_NOTE = flags.DEFINE_string('note', '', 'Text recorded with the results (e.g. how the runs '
+                            'were trained).')
 
 TOP_K = 5
 
@@ -495,6 +497,8 @@ def markdown(record: dict) -> str:
                    f'{1 - c[f"best_single_top{k}_accuracy"]:.2%} | '
                    f'{1 - c[f"ensemble_top{k}_accuracy"]:.2%} |')
   stats = sorted({r['batch_stats'] for r in record['runs']})
+  if record.get('note'):
+    lines += ['', record['note']]
   lines += ['', f'BN statistics at inference: {", ".join(stats)}.',
             f'Command: `{record["command"]}`', f'Date: {record["date"]}; machine: '
             f'{record["machine"]}.']
@@ -543,6 +547,8 @@ def main(argv: Sequence[str]) -> None:
   record = evaluate(plan, loaded)
   import jax  # pylint: disable=g-import-not-at-top
   record['command'] = ' '.join(['python -m bn_research.evaluate'] + sys.argv[1:])
+  if _NOTE.value:
+    record['note'] = _NOTE.value
   record['date'] = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
   record['machine'] = (f'{platform.machine()}, {os.cpu_count()} CPU cores, JAX devices: '
                        f'{jax.devices()[0].device_kind} x {jax.device_count()}')

@@ -280,3 +280,19 @@ def test_refusals_are_one_line_and_write_nothing(runs, tmp_path):
   # The 4x4 images still take the schemes that fit them.
   from bn_research import evaluate as ev
   ev.check_scheme_fits('flip', ev.parse_scheme('flip'), 4, 4)
+
+
+def test_committed_ensemble_results_md_is_written_from_its_json():
+  """experiments/results/ensemble_small.md is the command's table of its JSON, and the
+  JSON's summary is the best member per scheme, recomputed from its rows."""
+  from bn_research import evaluate as ev
+  path = os.path.join(helpers.REPO, 'experiments', 'results', 'ensemble_small')
+  record = helpers.read_json(path + '.json')
+  with open(path + '.md') as f:
+    assert f.read() == ev.markdown(record)
+  for summary in record['ensemble_vs_best_single']:
+    members = [r for r in record['rows']
+               if r['crops'] == summary['crops'] and r['name'] != 'ensemble']
+    assert summary['best_single_top1_accuracy'] == max(r['top1_accuracy'] for r in members)
+  assert {r['batch_stats'] for r in record['runs']} == {'population'}
+  assert all(r['count'] == 2000 for r in record['rows'])
