@@ -159,10 +159,16 @@ def make_chunk_fn(train_step: Callable, materialize: Callable) -> Callable:
   return run_chunk
 
 
-def make_eval_step(builder: Builder) -> Callable:
-  """eval_step(hparams, params, batch_stats, batch) -> masked sums of loss and correct."""
+def make_eval_step(builder: Builder, materialize: Callable = lambda batch: batch
+                   ) -> Callable:
+  """eval_step(hparams, params, batch_stats, batch) -> masked sums of loss and correct.
+
+  `materialize` turns the host's evaluation batch into the network's (the source's
+  `materialize_eval`: ImageNet's uint8 images are normalised on the device).
+  """
 
   def eval_step(hparams, params, batch_stats, batch):
+    batch = materialize(batch)
     logits = builder.model(hparams).apply(model_variables(params, batch_stats),
                                           batch['image'], train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(
