@@ -69,8 +69,13 @@ def adjust_hue(x: jax.Array, delta: jax.Array) -> jax.Array:
   v, m = jnp.max(x, axis=-1), jnp.min(x, axis=-1)
   chroma = v - m
   safe = jnp.where(chroma > 0, chroma, 1)
-  hue6 = jnp.where(r == v, (g - b) / safe,
-                   jnp.where(g == v, (b - r) / safe + 2, (r - g) / safe + 4))
+  # The sector is the index of the largest channel, not a test `r == v`: XLA may
+  # compute a channel twice in different fusions, differing in the last bit, and an
+  # equality test would then pick the sector of the smallest channel. Near a tie the
+  # neighbouring sectors' formulas agree, so argmax is safe there.
+  sector = jnp.argmax(x, axis=-1)
+  hue6 = jnp.where(sector == 0, (g - b) / safe,
+                   jnp.where(sector == 1, (b - r) / safe + 2, (r - g) / safe + 4))
   hue6 = hue6 + 6 * delta
   hue6 = hue6 - 6 * jnp.floor(hue6 * jnp.float32(1 / 6))       # into [0, 6)
   k = hue6[..., None] + jnp.asarray([5.0, 3.0, 1.0], jnp.float32)  # R, G, B: [n, n + 6)

@@ -393,19 +393,27 @@ def open_image(image: Any) -> Image.Image:
   return Image.fromarray(np.ascontiguousarray(arr[..., :3] if arr.ndim == 3 else arr))
 
 
+# The reduced-scale decode keeps the crop at least this many times the output size, so
+# that the bilinear antialiasing filter, not the decoder's DCT scaling, still does most
+# of the reduction (PIL's `thumbnail` uses the same margin, its `reducing_gap`).
+_DRAFT_GAP = 2
+
+
 def _crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
   """uint8 (size, size, 3): the box (top, left, h, w) of `img`, resized bilinearly.
 
   A JPEG not yet decoded is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
-  keeps the box at least `size` pixels on each side (`Image.draft`): the decoder then
-  averages blocks of pixels the resize would have filtered away anyway, so the result
-  stays within resampling tolerance of a full decode (tests/test_grain_input.py
-  bounds the difference) at a fraction of the decoding work.
+  keeps the box at least `_DRAFT_GAP` x `size` pixels on each side (`Image.draft`):
+  the decoder then drops detail the resize would have filtered away anyway, so the
+  result stays within resampling tolerance of a full decode (tests/test_grain_input.py
+  bounds the difference) at a fraction of the decoding work. Crops smaller than
+  that (most 224-pixel crops of ImageNet-sized photos) are decoded in full.
   """
   top, left, h, w = box
   height, width = img.height, img.width
   if img.format == 'JPEG':                 # a no-op once decoded
-    img.draft('RGB', (math.ceil(width * size / w), math.ceil(height * size / h)))
+    scale = _DRAFT_GAP * size
+    img.draft('RGB', (math.ceil(width * scale / w), math.ceil(height * scale / h)))
   if img.mode not in ('RGB', 'L'):
     img = img.convert('RGB')               # CMYK, palette: convert before resampling
   sx, sy = img.width / width, img.height / height
