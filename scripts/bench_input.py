@@ -204,8 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   decode = per_core_rate(full_decode, jpegs, args.repeats, args.min_seconds)
   host = per_core_rate(lambda b: imagenet.preprocess_train(b, rng, opts), jpegs,
                        args.repeats, args.min_seconds)
-  print(f'full decode (PIL, RGB), one core:                 {decode:9,.0f} images/s')
-  print(f'host preprocessing (decode+crop+resize+flip), one core: {host:9,.0f} images/s')
+  print(f'{"full decode (PIL, RGB), one core:":56s}{decode:9,.0f} images/s')
+  print(f'{"host preprocessing (decode+crop+resize+flip), one core:":56s}{host:9,.0f} images/s')
   cores = available_cores()
   max_workers = args.max_workers or cores
   one = None
@@ -215,7 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rate = grain_rate(jpegs, workers, args.image_size, args.batch_size, num_batches)
     one = rate if one is None else one
     noun = 'worker' if workers == 1 else 'workers'
-    print(f'grain, {workers} {noun}: {rate:9,.0f} images/s = {rate / (workers * one):.2f} '
+    label = f'grain, {workers} {noun}:'
+    print(f'{label:56s}{rate:9,.0f} images/s = {rate / (workers * one):.2f} '
           f'x {workers} x one worker')
   needed = args.accelerator_images_per_s / host
   print(f'host cores per accelerator at {args.accelerator_images_per_s:,.0f} images/s '
