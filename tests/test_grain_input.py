@@ -264,6 +264,27 @@ def test_worker_processes_give_the_in_process_stream_and_resume_exactly():
   assert len(set(seeds.tolist())) == len(seeds)
 
 
+class _UnreadableSource(_FakeSource):
+  """Record 5 cannot be read (module level: grain's workers unpickle it)."""
+
+  def __getitem__(self, i):
+    if i == 5:
+      raise OSError(f'unreadable record {i}')
+    return super().__getitem__(i)
+
+
+def test_an_error_in_a_worker_process_reaches_the_training_loop():
+  p = imagenet.ImageNetPipeline(
+      _config('/unused', num_workers=1, prefetch=1, shuffle='shards_only',
+              shuffle_shard_size=100), batch_size=4, seed=0, process_index=0,
+      process_count=1, train_source=_UnreadableSource(8), eval_source=_FakeSource(2))
+  it = p.train_batches(0)
+  np.testing.assert_array_equal(next(it)['label'], [0, 1, 2, 3])   # stored order
+  with pytest.raises(Exception, match='unreadable record 5'):
+    next(it)
+  it.close()
+
+
 def test_stream_input_materializes_float_batches_inside_jit():
   p = _pipeline()
   source = inputs.StreamInput(p, augment.DeviceAugment('reduced', 'inception'))

@@ -50,21 +50,25 @@ def _max_min(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def adjust_brightness(x: jax.Array, delta: jax.Array) -> jax.Array:
+  """Adds `delta` to every channel."""
   return x + delta
 
 
 def adjust_contrast(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """Scales each channel's distance from its image mean by `factor`."""
   mean = jnp.mean(x, axis=(0, 1), keepdims=True)
   return x * factor + mean * (1 - factor)
 
 
 def adjust_saturation(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """Scales HSV saturation by `factor`, clipped to [0, 1]."""
   v, m = _max_min(x)
   scale = jnp.minimum(factor, v / jnp.maximum(v - m, jnp.float32(1e-12)))
   return v + (x - v) * scale
 
 
 def adjust_hue(x: jax.Array, delta: jax.Array) -> jax.Array:
+  """Turns the HSV hue by `delta` (a fraction of the circle)."""
   r, g, b = x[..., 0], x[..., 1], x[..., 2]
   v, m = jnp.max(x, axis=-1), jnp.min(x, axis=-1)
   chroma = v - m
