@@ -303,6 +303,30 @@ def test_stream_input_materializes_float_batches_inside_jit():
   np.testing.assert_allclose(got, 2 * (ev['image'] * np.float32(1 / 255)) - 1, atol=1e-6)
 
 
+def test_run_data_sends_uint8_and_the_network_input_is_made_on_the_device(tmp_path):
+  """`load_run_data` on TFDS mock ImageNet: what crosses to the device is uint8 (train
+  chunks with their seeds, eval batches), the initialisation sample is float32."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from configs import imagenet_inception  # pylint: disable=g-import-not-at-top
+  c = imagenet_inception.get_config('model=bn_x5')
+  c.data.data_dir = str(tmp_path)
+  c.data.image_size = 24
+  c.data.num_workers = 0
+  c.batch_size, c.eval_batch_size = 4, 4
+  with tfds.testing.mock_data(num_examples=6):
+    data = inputs.load_run_data(c)
+    chunk = data.source.chunk(0, 2)
+    evals = list(data.eval_batches())
+  assert {k: v.dtype for k, v in chunk.items()} == {
+      'image': np.uint8, 'label': np.int32, 'seed': np.uint32}
+  assert chunk['image'].shape == (2, 4, 24, 24, 3)
+  assert all(b['image'].dtype == np.uint8 for b in evals)
+  assert sum(float(b['mask'].sum()) for b in evals) == 6
+  assert data.sample_image.dtype == np.float32 and data.sample_image.shape == (2, 24, 24, 3)
+  out = jax.jit(data.source.materialize)({}, jax.tree_util.tree_map(lambda x: x[0], chunk))
+  assert out['image'].dtype == jnp.float32 and float(jnp.abs(out['image']).max()) <= 1
+
+
 def test_distortion_setting_changes_nothing_on_the_host():
   batches = {d: _pipeline(distortions=d).train_batch(1) for d in imagenet.DISTORTIONS}
   _same(batches['full'], batches['none'])
