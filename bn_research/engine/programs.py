@@ -180,7 +180,7 @@ class JitProgram(Program):
     shared_chunk = (3,) if convolutional and not own_data else ()
     init_fn = steps.make_init(builder)
     run_chunk = steps.make_chunk_fn(steps.make_train_step(builder), source.materialize)
-    eval_step = steps.make_eval_step(builder)
+    eval_step = steps.make_eval_step(builder, source.materialize_eval)
     probe_fn = steps.make_probe_fn(builder) if data.probe_images is not None else None
     if vmapped:
       chunk_axes = (0, 0, None, 0 if own_data else None)
@@ -371,7 +371,7 @@ class PmapProgram(Program):
     self._init_fn = steps.make_init(plain)
     self._run_chunk = jax.pmap(lambda s, r, c: run_chunk({}, s, r, c), axis_name=PMAP_AXIS,
                                devices=devices, donate_argnums=(0,))
-    self._eval = jax.jit(steps.make_eval_step(plain))
+    self._eval = jax.jit(steps.make_eval_step(plain, data.source.materialize_eval))
     self._probe = (jax.jit(steps.make_probe_fn(plain))
                    if data.probe_images is not None else None)
     # pmap runs on jit + shard_map: a leading device axis sharded over a 1-D mesh is

@@ -160,11 +160,17 @@ def make_chunk_fn(train_step: Callable, materialize: Callable) -> Callable:
   return run_chunk
 
 
-def make_eval_step(builder: Builder) -> Callable:
+def make_eval_step(builder: Builder, materialize: Callable = lambda batch: batch
+                   ) -> Callable:
   """eval_step(hparams, params, batch_stats, batch) -> masked sums of loss, top-1 and
-  top-5 hits (`metrics.top_k_correct`), and the example count."""
+  top-5 hits (`metrics.top_k_correct`), and the example count.
+
+  `materialize` turns the host's evaluation batch into the network's (the source's
+  `materialize_eval`: ImageNet's uint8 images are normalised on the device).
+  """
 
   def eval_step(hparams, params, batch_stats, batch):
+    batch = materialize(batch)
     logits = builder.model(hparams).apply(model_variables(params, batch_stats),
                                           batch['image'], train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(
