@@ -336,6 +336,7 @@ class _Member:
   logits: Any
   eval_batches: list
   matrices: list
+  to_input: Any = None  # the source's `materialize_eval`: host batch -> network input
 
 
 def _accumulate(totals: dict, key: tuple, out: dict) -> None:
@@ -354,8 +355,10 @@ def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[V
   from bn_research import metrics  # pylint: disable=g-import-not-at-top
   index = {v: i for i, v in enumerate(views)}
   batch_metrics = jax.jit(metrics.probability_metrics, static_argnames='top_k')
+  to_input = members[0].to_input or (lambda b: b)
   for batch in members[0].eval_batches:
-    images = jnp.asarray(batch['image'])
+    # Streamed ImageNet sends uint8 images; they are normalised on the device.
+    images = jnp.asarray(to_input({'image': jnp.asarray(batch['image'])})['image'])
     member_probs = {scheme: [] for scheme in plan.schemes}
     for m in members:
       logits = jnp.stack([m.logits(m.params, m.batch_stats, images, *mats)
@@ -423,7 +426,8 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
     members.append(_Member(
         run.workdir, state['params'], stats, _member_logits_fn(builder),
         data.eval_batches(),
-        [tuple(jnp.asarray(m) for m in view_matrices(v, height, width)) for v in views]))
+        [tuple(jnp.asarray(m) for m in view_matrices(v, height, width)) for v in views],
+        data.source.materialize_eval))
     descriptions.append({
         'workdir': run.workdir, 'step': int(state['step']), 'status': run.status.get('status'),
         'model': config.model.name, 'normalizer': config.model.normalizer,
