@@ -185,6 +185,34 @@ def assert_same_run(a, b, *, atol: float, rtol: float = 0.0,
   assert status_a['status'] == status_b['status'] and status_a['step'] == status_b['step']
 
 
+def max_difference(a, b, *, ignore: tuple[str, ...] = ('steps_per_second',)) -> float:
+  """The largest absolute difference between two run directories of the same run shape:
+  over every metric value and every leaf of the final checkpoint."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bn_research import rundir  # pylint: disable=g-import-not-at-top
+  a, b = str(a), str(b)
+  diffs = [0.0]
+  for ra, rb in zip(rundir.read_metrics(a), rundir.read_metrics(b)):
+    diffs += [abs(ra[k] - rb[k]) for k in set(ra) & set(rb) - set(ignore)]
+  for x, y in zip(jax.tree_util.tree_leaves(rundir.load_latest(a)),
+                  jax.tree_util.tree_leaves(rundir.load_latest(b))):
+    diffs.append(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))))
+  return max(diffs)
+
+
+def reassociation_tolerance(ref_a, ref_b) -> float:
+  """An absolute tolerance for comparing runs whose programs differ only in how floating
+  point sums are associated (kernels picked by the optimising compiler, how a cross-device
+  sum travels), derived instead of guessed: 4 x the largest difference between two
+  reference runs that differ in exactly such an association (e.g. one device and two
+  devices summing halves of each batch), plus 4 float32 ulps of 1 for references that
+  happen to agree bitwise. The factor 4 leaves room for the compared pair's own rounding
+  path to differ from the references' by as much again, twice over."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return 4 * max_difference(ref_a, ref_b) + 4 * float(np.finfo(np.float32).eps)
+
+
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]

@@ -116,6 +116,21 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, kind):
     assert not os.path.exists(os.path.join(two, rundir.LOCK_FILE))
 
 
+def test_two_processes_equal_one_process_with_the_optimising_compiler(tmp_path):
+  """As above, compiled as users run it (XLA's default, optimising pipeline), against a
+  tolerance derived from the spread between two reassociation-equivalent references:
+  the same run on 1 device and on 2 devices of one process (the 2-device run sums each
+  batch's halves separately)."""
+  results = _run_both(tmp_path, 'plain', optimized=True)
+  one_device = str(tmp_path / 'one_device')
+  proc = helpers.run_module('bn_research.main', TINY + [f'--workdir={one_device}'],
+                            env={'JAX_PLATFORMS': 'cpu'}, devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  tol = helpers.reassociation_tolerance(results[1], one_device)
+  assert tol < 1e-3, tol  # the references themselves agree: the bound is meaningful
+  helpers.assert_same_run(results[2], results[1], atol=tol)
+
+
 # ---------------------------------------------------------------- start-up and refusals
 
 
