@@ -139,7 +139,8 @@ def lock_holder(workdir) -> Iterator[subprocess.Popen]:
 def tiny_args(**overrides) -> list[str]:
   """`tiny_mlp_config` as command-line arguments of `bn_research.main` (or a sweep):
   --config=... then one --config.KEY=VALUE per key; `overrides` ({'dotted.key': value},
-  written with `**{...}`) replace or add keys."""
+  written with `**{...}`) replace or add keys, and a value None leaves the key at the
+  config file's default (e.g. a key a sweep varies)."""
   c = tiny_mlp_config()
   keys = ('data.image_size', 'data.num_train', 'data.num_test', 'batch_size',
           'num_train_steps', 'eval_every_steps', 'log_every_steps', 'checkpoint_every_steps',
@@ -149,7 +150,7 @@ def tiny_args(**overrides) -> list[str]:
             for k in keys}
   values.update(overrides)
   return ['--config=configs/mnist_mlp.py:bn,source=synthetic'] + [
-      f'--config.{k}={v}' for k, v in values.items()]
+      f'--config.{k}={v}' for k, v in values.items() if v is not None]
 
 
 def assert_same_run(a, b, *, atol: float, rtol: float = 0.0,

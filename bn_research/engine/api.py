@@ -77,29 +77,34 @@ class RunDirSink:
   def __init__(self, workdir: str, *, is_writer: bool):
     self.name = workdir
     self.files = rundir.RunFiles(workdir, is_writer=is_writer)
-    self.checkpointer = rundir.Checkpointer(workdir)
+    # Only the writer checkpoints (the state it saves is every process's same host
+    # copy): no process ever waits for another inside a checkpoint save.
+    self.checkpointer = rundir.Checkpointer(workdir) if is_writer else None
 
   def write_metrics(self, step: int, row: dict) -> None:
     self.files.write_metrics(step, row)
 
   def save(self, step: int, state: Any) -> None:
-    if self.checkpointer.latest_step() == step:
+    if self.checkpointer is None or self.checkpointer.latest_step() == step:
       return  # (a resumed run's final step, or step 0 of a re-started member)
     self.checkpointer.save(step, state)
 
   def mark_running(self) -> None:
-    # Never a checkpoint still being written asynchronously.
-    self.files.write_status('running', self.checkpointer.latest_complete_step() or 0)
+    if self.checkpointer is not None:
+      # Never a checkpoint still being written asynchronously.
+      self.files.write_status('running', self.checkpointer.latest_complete_step() or 0)
 
   def finish(self, status: str, step: int, **extra: Any) -> None:
-    self.checkpointer.wait()
-    if status != 'failed':
-      self.checkpointer.close()
+    if self.checkpointer is not None:
+      self.checkpointer.wait()
+      if status != 'failed':
+        self.checkpointer.close()
     self.files.write_status(status, step, **extra)
     self.files.close()
 
   def wait(self) -> None:
-    self.checkpointer.wait()
+    if self.checkpointer is not None:
+      self.checkpointer.wait()
 
 
 class _Member:
