@@ -214,6 +214,17 @@ def reassociation_tolerance(ref_a, ref_b) -> float:
   return 4 * max_difference(ref_a, ref_b) + 4 * float(np.finfo(np.float32).eps)
 
 
+def np_batch_norm(x, gamma, beta, axes, eps):
+  """The paper's Algorithm 1 in float64 NumPy: (y, mu_B, var_B (biased), xhat)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x, np.float64)
+  mu = x.mean(axis=axes, keepdims=True)
+  var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+  xhat = (x - mu) / np.sqrt(var + eps)
+  y = np.asarray(gamma, np.float64) * xhat + np.asarray(beta, np.float64)
+  return y, mu.squeeze(axes), var.squeeze(axes), xhat
+
+
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
