@@ -381,3 +381,79 @@ def test_sigkill_from_outside_mid_checkpoint_write_and_at_any_moment_resumes_exa
   # The half-written directory was replaced when the resumed run saved that step again.
   assert left not in os.listdir(workdir / "checkpoints")
   helpers.assert_same_run(workdir, tmp_path / 'whole', atol=0)
+
+
+OPTIMIZED_MEMBERS = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, '.')
+    import jax
+    from tests import helpers
+    from bn_research import train
+    assert jax.device_count() == 2, jax.devices()
+    root = sys.argv[1]
+    base = helpers.tiny_mlp_config(num_train_steps=20, eval_every_steps=20,
+                                   checkpoint_every_steps=20, batch_size=32)
+    points = [(f'{root}/m0', {'optimizer.learning_rate': 0.1}),
+              (f'{root}/m1', {'optimizer.learning_rate': 0.3})]
+    train.train_members(base, points)           # one member per device
+    for w, point in points:
+      member = train.member_config(base, point)
+      train.train_and_evaluate(helpers.set_keys(member.copy_and_resolve_references(),
+                                                {'num_devices': 1}), w + '_one')
+      train.train_and_evaluate(member, w + '_two')  # data-parallel: halves summed apart
+''')
+
+
+def test_member_sweep_equals_separate_runs_with_the_optimising_compiler(tmp_path):
+  """Compiled as users run it (XLA's default pipeline), each vmapped member equals its
+  separate run within a tolerance derived from the spread between two
+  reassociation-equivalent references: the separate run on one device and on two (the
+  two-device run sums each batch's halves apart)."""
+  proc = helpers.run_python(OPTIMIZED_MEMBERS.replace('sys.argv[1]', repr(str(tmp_path))),
+                            devices=2, env={'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  for name in ('m0', 'm1'):
+    one, two = tmp_path / f'{name}_one', tmp_path / f'{name}_two'
+    tol = helpers.reassociation_tolerance(one, two)
+    assert tol < 1e-3, tol  # the references agree: the bound means something
+    helpers.assert_same_run(tmp_path / name, one, atol=tol)
+
+
+def test_a_member_sweep_locks_every_member_and_every_exit_releases_the_locks(
+    tmp_path, monkeypatch):
+  """Each member's workdir is locked for the sweep's life; a lock held elsewhere on any
+  member refuses the whole sweep (nothing written in the others); and no run.lock stays
+  behind after a finished sweep, a refusal or an exception in training."""
+  from bn_research import rundir, train
+  from bn_research.engine import loop
+  config = helpers.tiny_mlp_config(num_train_steps=10, eval_every_steps=10,
+                                   log_every_steps=10, checkpoint_every_steps=10)
+  points = [(str(tmp_path / 'a'), {'optimizer.learning_rate': 0.1}),
+            (str(tmp_path / 'b'), {'optimizer.learning_rate': 0.3})]
+  locks = [p / rundir.LOCK_FILE for p in (tmp_path / 'a', tmp_path / 'b')]
+
+  with helpers.lock_holder(tmp_path / 'b') as holder:
+    with pytest.raises(ValueError, match=f'in use by process {holder.pid}'):
+      train.train_members(config, points)
+    assert not (tmp_path / 'a').exists()  # locked, then released and removed unwritten
+
+  held_during_training = []
+  real_run = loop.run
+
+  def run_and_look(*args, **kwargs):
+    held_during_training.append([lock.exists() for lock in locks])
+    return real_run(*args, **kwargs)
+
+  monkeypatch.setattr(loop, 'run', run_and_look)
+  assert [r['status'] for r in train.train_members(config, points)] == ['done', 'done']
+  assert held_during_training == [[True, True]]
+  assert not any(lock.exists() for lock in locks)
+
+  def fail(*args, **kwargs):
+    raise RuntimeError('a failure inside training')
+
+  monkeypatch.setattr(loop, 'run', fail)
+  with pytest.raises(RuntimeError):
+    train.train_members(config, [(str(tmp_path / 'c'), {'optimizer.learning_rate': 0.1}),
+                                 (str(tmp_path / 'd'), {'optimizer.learning_rate': 0.3})])
+  assert not any((tmp_path / d / rundir.LOCK_FILE).exists() for d in 'cd')
