@@ -49,11 +49,19 @@ def _launch(module: str, args: list[str], *, processes: int, logs, optimized=Fal
   if processes == 1:
     proc = helpers.run_module(module, args, env=dict(env, JAX_PLATFORMS='cpu'), devices=2)
     return [(proc.returncode, proc.stderr)]
+  procs, paths = _start(module, args, processes=processes, logs=logs, ids=ids, **env)
+  return _finish(procs, paths, end_others=end_others)
+
+
+def _start(module: str, args: list[str], *, processes: int, logs, ids=None, **env):
+  """Starts the processes `ids` (default all) of a `processes`-process run; returns
+  them and the paths of their stderr files."""
   port = _free_port()
-  paths = [os.path.join(str(logs), f'process{i}.stderr') for i in range(processes)]
-  procs = []
-  for i in (range(processes) if ids is None else ids):
-    with open(paths[i], 'w') as err:
+  ids = range(processes) if ids is None else ids
+  procs, paths = [], []
+  for i in ids:
+    paths.append(os.path.join(str(logs), f'process{i}.stderr'))
+    with open(paths[-1], 'w') as err:
       procs.append(subprocess.Popen(
           [sys.executable, '-m', module, *args, '--config.distributed=True'],
           env=helpers.subprocess_env(
@@ -61,19 +69,24 @@ def _launch(module: str, args: list[str], *, processes: int, logs, optimized=Fal
               BN_RESEARCH_NUM_PROCESSES=str(processes), BN_RESEARCH_PROCESS_ID=str(i),
               **env),
           cwd=helpers.REPO, stdout=subprocess.DEVNULL, stderr=err, text=True))
+  return procs, paths
+
+
+def _finish(procs, paths, *, end_others=True) -> list[tuple[int, str]]:
+  """Waits for `procs` (at most helpers.CEILING); returns each one's (exit code,
+  stderr). With `end_others`, one that fails ends the rest (they would wait for it at a
+  barrier); without, each must end by itself."""
   end = time.monotonic() + helpers.CEILING
   while any(p.poll() is None for p in procs):
     if time.monotonic() > end:
-      break  # a hang: the assertions below show every process's stderr
+      break  # a hang: the caller's assertions show every process's stderr
     if end_others and any(p.poll() not in (None, 0) for p in procs):
       break
     time.sleep(0.2)
   for p in procs:
     if p.poll() is None:
       p.kill()
-  codes = [p.wait() for p in procs]
-  return [(code, open(paths[i]).read()) for code, i in
-          zip(codes, range(processes) if ids is None else ids)]
+  return [(p.wait(), open(path).read()) for p, path in zip(procs, paths)]
 
 
 def _run_both(tmp_path, kind: str, **launch) -> dict:
@@ -194,3 +207,27 @@ def test_a_locked_workdir_is_refused_by_every_process_before_any_collective(tmp_
   assert f'in use by process {holder.pid}' in _one_line(err0)
   line1 = _one_line(err1)
   assert 'process 0 refused' in line1 and f'in use by process {holder.pid}' in line1, line1
+
+
+def test_a_peer_killed_mid_run_ends_the_survivor_with_status_failed(tmp_path):
+  """Process 1 is SIGKILLed while training: process 0 ends by itself (its next
+  collective fails at once), the run's status is 'failed' with the reason, and the
+  workdir's lock is released."""
+  from bn_research import rundir
+  workdir = tmp_path / 'run'
+  args = helpers.tiny_args(**{'num_train_steps': 1_000_000, 'eval_every_steps': 500_000,
+                              'log_every_steps': 100, 'checkpoint_every_steps': 500_000,
+                              'steps_per_dispatch': 100})
+  procs, paths = _start('bn_research.main', args + [f'--workdir={workdir}'], processes=2,
+                        logs=tmp_path, JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+                        BN_RESEARCH_PEER_TIMEOUT='10')
+  metrics = workdir / 'metrics.jsonl'
+  helpers.wait_for(lambda: metrics.exists() and 'train_loss' in metrics.read_text(),
+                   'a training row', proc=procs[0])
+  procs[1].kill()
+  (code, stderr), _ = _finish(procs, paths, end_others=False)
+  assert code != 0, stderr[-3000:]
+  status = rundir.read_status(str(workdir))
+  assert status['status'] == 'failed', status
+  assert 'Connection' in status['message'] or 'peer' in status['message'].lower(), status
+  assert not (workdir / rundir.LOCK_FILE).exists()
