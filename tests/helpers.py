@@ -225,6 +225,39 @@ def np_batch_norm(x, gamma, beta, axes, eps):
   return y, mu.squeeze(axes), var.squeeze(axes), xhat
 
 
+def train_few_steps(model, x, labels, *, steps: int = 3, learning_rate: float = 0.05,
+                    **apply_kwargs):
+  """Trains a Flax classifier on one fixed batch for a few plain gradient steps (train
+  mode, batch statistics updated, dropout rng given); returns (losses before each step,
+  final variables). On a fixed batch with a small step the loss must fall: a network
+  that only builds, or whose gradients are wrong, does not pass that."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  variables = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)},
+                         x, train=False, **apply_kwargs)
+  params, state = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
+
+  @jax.jit
+  def step(params, state):
+    def loss_fn(params):
+      logits, new_state = model.apply({'params': params, **state}, x, train=True,
+                                      mutable=list(state), rngs={'dropout': jax.random.PRNGKey(2)},
+                                      **apply_kwargs)
+      loss = optax.softmax_cross_entropy_with_integer_labels(
+          logits.astype(jnp.float32), labels).mean()
+      return loss, new_state
+    (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    params = jax.tree_util.tree_map(lambda p, g: p - learning_rate * g, params, grads)
+    return params, dict(new_state), loss
+
+  losses = []
+  for _ in range(steps):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  return losses, {'params': params, **state}
+
+
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
