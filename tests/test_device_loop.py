@@ -11,6 +11,8 @@ Two guards, for the whole run:
   `float`, truth value) raises; only `read` and `wait` unseal it.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -126,3 +128,59 @@ def test_chunks_between_log_steps_read_nothing_from_the_devices(layout):
   for sink in sinks:
     assert [s for s, _ in sink.rows] == [0, 20, 40]
     assert np.isfinite(sink.rows[1][1]['train_loss'])
+
+
+class _StreamOf:
+  """A host pipeline that streams an in-memory input's batches, in its order."""
+
+  def __init__(self, source):
+    self.source = source
+    self.opened = []
+
+  def train_batches(self, start_step):
+    self.opened.append(start_step)
+    step = start_step
+    images, labels = self.source.resident['image'], self.source.resident['label']
+    while True:
+      idx = self.source.example_indices(step, 1)[0]
+      yield {'image': np.asarray(images[idx]), 'label': np.asarray(labels[idx])}
+      step += 1
+
+
+def test_population_statistics_of_streamed_data_equal_the_in_memory_ones():
+  """Algorithm 2 on a stream reads the stream's first N batches (from a stream of its
+  own, the training stream untouched): the same batches, so the same evaluation, as
+  the in-memory run (whose statistics tests/test_population_eval.py checks against a
+  float64 NumPy Algorithm 2)."""
+  config = helpers.tiny_mlp_config(**{
+      'num_train_steps': 30, 'log_every_steps': 10, 'eval_every_steps': 15,
+      'checkpoint_every_steps': 30, 'steps_per_dispatch': 5,
+      'eval.batch_stats': 'population', 'eval.population_batches': 7})
+  memory = inputs.load_run_data(config)
+  pipeline = _StreamOf(memory.source)
+  stream = dataclasses.replace(memory, source=inputs.StreamInput(pipeline))
+  devices = jax.devices()[:1]
+  rows = {}
+  for name, data in (('memory', memory), ('stream', stream)):
+    program = programs.JitProgram(config, data, devices, hparams={}, num_members=1,
+                                  vmapped=False)
+    sink = Sink()
+    loop.run(program, [sink], program.init(), start_step=0,
+             cadence=loop.Cadence.from_config(config))
+    rows[name] = dict(sink.rows)
+  # The training stream opened once at 0, the population's own stream once (its
+  # batches are kept for the later estimates).
+  assert pipeline.opened == [0, 0]
+  assert sorted(rows['stream']) == sorted(rows['memory']) == [0, 10, 15, 20, 30]
+  for step in (0, 15, 30):
+    for key in ('eval_loss', 'eval_accuracy'):
+      assert rows['stream'][step][key] == pytest.approx(rows['memory'][step][key],
+                                                        rel=1e-6), (step, key)
+  # ...and the estimate is not the moving averages'.
+  config.eval.batch_stats = 'moving_average'
+  program = programs.JitProgram(config, memory, devices, hparams={}, num_members=1,
+                                vmapped=False)
+  sink = Sink()
+  loop.run(program, [sink], program.init(), start_step=0,
+           cadence=loop.Cadence.from_config(config))
+  assert abs(dict(sink.rows)[30]['eval_loss'] - rows['stream'][30]['eval_loss']) > 1e-4
