@@ -146,7 +146,10 @@ def _stop_on_signals() -> Iterator[Any]:
                     'a long phase (the state is saved).', signum)
     received.append(signum)
 
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  # A signal the process was started ignoring (SIGINT in a shell's background job)
+  # stays ignored.
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)
+              if signal.getsignal(s) is not signal.SIG_IGN}
   try:
     yield lambda: received[0] if received else None
   finally:
