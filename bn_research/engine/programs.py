@@ -503,15 +503,19 @@ class PmapProgram(Program):
     run_chunk = steps.make_chunk_fn(steps.make_train_step(pooled, axis_name=PMAP_AXIS),
                                     data.source.materialize)
     self._init_fn = steps.make_init(plain)
-    self._run_chunk = _Compiled(jax.pmap(
+    # Compiled ahead of time (interruptibly) on one process; on several, pmap's AOT path
+    # takes global shapes where calls give this process's: compiled at the first call.
+    interruptible = ((lambda f: _Compiled(f, self)) if jax.process_count() == 1
+                     else (lambda f: f))
+    self._run_chunk = interruptible(jax.pmap(
         _outputs_pair(lambda s, r, c: run_chunk({}, s, r, c)), axis_name=PMAP_AXIS,
-        devices=devices, donate_argnums=(0,)), self)
+        devices=devices, donate_argnums=(0,)))
     eval_step = steps.make_eval_step(plain)
     # The sums over every process's devices: each process feeds its share of the split.
-    self._eval = _Compiled(jax.pmap(
+    self._eval = interruptible(jax.pmap(
         lambda params, stats, batch: jax.lax.psum(eval_step({}, params, stats, batch),
                                                   PMAP_AXIS),
-        axis_name=PMAP_AXIS, devices=devices), self)
+        axis_name=PMAP_AXIS, devices=devices))
     self._probe = (jax.jit(steps.make_probe_fn(plain))
                    if data.probe_images is not None else None)
     # pmap runs on jit + shard_map: a leading device axis sharded over a 1-D mesh is
