@@ -62,15 +62,15 @@ def _define_flags() -> None:
 
 
 def _override(c, assignment: str) -> None:
-  """Applies 'a.b=value' to config c, the value parsed as sweeps parse theirs."""
+  """Applies 'a.b=value' to config c, typed as the field is (`plan.set_value`)."""
+  from bn_research import plan as plan_lib  # pylint: disable=g-import-not-at-top
   from bn_research import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
   key, eq, text = assignment.partition('=')
-  if not eq or not sweep_lib.has_key(c, key):
-    raise ValueError(f'--set={assignment!r}: ' + (f'no config key {key!r}.' if eq else
-                                                  'expected key=value.'))
+  if not eq:
+    raise ValueError(f'--set={assignment!r}: expected key=value.')
   try:
-    c.update_from_flattened_dict({key: sweep_lib.parse_value(text)})
-  except (TypeError, ValueError) as e:
+    plan_lib.set_value(c, key, sweep_lib.parse_value(text))
+  except ValueError as e:
     raise ValueError(f'--set={assignment!r}: {e}') from None
 
 
