@@ -205,11 +205,17 @@ def _outputs_pair(run_chunk: Callable) -> Callable:
   return fn
 
 
+# The eval step's sums, in the order `_eval_rows` reads them.
+EVAL_SUMS = ('loss_sum', 'correct', 'correct_top5', 'count')
+
+
 def _eval_rows(totals: np.ndarray) -> list[dict]:
-  """(3, K) sums of loss, correct, count -> one row per member."""
-  count = np.maximum(totals[2], 1.0)
+  """(4, K) sums of loss, top-1 and top-5 hits, count -> one row per member."""
+  count = np.maximum(totals[3], 1.0)
   return [{'eval_loss': float(totals[0, k] / count[k]),
-           'eval_accuracy': float(totals[1, k] / count[k])} for k in range(totals.shape[1])]
+           'eval_accuracy': float(totals[1, k] / count[k]),
+           'eval_top5_accuracy': float(totals[2, k] / count[k])}
+          for k in range(totals.shape[1])]
 
 
 def _probe_rows(values: np.ndarray, percentiles: Sequence[float]) -> list[dict]:
@@ -459,10 +465,10 @@ class JitProgram(Program):
       out = self._eval(self._hp, state.params, stats, b)
       totals = out if totals is None else self._add(totals, out)
     if totals is None:
-      return _eval_rows(np.zeros((3, self.num_members)))
+      return _eval_rows(np.zeros((len(EVAL_SUMS), self.num_members)))
     totals = jax.device_get(totals)  # the one read of this evaluation
     return _eval_rows(np.stack([np.asarray(totals[k], np.float64).reshape(-1)
-                                for k in ('loss_sum', 'correct', 'count')]))
+                                for k in EVAL_SUMS]))
 
   def measure(self, state, step: int) -> Optional[list[dict]]:
     if self._measure is None:
@@ -589,9 +595,9 @@ class PmapProgram(Program):
       out = self._eval(state.params, state.batch_stats, self._per_device(b, batch_axis=0))
       totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
     if totals is None:
-      return _eval_rows(np.zeros((3, 1)))
+      return _eval_rows(np.zeros((len(EVAL_SUMS), 1)))
     totals = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], totals))
-    return _eval_rows(np.asarray([[float(totals[k])] for k in ('loss_sum', 'correct', 'count')]))
+    return _eval_rows(np.asarray([[float(totals[k])] for k in EVAL_SUMS]))
 
   def probe(self, state):
     if self._probe is None:

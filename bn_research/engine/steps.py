@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from bn_research import measure
+from bn_research import metrics
 from bn_research import models
 from bn_research import normalization
 from bn_research import optim
@@ -160,7 +161,8 @@ def make_chunk_fn(train_step: Callable, materialize: Callable) -> Callable:
 
 
 def make_eval_step(builder: Builder) -> Callable:
-  """eval_step(hparams, params, batch_stats, batch) -> masked sums of loss and correct."""
+  """eval_step(hparams, params, batch_stats, batch) -> masked sums of loss, top-1 and
+  top-5 hits (`metrics.top_k_correct`), and the example count."""
 
   def eval_step(hparams, params, batch_stats, batch):
     logits = builder.model(hparams).apply(model_variables(params, batch_stats),
@@ -169,8 +171,9 @@ def make_eval_step(builder: Builder) -> Callable:
         logits.astype(jnp.float32), batch['label'])
     correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
     mask = batch['mask']
+    top5 = metrics.top_k_correct(logits, batch['label'], 5)
     return {'loss_sum': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
-            'count': jnp.sum(mask)}
+            'correct_top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
 
   return eval_step
 
@@ -258,6 +261,22 @@ def population_batch_stats(batch_stats: Any, sums: Any, num_batches: int) -> Any
   means = jax.tree_util.tree_map_with_path(
       lambda path, x: x if _is_count(path) else x / num_batches, sums)
   return _replace_statistics(batch_stats, normalization.population_statistics([means]))
+
+
+def make_population_fn(builder: Builder, materialize: Callable) -> Callable:
+  """population(hparams, params, batch_stats, resident, chunk) -> batch_stats.
+
+  Algorithm 2 over all of the chunk's N mini-batches in one program: the summed moments
+  of `make_population_moments_fn`, turned into statistics by `population_batch_stats`.
+  """
+  moments = make_population_moments_fn(builder, materialize)
+
+  def population(hparams, params, batch_stats, resident, chunk):
+    n = jax.tree_util.tree_leaves(chunk)[0].shape[0]
+    return population_batch_stats(
+        batch_stats, moments(hparams, params, batch_stats, resident, chunk), n)
+
+  return population
 
 
 def make_measure_fn(builder: Builder, layers: Any, materialize: Callable) -> Callable:
