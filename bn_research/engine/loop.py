@@ -196,8 +196,9 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
     Per member: {'status', 'step', ...extra, ...last metrics}.
 
   Raises:
-    Interrupted: when `stop_requested` said so; every live member's state at that step
-      was saved and its status written 'interrupted'.
+    Interrupted: when `stop_requested` said so at a chunk end: every live member's
+      state at that step was saved and its status written 'interrupted'; or when a long
+      phase raised `Stopped`: the members end 'interrupted' at their newest checkpoint.
   """
   members = [MemberState(sink=s, step=start_step) for s in sinks]
   for m, rows in zip(members, logged or ()):
