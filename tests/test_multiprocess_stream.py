@@ -24,7 +24,8 @@ RUN = textwrap.dedent('''
     from bn_research import train
     from configs import imagenet_inception
     layout, workdir, data_dir, distributed = sys.argv[1:5]
-    c = imagenet_inception.get_config('model=bn_x30,batch=8,steps=6')
+    c = imagenet_inception.get_config('model=bn_x30,steps=6')
+    c.batch_size = 8
     c.model.name = 'mlp'  # the stream is under test, not the network
     c.model.hidden_sizes = (16, 16)
     c.model.virtual_batch_size = 0
