@@ -110,6 +110,18 @@ class StreamInput:
     self._next_step += num_steps
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
+  def fixed_chunk(self, start_step: int, num_steps: int) -> dict:
+    """Steps start..start+num_steps from a stream of their own (the training stream
+    is left where it is): e.g. Algorithm 2's first N training batches."""
+    iterator = iter(self._pipeline.train_batches(start_step))
+    try:
+      batches = [next(iterator) for _ in range(num_steps)]
+    finally:
+      close = getattr(iterator, 'close', None)
+      if close is not None:
+        close()
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
   def materialize(self, resident: dict, chunk_t: dict) -> dict:
     """Inside the compiled step: one step's host batch -> the network's batch."""
     del resident

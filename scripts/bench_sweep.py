@@ -69,12 +69,14 @@ def _time_program(program, steps: int, per_dispatch: int) -> tuple[float, float]
   import jax
   state = program.init()
   t = time.perf_counter()
-  state, metrics, _ = program.dispatch(state, 0, per_dispatch)
+  state, outputs = program.dispatch(state, program.prepare(0, per_dispatch))
+  program.wait(outputs)
   first = time.perf_counter() - t
   chunks = max(1, steps // per_dispatch - 1)
   t = time.perf_counter()
   for i in range(chunks):
-    state, metrics, _ = program.dispatch(state, (i + 1) * per_dispatch, per_dispatch)
+    state, outputs = program.dispatch(state, program.prepare((i + 1) * per_dispatch,
+                                                             per_dispatch))
   jax.block_until_ready(state.params)
   seconds = time.perf_counter() - t
   per_chunk = seconds / chunks

@@ -25,6 +25,7 @@ class FakeProgram:
     self.total = total
     self.dispatches = []
     self.evaluations = []
+    self.log = []  # ('prepare' | 'dispatch' | 'read', start or [chunk starts])
 
   def loss(self, k, s):
     if self.nan_at.get(k, math.inf) <= s:
@@ -33,7 +34,13 @@ class FakeProgram:
       return 1e6
     return self.base[k] + s / 1000
 
-  def dispatch(self, state, start, n):
+  def prepare(self, start, n):
+    self.log.append(('prepare', start))
+    return (start, n)
+
+  def dispatch(self, state, chunk):
+    start, n = chunk
+    self.log.append(('dispatch', start))
     self.dispatches.append((start, n))
     steps = np.arange(start + 1, start + n + 1)
     losses = np.array([[self.loss(k, s) for s in steps] for k in range(self.num_members)])
@@ -41,7 +48,14 @@ class FakeProgram:
     lr = np.tile(0.1 * np.ones(n), (self.num_members, 1))
     finite = np.array([self.bad_params_at.get(k, math.inf) > start + n
                        for k in range(self.num_members)])
-    return start + n, {'loss': losses, 'accuracy': acc, 'learning_rate': lr}, finite
+    return start + n, (start, ({'loss': losses, 'accuracy': acc, 'learning_rate': lr}, finite))
+
+  def read(self, outputs):
+    self.log.append(('read', [start for start, _ in outputs]))
+    return [out for _, out in outputs]
+
+  def wait(self, outputs):
+    pass
 
   def evaluate(self, state):
     self.evaluations.append(state)
@@ -155,11 +169,9 @@ def test_a_stop_request_saves_and_records_interrupted():
   cadence = loop.Cadence(total=100, log_every=10, eval_every=50, checkpoint_every=50,
                          dispatch_every=10)
   program = FakeProgram(2, nan_at={1: 5})
-  calls = []
 
   def stop():
-    calls.append(1)
-    return 15 if len(calls) == 3 else None
+    return 15 if program.dispatches[-1][0] >= 20 else None
 
   sinks = [RecordingSink('a'), RecordingSink('b')]
   with pytest.raises(loop.Interrupted) as err:
@@ -172,10 +184,10 @@ def test_a_stop_request_saves_and_records_interrupted():
 
 def test_a_failure_is_recorded_then_raised():
   class Broken(FakeProgram):
-    def dispatch(self, state, start, n):
-      if start >= 20:
+    def dispatch(self, state, chunk):
+      if chunk[0] >= 20:
         raise RuntimeError('device lost')
-      return super().dispatch(state, start, n)
+      return super().dispatch(state, chunk)
 
   cadence = loop.Cadence(total=40, log_every=10, eval_every=40, checkpoint_every=20,
                          dispatch_every=10)
@@ -212,3 +224,51 @@ def test_cadence_predicate_and_chunk_ends():
     s = c.chunk_end(s)
     ends.append(s)
   assert ends == [20, 30, 40, 50, 60, 80, 90, 95]
+
+
+def test_metrics_are_read_only_at_read_steps_and_the_next_chunk_is_prepared_ahead():
+  # Log every 20, chunks of 5: three chunks between two reads stay unread.
+  cadence = loop.Cadence(total=40, log_every=20, eval_every=40, checkpoint_every=40,
+                         dispatch_every=5)
+  program = FakeProgram(2, nan_at={1: 12})
+  sinks, results = _run(program, 2, cadence)
+  reads = [starts for kind, starts in program.log if kind == 'read']
+  assert reads == [[0, 5, 10, 15], [20, 25, 30, 35]]
+  # Chunk k+1 is prepared right after chunk k is dispatched (before anything is read).
+  kinds = [(kind, x) for kind, x in program.log if kind != 'read']
+  assert kinds[:4] == [('prepare', 0), ('dispatch', 0), ('prepare', 5), ('dispatch', 5)]
+  assert ('prepare', 40) not in kinds  # nothing past the last step
+  # A divergence inside an unread chunk is still recorded at its own step.
+  assert results[1]['status'] == 'diverged' and results[1]['diverged_step'] == 12
+  assert [s for s, _ in sinks[1].rows] == [0, 12]
+  # The live member's sums cover every chunk between the reads.
+  assert dict(sinks[0].rows)[20]['train_loss'] == pytest.approx(np.mean(np.arange(1, 21)) / 1000)
+
+
+def test_a_signal_inside_a_long_phase_ends_the_run_at_its_newest_checkpoint():
+  class SlowEval(FakeProgram):
+    def evaluate(self, state):
+      if state == 50:  # a signal arrives between two evaluation batches
+        raise loop.Stopped(15)
+      return super().evaluate(state)
+
+  cadence = loop.Cadence(total=100, log_every=10, eval_every=50, checkpoint_every=20,
+                         dispatch_every=10)
+  sinks = [RecordingSink('a')]
+  with pytest.raises(loop.Interrupted) as err:
+    loop.run(SlowEval(1), sinks, 0, start_step=0, cadence=cadence)
+  assert err.value.signum == 15 and err.value.step == 40
+  assert sinks[0].saved == [0, 20, 40]
+  assert sinks[0].statuses[-1] == ('interrupted', 40, {'signal': 15})
+  # Nothing of step 50 was written (the resumed run writes it, from step 40 on).
+  assert max(s for s, _ in sinks[0].rows) == 40
+
+
+def test_stop_checker_raises_once_a_signal_was_received():
+  received = []
+  check = loop.stop_checker(lambda: received[0] if received else None)
+  check()
+  received.append(2)
+  with pytest.raises(loop.Stopped) as err:
+    check()
+  assert err.value.signum == 2

@@ -138,7 +138,8 @@ def _prepare(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[st
 
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[Any]:
-  """SIGTERM and SIGINT end the run cleanly at the next chunk end (see loop.run)."""
+  """SIGTERM and SIGINT end the run cleanly: at the next chunk end, or at once inside a
+  long phase (start-up, compilation, evaluation; see `loop.Stopped`)."""
   received: list[int] = []
   if threading.current_thread() is not threading.main_thread():
     yield lambda: None
@@ -148,11 +149,14 @@ def _stop_on_signals() -> Iterator[Any]:
     del frame
     if received:  # a second signal: stop now
       raise KeyboardInterrupt
-    logging.warning('Signal %d: stopping after the current chunk (its state is saved).',
-                    signum)
+    logging.warning('Signal %d: stopping at the next chunk end or between the pieces of '
+                    'a long phase (the state is saved).', signum)
     received.append(signum)
 
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  # A signal the process was started ignoring (SIGINT in a shell's background job)
+  # stays ignored.
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)
+              if signal.getsignal(s) is not signal.SIG_IGN}
   try:
     yield lambda: received[0] if received else None
   finally:
@@ -232,9 +236,16 @@ def _restore(members: list[_Member], keys: Sequence[str], data: inputs_lib.RunDa
   return groups
 
 
+def _check_start_up(stop_requested: Any, step: int) -> None:
+  """Between start-up phases (nothing written yet): a received signal ends the run."""
+  signum = stop_requested()
+  if signum is not None:
+    raise loop.Interrupted(signum, step)
+
+
 def _train(members: list[_Member], restored: list, keys: Sequence[str], *,
            overwrite: bool, vmapped: bool, devices: list, start_step: int,
-           data: inputs_lib.RunData) -> list[dict]:
+           data: inputs_lib.RunData, stop_requested: Any) -> list[dict]:
   """Trains `members` (all starting at `start_step`) as one program, through the loop."""
   config = members[0].config
   process_index = jax.process_index()
@@ -257,6 +268,7 @@ def _train(members: list[_Member], restored: list, keys: Sequence[str], *,
         config, data, devices, num_members=len(members), vmapped=vmapped,
         hparams=state_lib.stack_hparams([m.config for m in members], keys),
         member_sources=member_sources, compiler_options=compiler_options)
+  program.check_stop = loop.stop_checker(stop_requested)
 
   for m in members:
     if m.mode == resume.NEW and overwrite and process_index == 0:
@@ -264,11 +276,15 @@ def _train(members: list[_Member], restored: list, keys: Sequence[str], *,
       if moved:
         logging.warning('--overwrite: the previous run in %s was moved to %s',
                         m.workdir, moved)
-  if start_step:
-    state = program.place(restored)
-    logging.info('Resumed from the checkpoint at step %d.', start_step)
-  else:
-    state = program.init()
+  try:
+    if start_step:
+      state = program.place(restored)
+      logging.info('Resumed from the checkpoint at step %d.', start_step)
+    else:
+      state = program.init()
+  except loop.Stopped as e:  # in the initialisers' compilation: nothing written yet
+    raise loop.Interrupted(e.signum, start_step) from None
+  _check_start_up(stop_requested, start_step)
   sinks = [RunDirSink(m.workdir, is_writer=process_index == 0) for m in members]
   # From the placed state's shapes: no copy of every member's values to the host.
   num_params = state_lib.count_params(state.params, leading_axis=program.layout != 'jit')
@@ -302,11 +318,10 @@ def _train(members: list[_Member], restored: list, keys: Sequence[str], *,
   kill_at = int(os.environ.get('BN_RESEARCH_KILL_AT_STEP', '0') or 0)
   if kill_at:
     actions.append(_KillHook(kill_at, sinks))
-  with _stop_on_signals() as stop_requested:
-    return loop.run(program, sinks, state, start_step=start_step,
-                    cadence=loop.Cadence.from_config(config),
-                    max_loss=config.divergence.max_loss, actions=actions,
-                    stop_requested=stop_requested, logged=logged)
+  return loop.run(program, sinks, state, start_step=start_step,
+                  cadence=loop.Cadence.from_config(config),
+                  max_loss=config.divergence.max_loss, actions=actions,
+                  stop_requested=stop_requested, logged=logged)
 
 
 @contextlib.contextmanager
@@ -366,8 +381,21 @@ def train_members(base: ml_collections.ConfigDict,
     if not base.distributed:
       raise
     refusal = e  # told to the other processes once they are all there
+  with _stop_on_signals() as stop_requested:
+    return _train_members(base, configs, workdirs, keys, overwrite=overwrite, plain=_plain,
+                          stop_requested=stop_requested, refusal=refusal)
+
+
+def _train_members(base: ml_collections.ConfigDict,
+                   configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
+                   keys: Sequence[str], *, overwrite: bool, plain: bool,
+                   stop_requested: Any, refusal: Optional[Exception]) -> list[dict]:
+  """`train_members` once the configs are checked, with SIGTERM/SIGINT handled: between
+  start-up phases a signal ends the run (`loop.Interrupted`), before any file is written.
+  `refusal`: this process's config refusal, told to the other processes first."""
   devices = _devices(base)
   distributed.agree('config checked', refusal)
+  _check_start_up(stop_requested, 0)
   with contextlib.ExitStack() as held:
     # Every process learns of a refusal (a locked or foreign workdir) before the first
     # collective: none is left waiting at a barrier for a process that has left.
@@ -379,15 +407,17 @@ def train_members(base: ml_collections.ConfigDict,
     # Also the barrier after which files are written: every process decided from the
     # same files before any is written.
     distributed.agree('workdirs checked', refusal)
-    results: list = [done.get(i) for i in range(len(points))]
+    results: list = [done.get(i) for i in range(len(workdirs))]
     if not todo:
       return results
     data = inputs_lib.load_run_data(todo[0][1].config)
+    _check_start_up(stop_requested, 0)
     groups = sorted(_restore([m for _, m in todo], keys, data).items())
+    _check_start_up(stop_requested, groups[0][0])
     # Each group (members resuming from one step) is its own program, with its own mesh:
     # the batches must split over that mesh's data axis.
     for _, group in groups:
-      data_axis = (len(devices) if _plain
+      data_axis = (len(devices) if plain
                    else programs.mesh_shape(len(group), len(devices))['data'])
       for m, _ in group:
         config_lib.validate_config(m.config, num_devices=data_axis)
@@ -396,7 +426,8 @@ def train_members(base: ml_collections.ConfigDict,
     index = {id(m): i for i, m in todo}
     for start, group in groups:
       out = _train([m for m, _ in group], [r for _, r in group], keys, overwrite=overwrite,
-                   vmapped=not _plain, devices=devices, start_step=start, data=data)
+                   vmapped=not plain, devices=devices, start_step=start, data=data,
+                   stop_requested=stop_requested)
       for (m, _), r in zip(group, out):
         results[index[id(m)]] = r
     return results

@@ -16,6 +16,13 @@ Everything else that happens periodically (progress bar, ETA line, a test's kill
 is an action `action(step, report)` called after every chunk, before its rows are
 written (an action may add to them: the log line adds `steps_per_second`).
 
+The device is never waited on between those steps. The loop prepares chunk k+1 (the
+host produces it and puts it on the devices) right after dispatching chunk k, keeps at
+most two chunks in flight, and leaves every chunk's metrics on the devices until a
+*read step* (a log, eval, checkpoint or measure step, the last step, or a signal):
+there it reads all pending chunks at once and replays them in order, so divergence is
+still found at the member's own step.
+
 The loop touches no file and no device itself: `Sink`s write, the `Program` computes.
 Tests drive it with a NumPy program and recording sinks.
 """
@@ -65,6 +72,11 @@ class Cadence:
     """True at multiples of `every` and at the last step."""
     return step == self.total or bool(every) and step % every == 0
 
+  def is_read_step(self, step: int) -> bool:
+    """Whether the chunk ending at `step` must be read: something is written there."""
+    return (self.is_time(step, self.log_every) or self.is_time(step, self.eval_every)
+            or self.is_time(step, self.checkpoint_every) or self.is_measure_step(step))
+
   def chunk_end(self, step: int) -> int:
     """The next step at which something happens (or the dispatch limit)."""
     ends = [self.total]
@@ -91,6 +103,27 @@ class Interrupted(Exception):
     super().__init__(f'interrupted by signal {signum} at step {step}')
     self.signum = signum
     self.step = step
+
+
+class Stopped(Exception):
+  """A signal noticed inside a long phase (compilation, evaluation, population
+  statistics): the phase is abandoned at once, and the run ends at its newest
+  checkpoint (`loop.run` turns this into `Interrupted`)."""
+
+  def __init__(self, signum: int):
+    super().__init__(f'signal {signum}')
+    self.signum = signum
+
+
+def stop_checker(stop_requested: Callable[[], Optional[int]]) -> Callable[[], None]:
+  """A `check_stop` for long phases: raises `Stopped` once a signal was received."""
+
+  def check_stop() -> None:
+    signum = stop_requested()
+    if signum is not None:
+      raise Stopped(signum)
+
+  return check_stop
 
 
 @dataclasses.dataclass
@@ -163,14 +196,16 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
     Per member: {'status', 'step', ...extra, ...last metrics}.
 
   Raises:
-    Interrupted: when `stop_requested` said so; every live member's state at that step
-      was saved and its status written 'interrupted'.
+    Interrupted: when `stop_requested` said so at a chunk end: every live member's
+      state at that step was saved and its status written 'interrupted'; or when a long
+      phase raised `Stopped`: the members end 'interrupted' at their newest checkpoint.
   """
   members = [MemberState(sink=s, step=start_step) for s in sinks]
   for m, rows in zip(members, logged or ()):
     for row in rows:
       m.last.update({k: v for k, v in row.items() if k != 'step'})
   step = start_step
+  saved = start_step  # the newest step at which every live member's state is saved
   try:
     if step == 0:
       # A step-0 checkpoint: even a member that diverges at once keeps a finite state.
@@ -181,29 +216,32 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
         rows = [{**r, **x} for r, x in zip(rows, program.measure(state, 0))]
       for m, row in zip(members, rows):
         m.sink.write_metrics(0, row)
+    pending: list = []  # (start, end, outputs): dispatched, not yet read
+    chunk = (program.prepare(step, cadence.chunk_end(step) - step)
+             if step < cadence.total else None)
     while step < cadence.total and any(m.active for m in members):
       end = cadence.chunk_end(step)
-      state, metrics, finite = program.dispatch(state, step, end - step)
-      losses = np.asarray(metrics['loss'], np.float64)
-      accuracies = np.asarray(metrics['accuracy'], np.float64)
-      for k, m in enumerate(members):
-        if not m.active:
-          continue
-        bad = np.flatnonzero(~np.isfinite(losses[k]))
-        if bad.size or not finite[k]:
-          at = step + int(bad[0]) + 1 if bad.size else end
-          what = 'loss' if bad.size else 'parameters'
-          logging.warning('%s: non-finite %s at step %d: diverged.', _name(m), what, at)
-          # A NaN row marks the divergence step in metrics.jsonl for readers and
-          # plots; the reason is in the status.
-          m.diverge(at, f'non-finite {what}', {'train_loss': float('nan')})
-          continue
-        m.loss_sum += float(losses[k].sum())
-        m.accuracy_sum += float(accuracies[k].sum())
-        m.count += end - step
-      step = end
+      state, outputs = program.dispatch(state, chunk)
+      pending.append((step, end, outputs))
+      # The next chunk's inputs are produced and placed while the devices run this one.
+      chunk = (program.prepare(end, cadence.chunk_end(end) - end)
+               if end < cadence.total else None)
+      if len(pending) >= 2:
+        program.wait(pending[-2][2])  # at most two chunks in flight
+      num_steps, step = end - step, end
+      signum = stop_requested()
       train_rows: list = [None] * len(members)
       eval_rows: list = [None] * len(members)
+      if signum is None and not cadence.is_read_step(step):
+        live = [m for m in members if m.active]
+        report = Report(step=step, num_steps=num_steps, total=cadence.total,
+                        live=len(live), members=len(members), train_rows=train_rows,
+                        eval_rows=eval_rows, time=time.time())
+        for action in actions:
+          action(step, report)
+        continue
+      metrics = _replay(members, program.read([o for _, _, o in pending]), pending)
+      pending = []
       live = [m for m in members if m.active]
       if live and cadence.is_time(step, cadence.log_every):
         learning_rates = np.asarray(metrics['learning_rate'])
@@ -230,7 +268,7 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
         for k, row in enumerate(program.measure(state, step)):
           if members[k].active:
             eval_rows[k] = {**(eval_rows[k] or {}), **row}
-      report = Report(step=step, num_steps=len(losses[0]), total=cadence.total,
+      report = Report(step=step, num_steps=num_steps, total=cadence.total,
                       live=len(live), members=len(members), train_rows=train_rows,
                       eval_rows=eval_rows, time=time.time())
       for action in actions:  # may add to the rows (e.g. steps_per_second)
@@ -243,19 +281,16 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
         if row:
           m.sink.write_metrics(step, row)
           m.last.update(row)
-      signum = stop_requested()
+      signum = signum if signum is not None else stop_requested()
       if live and (signum is not None or (cadence.is_time(step, cadence.checkpoint_every)
                                           and step < cadence.total)):
         for m, member_state in zip(members, program.split(state)):
           if m.active:
             m.sink.save(step, member_state)
             m.sink.mark_running()
+        saved = step
       if signum is not None:
-        for m in members:
-          if m.active:
-            m.sink.finish('interrupted', step, signal=signum)
-          else:
-            m.finish_as_recorded()
+        _finish_interrupted(members, step, signum)
         raise Interrupted(signum, step)
     if any(m.active for m in members):
       for m, member_state in zip(members, program.split(state)):
@@ -263,6 +298,13 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
           m.sink.save(step, member_state)
   except Interrupted:
     raise
+  except Stopped as e:
+    # Inside a long phase: what was computed since the newest checkpoint is dropped
+    # (its rows are truncated on resume), so the resumed run stays exact.
+    logging.warning('Signal %d during a long phase: stopping now; the run resumes from '
+                    'its checkpoint at step %d.', e.signum, saved)
+    _finish_interrupted(members, saved, e.signum)
+    raise Interrupted(e.signum, saved) from None
   except BaseException as e:  # record the failure, keep everything written so far
     for m in members:
       if m.active:
@@ -273,6 +315,40 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
   for m in members:
     m.finish_as_recorded()
   return [m.result() for m in members]
+
+
+def _finish_interrupted(members: Sequence[MemberState], step: int, signum: int) -> None:
+  for m in members:
+    if m.active:
+      m.sink.finish('interrupted', step, signal=signum)
+    else:
+      m.finish_as_recorded()
+
+
+def _replay(members: Sequence[MemberState], read: Sequence[tuple], pending: Sequence[tuple]
+            ) -> dict:
+  """Replays the read chunks in order: divergence at each member's own step, running
+  sums of the live ones. Returns the last chunk's metrics."""
+  metrics: dict = {}
+  for (start, end, _), (metrics, finite) in zip(pending, read):
+    losses = np.asarray(metrics['loss'], np.float64)
+    accuracies = np.asarray(metrics['accuracy'], np.float64)
+    for k, m in enumerate(members):
+      if not m.active:
+        continue
+      bad = np.flatnonzero(~np.isfinite(losses[k]))
+      if bad.size or not finite[k]:
+        at = start + int(bad[0]) + 1 if bad.size else end
+        what = 'loss' if bad.size else 'parameters'
+        logging.warning('%s: non-finite %s at step %d: diverged.', _name(m), what, at)
+        # A NaN row marks the divergence step in metrics.jsonl for readers and
+        # plots; the reason is in the status.
+        m.diverge(at, f'non-finite {what}', {'train_loss': float('nan')})
+        continue
+      m.loss_sum += float(losses[k].sum())
+      m.accuracy_sum += float(accuracies[k].sum())
+      m.count += end - start
+  return metrics
 
 
 def _evaluate(program: Any, state: Any) -> list[dict]:

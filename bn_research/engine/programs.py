@@ -26,7 +26,8 @@ state and per-member `TrainState`s of NumPy arrays (what checkpoints hold).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+import threading
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,11 +54,20 @@ def mesh_shape(num_members: int, num_devices: int) -> dict[str, int]:
 
 
 class Program:
-  """What the loop drives. Subclasses fill in the layout."""
+  """What the loop drives. Subclasses fill in the layout.
+
+  Training never waits on the host: `prepare` produces a chunk's inputs and puts them
+  on the devices (the loop calls it for chunk k+1 right after dispatching chunk k, so
+  the host's work overlaps the device's), `dispatch` only enqueues, and what it
+  returns stays on the devices until the loop asks `read` for it at a log, eval or
+  checkpoint step. Long phases (evaluation, population statistics, compilation) call
+  `check_stop` between their pieces, so a signal ends them within seconds.
+  """
 
   num_members: int
   mesh: dict[str, int]
   layout: str
+  check_stop: Callable[[], None] = staticmethod(lambda: None)
 
   def init(self) -> Any:
     """The members' step-0 state, placed."""
@@ -71,10 +81,24 @@ class Program:
     """The program's state -> per-member host TrainStates (NumPy leaves)."""
     raise NotImplementedError
 
-  def dispatch(self, state: Any, start: int, num_steps: int
-               ) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
-    """Trains steps start..start+num_steps: (state, metrics (K, n) each, finite (K,))."""
+  def prepare(self, start: int, num_steps: int) -> Any:
+    """The inputs of steps start..start+num_steps, on the devices as `dispatch` takes them."""
     raise NotImplementedError
+
+  def dispatch(self, state: Any, chunk: Any) -> tuple[Any, Any]:
+    """Enqueues a prepared chunk's steps: (state, outputs), both left on the devices."""
+    raise NotImplementedError
+
+  def read(self, outputs: Sequence[Any]) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Chunks' outputs -> per chunk (metrics (K, n) each, params finite (K,)), on the host.
+
+    All chunks are fetched in one transfer.
+    """
+    return [_with_member_axis(m, f) for m, f in jax.device_get(list(outputs))]
+
+  def wait(self, outputs: Any) -> None:
+    """Blocks until a chunk's outputs are computed (no transfer)."""
+    jax.block_until_ready(outputs)
 
   def evaluate(self, state: Any) -> list[dict]:
     raise NotImplementedError
@@ -85,6 +109,66 @@ class Program:
   def measure(self, state: Any, step: int) -> Optional[list[dict]]:
     """Santurkar et al.'s measurements at `step` (config `measure.*`), or None."""
     return None
+
+
+def _with_member_axis(metrics: dict, finite: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Host metrics (K, n) and finiteness (K,): a single member's (n,) / () get the axis."""
+  metrics = {k: np.asarray(v) for k, v in metrics.items()}
+  finite = np.asarray(finite)
+  if finite.ndim == 0:
+    metrics = {k: v[None] for k, v in metrics.items()}
+    finite = finite[None]
+  return metrics, finite
+
+
+def compile_interruptibly(compile_fn: Callable[[], Any], check_stop: Callable[[], None],
+                          *, poll_seconds: float = 0.2) -> Any:
+  """Runs `compile_fn` (an XLA compilation) in a thread, calling `check_stop` meanwhile.
+
+  A compilation holds the main thread in C++ for up to minutes, where Python signal
+  handlers cannot run; waiting on it here lets `check_stop` raise as soon as SIGTERM or
+  SIGINT arrives. An abandoned compilation finishes in its daemon thread, unused.
+  """
+  result: list = []
+  error: list = []
+
+  def work():
+    try:
+      result.append(compile_fn())
+    except BaseException as e:  # pylint: disable=broad-except
+      error.append(e)
+
+  thread = threading.Thread(target=work, name='bn_research-compile', daemon=True)
+  thread.start()
+  while thread.is_alive():
+    thread.join(poll_seconds)
+    check_stop()
+  if error:
+    raise error[0]
+  return result[0]
+
+
+class _Compiled:
+  """A jitted function compiled ahead of time per argument shape, interruptibly.
+
+  Calls go straight to the compiled executable (no tracing, no cache lookup by JAX);
+  a shape not seen before is compiled with `compile_interruptibly`.
+  """
+
+  def __init__(self, jitted: Callable, program: Program):
+    self._jitted = jitted
+    self._program = program
+    self._executables: dict = {}
+
+  def __call__(self, *args):
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+    executable = self._executables.get(key)
+    if executable is None:
+      executable = compile_interruptibly(lambda: self._jitted.lower(*args).compile(),
+                                         lambda: self._program.check_stop())
+      self._executables[key] = executable
+    return executable(*args)
 
 
 def member_vmap(fn: Callable, in_axes: tuple, mesh: jax.sharding.Mesh, *,
@@ -110,6 +194,15 @@ def member_vmap(fn: Callable, in_axes: tuple, mesh: jax.sharding.Mesh, *,
   specs = tuple(P() if a is None else P('members') for a in in_axes)
   return jax.shard_map(device_members, mesh=mesh, in_specs=specs, out_specs=P('members'),
                        axis_names={'members'})
+
+
+def _outputs_pair(run_chunk: Callable) -> Callable:
+  """run_chunk returning (state, (metrics, finite)): what the program keeps on the
+  devices until the loop reads it is one value."""
+  def fn(*args):
+    state, metrics, finite = run_chunk(*args)
+    return state, (metrics, finite)
+  return fn
 
 
 # The eval step's sums, in the order `_eval_rows` reads them.
@@ -179,7 +272,8 @@ class JitProgram(Program):
     convolutional = config.model.name != 'mlp'
     shared_chunk = (3,) if convolutional and not own_data else ()
     init_fn = steps.make_init(builder)
-    run_chunk = steps.make_chunk_fn(steps.make_train_step(builder), source.materialize)
+    run_chunk = _outputs_pair(
+        steps.make_chunk_fn(steps.make_train_step(builder), source.materialize))
     eval_step = steps.make_eval_step(builder, source.materialize_eval)
     probe_fn = steps.make_probe_fn(builder) if data.probe_images is not None else None
     if vmapped:
@@ -190,24 +284,33 @@ class JitProgram(Program):
       if probe_fn is not None:
         probe_fn = member_vmap(probe_fn, (0, 0, 0, None), mesh)
     self._init = init_fn
-    self._run_chunk = jax.jit(
+    self._run_chunk = _Compiled(jax.jit(
         run_chunk, donate_argnums=(1,), compiler_options=options,
-        out_shardings=(self._state_sharding, self._replicated, self._replicated))
-    self._eval = jax.jit(eval_step, compiler_options=options,
-                         out_shardings=self._replicated)
+        out_shardings=(self._state_sharding, (self._replicated, self._replicated))), self)
+    self._eval = _Compiled(jax.jit(eval_step, compiler_options=options,
+                                   out_shardings=self._replicated), self)
+    # Evaluation sums stay on the devices until the whole split has been seen.
+    self._add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b),
+                        out_shardings=self._replicated)
     self._probe = (jax.jit(probe_fn, compiler_options=options,
                            out_shardings=self._replicated) if probe_fn is not None else None)
     self._population = None
     self._last_stats: Optional[tuple] = None
+    self._population_chunk: Optional[dict] = None
     if (config.eval.batch_stats == 'population'
         and config.model.normalizer in normalization.MOVING_AVERAGE_NORMALIZERS):
-      population_fn = steps.make_population_fn(builder, source.materialize)
+      population_fn = steps.make_population_moments_fn(builder, source.materialize)
+      finish = steps.population_batch_stats
       if vmapped:
         population_fn = member_vmap(
             population_fn, (0, 0, 0, None, 0 if own_data else None), mesh,
             broadcast=(4,) if convolutional and not own_data else ())
-      self._population = jax.jit(population_fn, compiler_options=options,
-                                 out_shardings=self._state_sharding)
+        finish = jax.vmap(finish, in_axes=(0, 0, None))
+      self._population = _Compiled(jax.jit(population_fn, compiler_options=options,
+                                           out_shardings=self._state_sharding), self)
+      self._population_add = jax.jit(steps.add_moments, out_shardings=self._state_sharding)
+      self._population_finish = jax.jit(finish, static_argnums=(2,),
+                                         out_shardings=self._state_sharding)
     self._measure = None
     if config.measure.every_steps:
       from bn_research import measure as measure_lib  # pylint: disable=g-import-not-at-top
@@ -251,8 +354,9 @@ class JitProgram(Program):
     # Members are initialised one by one with that one program, not vmapped: batched
     # 'rbg' initialisers would draw other numbers than the member's separate run.
     members = [{k: v[i] for k, v in self.hparams.items()} for i in range(self.num_members)]
-    init = jax.jit(self._init).lower(members[0], image).compile(
-        {'xla_backend_optimization_level': 0})
+    init = compile_interruptibly(
+        lambda: jax.jit(self._init).lower(members[0], image).compile(
+            {'xla_backend_optimization_level': 0}), self.check_stop)
     return self.place([jax.device_get(init(hp, image)) for hp in members])
 
   def place(self, members: Sequence[Any]) -> Any:
@@ -283,52 +387,88 @@ class JitProgram(Program):
       return self._global(chunk, self._chunk_sharding)
     return self._process_local(chunk, self._chunk_sharding, batch_axis=1)
 
-  def dispatch(self, state, start, num_steps):
-    state, metrics, finite = self._run_chunk(self._hp, state, self._resident,
-                                             self._chunk(start, num_steps))
-    metrics = {k: np.asarray(v) for k, v in metrics.items()}
-    finite = np.asarray(finite)
-    if not self.vmapped:
-      metrics = {k: v[None] for k, v in metrics.items()}
-      finite = finite[None]
-    return state, metrics, finite
+  def prepare(self, start, num_steps):
+    return self._chunk(start, num_steps)
+
+  def dispatch(self, state, chunk):
+    return self._run_chunk(self._hp, state, self._resident, chunk)
 
   # ---- evaluation ----------------------------------------------------------------
 
-  def _placed_eval_batches(self) -> list:
+  def _placed_eval_batches(self) -> Iterator[Any]:
+    """The held-out batches on the devices. A small in-memory test set is placed once
+    and kept; streamed batches are placed one at a time as the evaluation reaches
+    them (the host produces batch i+1 while the devices evaluate batch i)."""
     if self._eval_batches is not None:
-      return self._eval_batches
-    out = []
-    for b in self.data.eval_batches():
-      if self.data.in_memory:
-        out.append(self._global(b, self._batch_sharding))
-      else:
-        out.append(self._process_local(b, self._batch_sharding, batch_axis=0))
+      yield from self._eval_batches
+      return
     if self.data.in_memory:
-      self._eval_batches = out  # small, fixed test set: place it on the devices once
-    return out
+      self._eval_batches = [self._global(b, self._batch_sharding)
+                            for b in self.data.eval_batches()]
+      yield from self._eval_batches
+      return
+    for b in self.data.eval_batches():
+      yield self._process_local(b, self._batch_sharding, batch_axis=0)
+
+  def _population_batches(self) -> dict:
+    """The first `eval.population_batches` training batches of the run's data order, on
+    the host: the same batches at every evaluation, so the estimates are comparable.
+    Streamed data reads them once, from a stream of its own opened at step 0."""
+    if self._population_chunk is None:
+      n = self.config.eval.population_batches
+      if self._own_data:
+        self._population_chunk = {'index': np.stack([s.example_indices(0, n)
+                                                     for s in self.member_sources])}
+      elif self.data.in_memory:
+        self._population_chunk = self.data.source.chunk(0, n)
+      else:
+        self._population_chunk = self.data.source.fixed_chunk(0, n)
+    return self._population_chunk
+
+  def _place_population_piece(self, lo: int, hi: int) -> Any:
+    chunk = self._population_batches()
+    if self._own_data:
+      return self._global({k: v[:, lo:hi] for k, v in chunk.items()}, self._chunk_sharding)
+    piece = {k: v[lo:hi] for k, v in chunk.items()}
+    if self.data.in_memory:
+      return self._global(piece, self._chunk_sharding)
+    return self._process_local(piece, self._chunk_sharding, batch_axis=1)
 
   def _inference_statistics(self, state) -> Any:
     """BN's statistics for evaluation: the moving averages, or Algorithm 2's population
-    statistics from the first `eval.population_batches` training batches of the run's
-    data order (the same batches at every evaluation, so the estimates are comparable)."""
+    statistics from the first `eval.population_batches` training batches.
+
+    The batches go through in pieces of at most `steps_per_dispatch` (a signal is
+    noticed between pieces); each piece's moments are summed on the devices.
+    """
     if self._population is None:
       return state.batch_stats
     if self._last_stats is not None and self._last_stats[0] is state:
       return self._last_stats[1]  # the probe right after the evaluation
-    stats = self._population(self._hp, state.params, state.batch_stats, self._resident,
-                             self._chunk(0, self.config.eval.population_batches))
+    n = self.config.eval.population_batches
+    piece = max(1, min(n, self.config.steps_per_dispatch))
+    sums = None
+    for lo in range(0, n, piece):
+      self.check_stop()
+      moments = self._population(self._hp, state.params, state.batch_stats, self._resident,
+                                 self._place_population_piece(lo, min(n, lo + piece)))
+      sums = moments if sums is None else self._population_add(sums, moments)
+    stats = self._population_finish(state.batch_stats, sums, n)
     self._last_stats = (state, stats)
     return stats
 
   def evaluate(self, state) -> list[dict]:
-    totals = np.zeros((len(EVAL_SUMS), self.num_members))
     stats = self._inference_statistics(state)
+    totals = None
     for b in self._placed_eval_batches():
+      self.check_stop()
       out = self._eval(self._hp, state.params, stats, b)
-      totals += np.stack([np.asarray(out[k], np.float64).reshape(-1)
-                          for k in EVAL_SUMS])
-    return _eval_rows(totals)
+      totals = out if totals is None else self._add(totals, out)
+    if totals is None:
+      return _eval_rows(np.zeros((len(EVAL_SUMS), self.num_members)))
+    totals = jax.device_get(totals)  # the one read of this evaluation
+    return _eval_rows(np.stack([np.asarray(totals[k], np.float64).reshape(-1)
+                                for k in EVAL_SUMS]))
 
   def measure(self, state, step: int) -> Optional[list[dict]]:
     if self._measure is None:
@@ -369,9 +509,19 @@ class PmapProgram(Program):
     run_chunk = steps.make_chunk_fn(steps.make_train_step(pooled, axis_name=PMAP_AXIS),
                                     data.source.materialize)
     self._init_fn = steps.make_init(plain)
-    self._run_chunk = jax.pmap(lambda s, r, c: run_chunk({}, s, r, c), axis_name=PMAP_AXIS,
-                               devices=devices, donate_argnums=(0,))
-    self._eval = jax.jit(steps.make_eval_step(plain, data.source.materialize_eval))
+    # Compiled ahead of time (interruptibly) on one process; on several, pmap's AOT path
+    # takes global shapes where calls give this process's: compiled at the first call.
+    interruptible = ((lambda f: _Compiled(f, self)) if jax.process_count() == 1
+                     else (lambda f: f))
+    self._run_chunk = interruptible(jax.pmap(
+        _outputs_pair(lambda s, r, c: run_chunk({}, s, r, c)), axis_name=PMAP_AXIS,
+        devices=devices, donate_argnums=(0,)))
+    eval_step = steps.make_eval_step(plain, data.source.materialize_eval)
+    # The sums over every process's devices: each process feeds its share of the split.
+    self._eval = interruptible(jax.pmap(
+        lambda params, stats, batch: jax.lax.psum(eval_step({}, params, stats, batch),
+                                                  PMAP_AXIS),
+        axis_name=PMAP_AXIS, devices=devices))
     self._probe = (jax.jit(steps.make_probe_fn(plain))
                    if data.probe_images is not None else None)
     # pmap runs on jit + shard_map: a leading device axis sharded over a 1-D mesh is
@@ -385,10 +535,33 @@ class PmapProgram(Program):
     return jax.device_put(jax.tree_util.tree_map(
         lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree), self._sharding)
 
+  def _per_device(self, tree: Any, batch_axis: int) -> Any:
+    """This process's batch (axis `batch_axis`) split over its devices (leading axis)."""
+    n = len(self._local)
+
+    def split(x):
+      shape = x.shape[:batch_axis] + (n, -1) + x.shape[batch_axis + 1:]
+      return np.moveaxis(x.reshape(shape), batch_axis, 0)
+    return jax.device_put(jax.tree_util.tree_map(split, tree), self._sharding)
+
+  def _share(self, tree: Any, batch_axis: int) -> Any:
+    """In-memory batches are global: this process's share of them."""
+    count = jax.process_count()
+    if count == 1:
+      return tree
+
+    def take(x):
+      per = x.shape[batch_axis] // count
+      lo = jax.process_index() * per
+      return np.take(x, np.arange(lo, lo + per), axis=batch_axis)
+    return jax.tree_util.tree_map(take, tree)
+
   def init(self):
     image = np.asarray(self.data.sample_image)
-    state = jax.jit(self._init_fn).lower({}, image).compile(
-        {'xla_backend_optimization_level': 0})({}, image)
+    init = compile_interruptibly(
+        lambda: jax.jit(self._init_fn).lower({}, image).compile(
+            {'xla_backend_optimization_level': 0}), self.check_stop)
+    state = init({}, image)
     return self._replicate(jax.device_get(state))
 
   def place(self, members):
@@ -398,28 +571,33 @@ class PmapProgram(Program):
   def split(self, state):
     return [jax.tree_util.tree_map(lambda x: np.asarray(x[0]), jax.device_get(state))]
 
-  def dispatch(self, state, start, num_steps):
+  def prepare(self, start, num_steps):
     chunk = self.data.source.chunk(start, num_steps)
-    if self.data.in_memory and jax.process_count() > 1:
-      # In-memory chunks are global batches: this process feeds its share.
-      per = chunk['index'].shape[1] // jax.process_count()
-      lo = jax.process_index() * per
-      chunk = {'index': chunk['index'][:, lo:lo + per]}
-    n = len(self._local)
+    if self.data.in_memory:
+      chunk = self._share(chunk, batch_axis=1)
     # (K, local_batch, ...) -> (local devices, K, local_batch / devices, ...)
-    chunk = jax.tree_util.tree_map(
-        lambda x: np.moveaxis(x.reshape((x.shape[0], n, -1) + x.shape[2:]), 1, 0), chunk)
-    state, metrics, finite = self._run_chunk(state, self._resident, chunk)
-    metrics = {k: np.asarray(v[0])[None] for k, v in metrics.items()}
-    return state, metrics, np.asarray(finite[0])[None]
+    return self._per_device(chunk, batch_axis=1)
+
+  def dispatch(self, state, chunk):
+    return self._run_chunk(state, self._resident, chunk)
+
+  def read(self, outputs):
+    # Every replica holds the same (pmean-ed) values: the first local one is read.
+    first = [jax.tree_util.tree_map(lambda x: x[0], o) for o in outputs]
+    return super().read(first)
 
   def evaluate(self, state):
-    (s,) = self.split(state)
-    totals = np.zeros((len(EVAL_SUMS), 1))
+    totals = None
     for b in self.data.eval_batches():
-      out = self._eval({}, s.params, s.batch_stats, b)
-      totals += np.asarray([[float(out[k])] for k in EVAL_SUMS])
-    return _eval_rows(totals)
+      self.check_stop()
+      if self.data.in_memory:
+        b = self._share(b, batch_axis=0)
+      out = self._eval(state.params, state.batch_stats, self._per_device(b, batch_axis=0))
+      totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    if totals is None:
+      return _eval_rows(np.zeros((len(EVAL_SUMS), 1)))
+    totals = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], totals))
+    return _eval_rows(np.asarray([[float(totals[k])] for k in EVAL_SUMS]))
 
   def probe(self, state):
     if self._probe is None:

@@ -221,17 +221,22 @@ def _replace_statistics(batch_stats: Any, population: Any) -> Any:
           for k, v in batch_stats.items()}
 
 
-def make_population_fn(builder: Builder, materialize: Callable) -> Callable:
-  """population(hparams, params, batch_stats, resident, chunk) -> batch_stats.
+def _is_count(path: tuple) -> bool:
+  last = path[-1]
+  return getattr(last, 'key', None) == 'count'
 
-  Algorithm 2, step 10, in one program: training-mode forward passes over the chunk's
-  N mini-batches (the training batch size) with the current weights collect each BN
-  layer's mu_B and var_B; E[x] = mean of mu_B and Var[x] = m/(m-1) mean of var_B
-  (conv layers per channel over m' = m*p*q) replace the moving averages, in a copy.
-  Dropout is off in these passes.
+
+def make_population_moments_fn(builder: Builder, materialize: Callable) -> Callable:
+  """moments(hparams, params, batch_stats, resident, chunk) -> summed batch moments.
+
+  Algorithm 2, step 10, over a piece of the N mini-batches: training-mode forward passes
+  over the chunk's mini-batches (the training batch size) with the current weights
+  collect each BN layer's mu_B and var_B and return their sums over the piece (`count`,
+  m, as it is). Pieces add up; `population_batch_stats` turns the total into E[x] and
+  Var[x]. Dropout is off in these passes.
   """
 
-  def population(hparams, params, batch_stats, resident, chunk):
+  def moments(hparams, params, batch_stats, resident, chunk):
     model = builder.model(hparams, dropout=False)
     variables = {'params': params, 'batch_stats': batch_stats}
 
@@ -243,9 +248,39 @@ def make_population_fn(builder: Builder, materialize: Callable) -> Callable:
       return updates['batch_moments']
 
     stacked = jax.lax.map(moments_of, chunk)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x[0] if _is_count(path) else jnp.sum(x, axis=0), stacked)
+
+  return moments
+
+
+def add_moments(a: Any, b: Any) -> Any:
+  """Two pieces' summed moments added (`count`, m, is per batch: kept)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x, y: x if _is_count(path) else x + y, a, b)
+
+
+def population_batch_stats(batch_stats: Any, sums: Any, num_batches: int) -> Any:
+  """The moving averages' tree with Algorithm 2's statistics from N batches' summed
+  moments: E[x] = mean of mu_B and Var[x] = m/(m-1) mean of var_B (conv layers per
+  channel over m' = m*p*q), in a copy."""
+  means = jax.tree_util.tree_map_with_path(
+      lambda path, x: x if _is_count(path) else x / num_batches, sums)
+  return _replace_statistics(batch_stats, normalization.population_statistics([means]))
+
+
+def make_population_fn(builder: Builder, materialize: Callable) -> Callable:
+  """population(hparams, params, batch_stats, resident, chunk) -> batch_stats.
+
+  Algorithm 2 over all of the chunk's N mini-batches in one program: the summed moments
+  of `make_population_moments_fn`, turned into statistics by `population_batch_stats`.
+  """
+  moments = make_population_moments_fn(builder, materialize)
+
+  def population(hparams, params, batch_stats, resident, chunk):
     n = jax.tree_util.tree_leaves(chunk)[0].shape[0]
-    per_batch = [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(n)]
-    return _replace_statistics(batch_stats, normalization.population_statistics(per_batch))
+    return population_batch_stats(
+        batch_stats, moments(hparams, params, batch_stats, resident, chunk), n)
 
   return population
 
