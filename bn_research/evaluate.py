@@ -47,26 +47,6 @@ from absl import app
 from absl import flags
 from absl import logging
 
-_WORKDIR = flags.DEFINE_multi_string('workdir', [], 'A finished run directory (repeatable).')
-_CROPS = flags.DEFINE_list('crops', ['center'], 'Crop schemes: center, flip, multi:N '
-                           '(N crops and their mirror images; N <= 16).')
-_BATCH_STATS = flags.DEFINE_enum('batch_stats', 'run', ['run', 'moving_average', 'population'],
-                                 "BN's inference statistics: the run's eval.batch_stats, "
-                                 'the moving averages, or Algorithm 2 population statistics.')
-_POPULATION_BATCHES = flags.DEFINE_integer('population_batches', None, 'Training batches of '
-                                           "the population estimate (default: the run's "
-                                           'eval.population_batches).')
-_NUM_EVAL = flags.DEFINE_integer('num_eval_examples', None, 'Held-out examples (0: all; '
-                                 "default: the run's num_eval_examples).")
-_ENSEMBLE = flags.DEFINE_bool('ensemble', False, "Also evaluate the average of the runs' "
-                              'class probabilities (2 or more runs).')
-_OUT = flags.DEFINE_string('out', None, 'Directory for the results (default: the one '
-                           'holding the runs).')
-_NAME = flags.DEFINE_string('name', 'evaluation', 'File name of the results, without '
-                            '.json / .md.')
-_NOTE = flags.DEFINE_string('note', '', 'Text recorded with the results (e.g. how the runs '
-                            'were trained).')
-
 TOP_K = 5
 
 # ---------------------------------------------------------------- crop views
@@ -530,15 +510,40 @@ def check_out(out: str, name: str) -> None:
     raise ValueError(f'--out={out!r} is a file; allowed: a directory (made if missing).')
 
 
+def _define_flags() -> None:
+  """Defined only when run as a program: importing this module (tests, another
+  program that has its own --workdir) defines no flags."""
+  flags.DEFINE_multi_string('workdir', [], 'A finished run directory (repeatable).')
+  flags.DEFINE_list('crops', ['center'], 'Crop schemes: center, flip, multi:N '
+    '(N crops and their mirror images; N <= 16).')
+  flags.DEFINE_enum('batch_stats', 'run', ['run', 'moving_average', 'population'],
+    "BN's inference statistics: the run's eval.batch_stats, "
+    'the moving averages, or Algorithm 2 population statistics.')
+  flags.DEFINE_integer('population_batches', None, 'Training batches of '
+    "the population estimate (default: the run's "
+    'eval.population_batches).')
+  flags.DEFINE_integer('num_eval_examples', None, 'Held-out examples (0: all; '
+    "default: the run's num_eval_examples).")
+  flags.DEFINE_bool('ensemble', False, "Also evaluate the average of the runs' "
+    'class probabilities (2 or more runs).')
+  flags.DEFINE_string('out', None, 'Directory for the results (default: the one '
+    'holding the runs).')
+  flags.DEFINE_string('name', 'evaluation', 'File name of the results, without '
+    '.json / .md.')
+  flags.DEFINE_string('note', '', 'Text recorded with the results (e.g. how the runs '
+    'were trained).')
+
+
 def main(argv: Sequence[str]) -> None:
+  f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
-    out = _OUT.value or (default_out(_WORKDIR.value) if _WORKDIR.value else '.')
-    check_out(out, _NAME.value)
-    plan = make_plan(_WORKDIR.value, crops=_CROPS.value, batch_stats=_BATCH_STATS.value,
-                     population_batches=_POPULATION_BATCHES.value,
-                     num_eval_examples=_NUM_EVAL.value, ensemble=_ENSEMBLE.value)
+    out = f.out or (default_out(f.workdir) if f.workdir else '.')
+    check_out(out, f.name)
+    plan = make_plan(f.workdir, crops=f.crops, batch_stats=f.batch_stats,
+                     population_batches=f.population_batches,
+                     num_eval_examples=f.num_eval_examples, ensemble=f.ensemble)
     from bn_research import log_filter  # pylint: disable=g-import-not-at-top
     log_filter.quiet_library_logs()
     # The data loaders' progress lines stay out of a refusal's one line.
@@ -551,12 +556,12 @@ def main(argv: Sequence[str]) -> None:
   record = evaluate(plan, loaded)
   import jax  # pylint: disable=g-import-not-at-top
   record['command'] = ' '.join(['python -m bn_research.evaluate'] + sys.argv[1:])
-  if _NOTE.value:
-    record['note'] = _NOTE.value
+  if f.note:
+    record['note'] = f.note
   record['date'] = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
   record['machine'] = (f'{platform.machine()}, {os.cpu_count()} CPU cores, JAX devices: '
                        f'{jax.devices()[0].device_kind} x {jax.device_count()}')
-  for path in write(record, out, _NAME.value):
+  for path in write(record, out, f.name):
     print(path)
   for row in record['rows']:
     print(f'{row["name"]} [{row["crops"]}]: top-1 {row["top1_accuracy"]:.4f}, '
@@ -564,4 +569,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
