@@ -1,0 +1,175 @@
+"""The claims jobs (experiments/claims.py and its five job modules): bad input, the claim
+rules on hand-made runs, and each MLP job end to end at tiny scale on synthetic data."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import claims
+from experiments import dropout_need
+from experiments import init_sensitivity
+from experiments import jacobians
+from experiments import saturation
+from experiments import stats_gradient
+from tests import helpers
+
+
+# ---- bad input: one line naming the flag, exit code 2, nothing written ---------------
+
+@pytest.mark.parametrize('args,line', [
+    (['--claim=dropouts'], "claims: error: --claim='dropouts'; allowed: dropout, init, "
+     'stats_gradient, jacobians, saturation.'),
+    (['--claim=init', '--stddevs=0.1,0'],
+     "claims: error: --stddevs='0.1,0': every init stddev must be > 0."),
+    (['--claim=init', '--stddevs=-1'],
+     "claims: error: --stddevs='-1': every init stddev must be > 0."),
+    (['--claim=dropout', '--dropout_rates=0,1'],
+     "claims: error: --dropout_rates='0,1': every rate must be in [0, 1)."),
+    (['--claim=dropout', '--dropout_rates=-0.1'],
+     "claims: error: --dropout_rates='-0.1': every rate must be in [0, 1)."),
+    (['--claim=init', '--steps=0'],
+     "claims: error: --steps=0 must be a positive integer."),
+    (['--claim=jacobians', '--set=model.init_stddev=-1'], None),
+])
+def test_bad_flag_is_one_line_exit_2_nothing_written(tmp_path, args, line):
+  proc = helpers.run_module('experiments.claims', [f'--workdir={tmp_path}/out', *args])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  if line is not None:
+    assert lines == [line]
+  else:
+    assert lines[0].startswith('claims: error: ') and 'model.init_stddev' in lines[0]
+  assert not os.listdir(tmp_path)
+
+
+# ---- the rules ---------------------------------------------------------------------
+
+def test_init_rule_needs_a_wider_range_that_covers_the_baseline():
+  sds = [1e-3, 1e-2, 0.1, 0.5, 1.0, 2.0]
+  judge = lambda bn, base: init_sensitivity.judge({'bn': bn, 'baseline': base}, sds)['verdict']
+  assert judge([1e-3, 1e-2, 0.1, 0.5], [0.1, 0.5]) == 'holds'
+  assert judge([1e-2, 0.1, 0.5], [0.1, 0.5]) == 'does not hold'        # one more only
+  assert judge([1e-3, 1e-2, 0.1, 0.5], [0.1, 2.0]) == 'does not hold'  # misses one
+  assert judge([], []) == 'does not hold'
+
+
+def test_dropout_rule_compares_gains_with_a_margin():
+  judge = lambda **g: dropout_need.judge(g)['verdict']
+  assert judge(inception=0.05, bn_baseline=0.0, bn_x5=0.03) == 'holds'
+  assert judge(inception=0.05, bn_baseline=0.045, bn_x5=0.0) == 'does not hold'
+  assert judge(inception=-0.01, bn_baseline=-0.03, bn_x5=-0.05) == 'holds'
+  assert judge(inception=None, bn_baseline=0.0, bn_x5=0.0) == 'not judged'
+
+
+def _sg(status='done', half=1.0, end=2.0, first=2.3, final=2.2):
+  return {'status': status, 'halfway_bias_norm': half, 'final_bias_norm': end,
+          'first_loss': first, 'final_loss': final, 'final_eval_accuracy': 0.5}
+
+
+def test_stats_gradient_rules():
+  bn = _sg(half=0.0, end=0.0, final=0.3)
+  verdicts = lambda sg: [r['verdict'] for r in stats_gradient.judge(
+      {'bn': bn, 'stop_gradient': sg})]
+  assert verdicts(_sg()) == ['holds', 'holds']
+  assert verdicts(_sg(end=1.2, final=0.4)) == ['does not hold', 'does not hold']
+  assert verdicts(_sg(status='diverged at step 300', final=0.1)) == ['holds', 'holds']
+
+
+def _write_run(path, rows, status='done'):
+  os.makedirs(path)
+  with open(os.path.join(path, 'metrics.jsonl'), 'w') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+  with open(os.path.join(path, 'status.json'), 'w') as f:
+    json.dump({'status': status}, f)
+
+
+def _load(root, names):
+  from bn_research.analysis import runs as runs_lib
+  return {n: runs_lib.load_run(os.path.join(root, n)) for n in names}
+
+
+def test_jacobian_summary_and_rules_from_run_directories(tmp_path):
+  spreads = {'bn': [0.3, 0.5, 0.6], 'baseline': [0.3, 1.5, 2.5]}
+  for network, values in spreads.items():
+    rows = [{'step': 10 * i, 'eval_accuracy': 0.5,
+             **{f'jacobian_sv_{s}/{layer}': v for s in jacobians.STATS
+                for layer in ('hidden_0', 'hidden_1')}} for i, v in enumerate(values)]
+    _write_run(tmp_path / f'{network}_seed0', rows)
+  s = jacobians.summarize(_load(tmp_path, ['bn_seed0', 'baseline_seed0']),
+                          claims.Args(claim='jacobians', workdir=str(tmp_path)))
+  assert s['networks']['bn']['layers'] == ['hidden_0', 'hidden_1']
+  # Step 0 is left out of the mean over training.
+  assert s['networks']['bn']['mean_log_spread'] == pytest.approx(0.55)
+  assert s['networks']['baseline']['mean_log_spread'] == pytest.approx(2.0)
+  assert [c['verdict'] for c in s['claims']] == ['holds', 'holds']  # 0.55 < log 2
+  jacobians.plot(s).savefig(tmp_path / 'j.png')
+
+
+def test_saturation_summary_rule_and_histogram_moments(tmp_path):
+  from bn_research import measure
+  bins = [f'{lo:g}' for lo in measure.HIST_EDGES[:-1]]
+  for network, end in (('bn', 0.1), ('baseline', 0.6)):
+    rows = []
+    for i in range(5):
+      row = {'step': 10 * i}
+      for layer in ('hidden_0', 'hidden_1'):
+        row[f'saturation_2/{layer}'] = end * i / 4
+        row[f'saturation_4/{layer}'] = end * i / 8
+        row.update({f'input_hist/{layer}/{b}': float(j == i) for j, b in enumerate(bins)})
+      rows.append(row)
+    _write_run(tmp_path / f'mnist_{network}', rows)
+  s = saturation.summarize(_load(tmp_path, ['mnist_bn', 'mnist_baseline']),
+                           claims.Args(claim='saturation', workdir=str(tmp_path), data='mnist'))
+  base = s['datasets']['mnist']['baseline']
+  assert base['final_saturation_2'] == pytest.approx(0.6)
+  assert base['histogram']['layer'] == 'hidden_1'
+  assert base['histogram']['steps'] == [0, 20, 40]            # first, middle, last
+  assert [int(np.argmax(f)) for f in base['histogram']['fractions']] == [0, 2, 4]
+  assert [c['verdict'] for c in s['claims']] == ['holds']
+  saturation.plot(s).savefig(tmp_path / 's.png')
+
+
+def test_runs_differing_in_vmappable_keys_share_a_program():
+  args = claims.Args(claim='init', workdir='unused', data='synthetic', steps=20,
+                     eval_every=10, stddevs=(0.01, 1.0), seeds=2)
+  groups = claims.vmap_groups(init_sensitivity.plan(args))
+  assert [(len(members), keys) for members, keys in groups] == [
+      (4, ['model.init_stddev', 'seed']), (4, ['model.init_stddev', 'seed'])]
+  assert {r.config.model.normalizer for r in groups[0][0]} == {'batch_norm'}
+  # A non-vmappable difference (the normalizer) makes programs of their own.
+  sg = stats_gradient.plan(claims.Args(claim='stats_gradient', workdir='unused',
+                                       data='synthetic', steps=20, eval_every=10))
+  assert [len(m) for m, _ in claims.vmap_groups(sg)] == [1, 1]
+
+
+# ---- end to end, tiny ----------------------------------------------------------------
+
+@pytest.mark.parametrize('claim,extra', [
+    ('init', {'stddevs': (0.01, 1.0)}),
+    ('stats_gradient', {}),
+    ('jacobians', {}),
+    ('saturation', {}),
+])
+def test_mlp_job_end_to_end_on_synthetic_data(tmp_path, claim, extra, fast_compiles):
+  args = claims.Args(claim=claim, workdir=str(tmp_path), data='synthetic', steps=20,
+                     eval_every=10, overrides=('model.hidden_sizes=(16, 16)',), **extra)
+  summary = claims.run_job(args, command='test')
+  root = tmp_path / claim
+  for ext in ('json', 'md', 'png'):
+    assert (root / f'{claim}.{ext}').stat().st_size > 100
+  assert helpers.read_json(str(root / f'{claim}.json'))['claims'] == summary['claims']
+  assert all(c['verdict'] in ('holds', 'does not hold', 'not judged')
+             for c in summary['claims'])
+  md = (root / f'{claim}.md').read_text()
+  assert 'Command: `test`' in md and '| the paper\'s claim |' in md
+  if claim == 'stats_gradient':
+    sg, bn = summary['networks']['stop_gradient'], summary['networks']['bn']
+    assert bn['final_bias_norm'] == 0.0 < sg['final_bias_norm']
+  if claim == 'jacobians':
+    assert summary['networks']['bn']['layers'] == ['hidden_0', 'hidden_1']
+  if claim == 'saturation':
+    assert summary['datasets']['synthetic']['bn']['histogram']['steps'] == [0, 10, 20]
