@@ -84,19 +84,6 @@ def job_module(claim: str):
 
 # ---- what jobs share ----------------------------------------------------------------
 
-def override(c: ml_collections.ConfigDict, assignment: str) -> None:
-  """Applies '--set=a.b=value' to config c, the value parsed as sweeps parse theirs."""
-  from bn_research import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
-  key, eq, text = assignment.partition('=')
-  if not eq or not sweep_lib.has_key(c, key):
-    raise ValueError(f'--set={assignment!r}: ' + (f'no config key {key!r}.' if eq else
-                                                  'expected key=value.'))
-  try:
-    c.update_from_flattened_dict({key: sweep_lib.parse_value(text)})
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'--set={assignment!r}: {e}') from None
-
-
 def mlp_config(network: str, *, steps: int, eval_every: int, data: str = 'mnist',
                seed: int = 0) -> ml_collections.ConfigDict:
   """The Figure 1 MLP (`configs/mnist_mlp.py`), 'bn' or 'baseline', for `steps` steps
@@ -121,7 +108,7 @@ def finish_plan(runs: Sequence[Run], args: Args) -> list[Run]:
   from bn_research import config as config_lib  # pylint: disable=g-import-not-at-top
   for r in runs:
     for assignment in args.overrides:
-      override(r.config, assignment)
+      cli.apply_override(r.config, assignment)
     config_lib.validate_config(r.config)
   names = [r.name for r in runs]
   if len(set(names)) != len(names):
@@ -166,6 +153,16 @@ def execute(runs: Sequence[Run], root: str, *, overwrite: bool = False) -> None:
     train.train_members(members[0].config, points, overwrite=overwrite)
 
 
+def _is_finished(run_dir: str) -> bool:
+  """Whether a run directory holds a run that ended (done or diverged): re-running the
+  job skips it, so the wall time does not include its training."""
+  try:
+    with open(os.path.join(run_dir, 'status.json')) as f:
+      return json.load(f).get('status') in ('done', 'diverged')
+  except (OSError, ValueError):
+    return False
+
+
 def load(runs: Sequence[Run], root: str) -> dict:
   """{run name: analysis.runs.Run} of the job's run directories."""
   from bn_research.analysis import runs as runs_lib  # pylint: disable=g-import-not-at-top
@@ -202,7 +199,9 @@ def markdown(title: str, summary: Mapping[str, Any], rows: Sequence[str], *, com
   """The job's .md: what ran where, its table, the claims table."""
   lines = [f'# {title}', '',
            f'Command: `{command}`  ', f'Date: {summary["date"]}  ', f'Machine: {machine}  ',
-           f'Wall time: {summary.get("wall_seconds", "?")} s', '', *rows, '',
+           f'Wall time: {summary.get("wall_seconds", "?")} s (runs trained by this command: '
+           f'{summary.get("runs_trained", "?")} of {summary.get("runs_total", "?")})', '',
+           *rows, '',
            '| the paper\'s claim | paper | here | verdict |', '|---|---|---|---|']
   for c in summary['claims']:
     lines.append(f'| {c["claim"]} | {c["paper"]} | {c["here"]} | {c["verdict"]} |')
@@ -219,11 +218,14 @@ def run_job(args: Args, *, command: str = '') -> dict:
   runs = job.plan(args)
   root = os.path.join(args.workdir, args.claim)
   cli.quiet_library_logs()
+  finished = sum(_is_finished(os.path.join(root, r.name)) for r in runs)
   execute(runs, root, overwrite=args.overwrite)
   summary = job.summarize(load(runs, root), args)
   summary.update(claim=args.claim, command=command, machine=args.machine,
                  date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-                 wall_seconds=round(time.time() - t0, 1))
+                 wall_seconds=round(time.time() - t0, 1),
+                 runs_trained=len(runs) - (0 if args.overwrite else finished),
+                 runs_total=len(runs))
   with open(os.path.join(root, f'{args.claim}.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   with open(os.path.join(root, f'{args.claim}.md'), 'w') as f:

@@ -82,7 +82,7 @@ def summarize(runs: Mapping[str, Any], args: claims.Args) -> dict:
     rows.append(claims.verdict_row(
         f'{data}: fewer saturated sigmoid inputs with BN',
         'BN keeps the nonlinearities out of the saturated regime',
-        f'|x| > 2 at the end (mean over layers): BN {claims.fmt(bn)}, baseline '
+        f'abs(x) > 2 at the end (mean over layers): BN {claims.fmt(bn)}, baseline '
         f'{claims.fmt(base)}', None if bn is None or base is None else base > bn))
   out['claims'] = rows
   return out

@@ -61,19 +61,6 @@ def _define_flags() -> None:
   flags.DEFINE_bool('overwrite', False, 'Passed on to every run.')
 
 
-def _override(c, assignment: str) -> None:
-  """Applies 'a.b=value' to config c, the value parsed as sweeps parse theirs."""
-  from bn_research import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
-  key, eq, text = assignment.partition('=')
-  if not eq or not sweep_lib.has_key(c, key):
-    raise ValueError(f'--set={assignment!r}: ' + (f'no config key {key!r}.' if eq else
-                                                  'expected key=value.'))
-  try:
-    c.update_from_flattened_dict({key: sweep_lib.parse_value(text)})
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'--set={assignment!r}: {e}') from None
-
-
 def network_config(network: str, *, model: str = 'mlp', steps: int = 5000,
                    measure_every: int = 250, etas: Sequence[float] = (0.05, 0.1, 0.2),
                    data: Optional[str] = None, overrides: Sequence[str] = ()):
@@ -94,7 +81,7 @@ def network_config(network: str, *, model: str = 'mlp', steps: int = 5000,
   c.measure.every_steps = measure_every
   c.measure.etas = tuple(float(e) for e in etas)
   for assignment in overrides:
-    _override(c, assignment)
+    cli.apply_override(c, assignment)
   config_lib.validate_config(c)
   return c
 
