@@ -168,7 +168,8 @@ def test_mlp_job_end_to_end_on_synthetic_data(tmp_path, claim, extra, fast_compi
   assert 'Command: `test`' in md and '| the paper\'s claim |' in md
   if claim == 'stats_gradient':
     sg, bn = summary['networks']['stop_gradient'], summary['networks']['bn']
-    assert bn['final_bias_norm'] == 0.0 < sg['final_bias_norm']
+    # Through BN the bias's gradient is zero up to rounding; without the statistics not.
+    assert bn['final_bias_norm'] < 1e-4 < sg['final_bias_norm']
   if claim == 'jacobians':
     assert summary['networks']['bn']['layers'] == ['hidden_0', 'hidden_1']
   if claim == 'saturation':
