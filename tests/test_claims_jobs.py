@@ -174,3 +174,18 @@ def test_mlp_job_end_to_end_on_synthetic_data(tmp_path, claim, extra, fast_compi
     assert summary['networks']['bn']['layers'] == ['hidden_0', 'hidden_1']
   if claim == 'saturation':
     assert summary['datasets']['synthetic']['bn']['histogram']['steps'] == [0, 10, 20]
+
+
+def test_dropout_job_end_to_end_on_synthetic_data(tmp_path, fast_compiles):
+  """The costly one (three Inception programs): two steps, two rates, one seed."""
+  args = claims.Args(claim='dropout', workdir=str(tmp_path), data='synthetic', steps=2,
+                     eval_every=1, seeds=1, dropout_rates=(0.0, 0.4))
+  summary = claims.run_job(args, command='test')
+  assert set(summary['networks']) == set(dropout_need.NETWORKS)
+  for s in summary['networks'].values():
+    assert [r['rate'] for r in s['rows']] == [0.0, 0.4]
+    assert all(r['final_accuracy'] is not None and r['train_test_gap'] is not None
+               for r in s['rows'])
+    assert s['dropout_gain'] is not None
+  assert summary['claims'][0]['verdict'] in ('holds', 'does not hold')
+  assert (tmp_path / 'dropout' / 'dropout.png').stat().st_size > 100
