@@ -166,7 +166,16 @@ def load_run_data(config: ml_collections.ConfigDict) -> RunData:
   ds = data_lib.load_dataset(config.data)
   source = InMemoryInput(ds.train_images, ds.train_labels, batch_size=config.batch_size,
                          seed=config.seed)
-  n_eval = config.num_eval_examples or len(ds.test_labels)
+  # Counts of held-out examples are checked against the test set actually loaded:
+  # clipping them silently would leave config.json naming more than was used.
+  num_test = len(ds.test_labels)
+  for key, wanted in (('num_eval_examples', config.num_eval_examples),
+                      ('probe.num_examples', config.probe.num_examples
+                       if config.probe.enabled and config.model.name == 'mlp' else 0)):
+    if wanted > num_test:
+      raise ValueError(f'{key}={wanted} but the test set has {num_test} examples; '
+                       f'allowed: 1..{num_test}.')
+  n_eval = config.num_eval_examples or num_test
   batches = padded_eval_batches(ds.test_images[:n_eval], ds.test_labels[:n_eval],
                                 config.eval_batch_size)
   probe_images = (ds.test_images[:config.probe.num_examples]

@@ -10,12 +10,14 @@ environment, its cores, where its output goes) is decided in one place.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from absl import logging
 
@@ -85,6 +87,40 @@ def check_parallel(value: object, flag: str = 'parallel') -> int:
   return value
 
 
+class Interrupted(Exception):
+  """SIGTERM or SIGINT stopped the work; every child started had saved and exited.
+
+  `signum` says which signal: a command exits with 128 + signum (130, 143), as a shell
+  reports a death by that signal.
+  """
+
+  def __init__(self, signum: int, message: str = ''):
+    super().__init__(message or f'interrupted by signal {signum}')
+    self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_recorded() -> Iterator[list[int]]:
+  """Within: SIGTERM/SIGINT are recorded in the yielded list instead of killing this
+  process, so that a parent can pass them on to its children and wait for them."""
+  received: list[int] = []
+
+  def handler(signum, frame):
+    del frame
+    received.append(signum)
+
+  try:
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  except ValueError:  # not the main thread: signals stay with their owner
+    yield received
+    return
+  try:
+    yield received
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
 @dataclasses.dataclass
 class Job:
   """One process to launch.
@@ -118,8 +154,13 @@ def run_jobs(jobs: Sequence[Job], *, parallel: int = 1, pin_cores: bool = False,
              single_thread: bool = False, cores: Optional[Sequence[int]] = None,
              cwd: Optional[str] = None,
              on_finish: Optional[Callable[[JobResult, int], None]] = None,
-             poll_seconds: float = 0.05) -> list[JobResult]:
+             on_poll: Optional[Callable[[list[str]], None]] = None,
+             poll_seconds: float = 0.05, report_seconds: float = 5.0) -> list[JobResult]:
   """Runs jobs, `parallel` at a time, in order; a failing job does not stop the others.
+
+  Each child is the leader of its own process group. SIGTERM or SIGINT to this process
+  is passed on to every running child's group (each saves and records `interrupted`),
+  no further job starts, and once all have exited `Interrupted` is raised.
 
   Args:
     jobs: what to run.
@@ -132,13 +173,17 @@ def run_jobs(jobs: Sequence[Job], *, parallel: int = 1, pin_cores: bool = False,
     cwd: the children's working directory; default this process's (relative paths in
       the commands mean what the user meant). The repository is on their PYTHONPATH.
     on_finish: called as on_finish(result, still_running) when a job ends.
+    on_poll: called with the names of the running jobs every `report_seconds` (live
+      progress).
     poll_seconds: how often running jobs are checked.
+    report_seconds: how often `on_poll` is called.
 
   Returns:
     One result per job, in the order of `jobs`.
 
   Raises:
     ValueError: `parallel` is not a positive integer (before anything starts).
+    Interrupted: a signal stopped the jobs (after every started child exited).
   """
   check_parallel(parallel)
   slots = min(parallel, len(jobs)) or 1
@@ -147,25 +192,46 @@ def run_jobs(jobs: Sequence[Job], *, parallel: int = 1, pin_cores: bool = False,
     shares = cpu_placement.core_shares(
         list(cores) if cores is not None else cpu_placement.available_cores(), slots)
   env = child_env(single_thread=single_thread)
+  with signals_recorded() as received:
+    return _run(jobs, slots, shares, env, cwd, on_finish, on_poll, poll_seconds,
+                report_seconds, received)
+
+
+def _run(jobs, slots, shares, env, cwd, on_finish, on_poll, poll_seconds, report_seconds,
+         received: list[int]) -> list[JobResult]:
+  """run_jobs' loop; `received` fills with the signals this process gets."""
   free_slots = list(range(slots))
   pending = list(enumerate(jobs))
   running: list[tuple[int, int, subprocess.Popen, object]] = []
   results: dict[int, JobResult] = {}
-  while pending or running:
-    while pending and free_slots:
+  passed_on = 0
+  next_report = time.monotonic() + report_seconds
+  while running or (pending and not received):
+    while pending and free_slots and not received:
       index, job = pending.pop(0)
       slot = free_slots.pop(0)
       log = open(job.log, 'a') if job.log else None  # pylint: disable=consider-using-with
       logging.info('launching %s: %s', job.name, ' '.join(map(str, job.command)))
+      # Its own process group: a signal reaches the child (and anything it starts)
+      # only through this parent, which then waits for it to save.
       proc = subprocess.Popen(list(job.command), cwd=cwd, env=env, stdout=log,
-                              stderr=subprocess.STDOUT if log else None)
+                              stderr=subprocess.STDOUT if log else None,
+                              start_new_session=True)
       if shares:
         # Set right after the start, before the child's interpreter starts threads
         # (threads inherit it); a preexec_fn is unsafe in a parent running threads.
         os.sched_setaffinity(proc.pid, shares[slot])
         logging.info('%s runs on CPU core(s) %s', job.name, sorted(shares[slot]))
       running.append((index, slot, proc, log))
+    while passed_on < len(received):
+      for _, _, proc, _ in running:
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(proc.pid, received[passed_on])
+      passed_on += 1
     time.sleep(poll_seconds if running else 0)
+    if on_poll is not None and running and time.monotonic() >= next_report:
+      next_report = time.monotonic() + report_seconds
+      on_poll([jobs[index].name for index, _, _, _ in running])
     for item in list(running):
       index, slot, proc, log = item
       if proc.poll() is None:
@@ -177,8 +243,12 @@ def run_jobs(jobs: Sequence[Job], *, parallel: int = 1, pin_cores: bool = False,
       result = JobResult(jobs[index].name, proc.returncode,
                          set(shares[slot]) if shares else None)
       results[index] = result
-      if proc.returncode:
+      if proc.returncode and not received:
         logging.warning('%s exited with code %d.', result.name, proc.returncode)
       if on_finish is not None:
         on_finish(result, len(running))
+  if received:
+    raise Interrupted(received[0], f'interrupted by signal {received[0]}: every started '
+                      f'run saved and stopped, {len(jobs) - len(results)} not started; '
+                      'the same command resumes')
   return [results[i] for i in range(len(jobs))]

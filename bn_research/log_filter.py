@@ -1,5 +1,5 @@
 """Which log lines a command shows: INFO from this project, WARNING and above from libraries
-(orbax logs every checkpoint step at INFO)."""
+(orbax logs every checkpoint step at INFO). `--verbosity=1` (absl's flag) shows them all."""
 
 import logging as std_logging
 
@@ -9,8 +9,8 @@ _OURS = ('/bn_research/', '/scripts/', '/experiments/')
 
 
 def _keep(record) -> bool:
-  return record.levelno >= std_logging.WARNING or any(
-      part in record.pathname for part in _OURS)
+  return (record.levelno >= std_logging.WARNING or logging.get_verbosity() > 0
+          or any(part in record.pathname for part in _OURS))
 
 
 def quiet_library_logs() -> None:

@@ -1,4 +1,4 @@
-"""Hyperparameter sweeps: grids, run names, launch commands, skip/resume.
+"""Hyperparameter sweeps: grids from text, run names, sweep.json, and `sweep()`.
 
 A sweep is an ordered mapping from dotted config keys to lists of values.
 Its grid is the Cartesian product, with the first key varying slowest. Every
@@ -7,31 +7,28 @@ built from the point's values only, so the same command always maps a point
 to the same directory: re-running a sweep finds earlier runs, skips finished
 ones and relaunches the rest (the engine resumes those from checkpoints).
 
-This module is the library behind `scripts/sweep.py`; it never imports the
-training engine, which is started as a subprocess through a launcher function
-that tests replace.
+This module is the library behind `scripts/sweep.py`: it turns the command line's
+text into typed values once, builds the plan (`plan.grid`, which validates every value)
+and runs it with one of `plan.run_plan`'s backends.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import hashlib
 import importlib.util
-import itertools
 import logging
 import math
 import pathlib
 import re
-import shlex
 import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from bn_research import launch
+from bn_research import plan as plan_lib
 from bn_research import rundir
 
 Sweep = dict[str, list[Any]]
-Launcher = Callable[[Sequence[str]], int]
 
 _KEY_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
 # Characters kept verbatim in directory names. ',' and '=' separate the parts
@@ -44,8 +41,8 @@ _MAX_NAME_LEN = 200
 _OVERRIDE_RE = re.compile(r'^--?(no)?config\.([^=]+)(=.*)?$', re.DOTALL)
 
 
-class SweepError(ValueError):
-  """A sweep definition or command line that cannot be run."""
+SweepError = plan_lib.SweepError
+format_value = plan_lib.format_value
 
 
 # ---------------------------------------------------------------- values
@@ -71,39 +68,10 @@ def parse_value(text: str) -> Any:
   try:
     return ast.literal_eval(text)
   except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-    return text
-
-
-def format_value(value: Any) -> str:
-  """Writes a value as a command-line override text.
-
-  Args:
-    value: A parsed or Python-defined sweep value.
-
-  Returns:
-    The text after `--config.KEY=`: bools in absl's lower case, floats in
-    shortest round-trip form (so 1e-1 and 0.1 give the same text), strings as
-    they are, containers as Python literals.
-
-  Raises:
-    SweepError: For values no override could express (objects, functions).
-  """
-  if isinstance(value, bool):
-    return 'true' if value else 'false'
-  if value is None or isinstance(value, (int, float)):
-    return repr(value)
-  if isinstance(value, str):
-    return value
-  if isinstance(value, (tuple, list, dict)):
-    try:
-      if ast.literal_eval(repr(value)) == value:
-        return repr(value)
-    except (SyntaxError, ValueError):
-      pass
-  raise SweepError(
-      f'sweep value {value!r} of type {type(value).__name__} cannot be '
-      'written as a --config override; use numbers, bools, strings, None, '
-      'or tuples/lists of them')
+    pass
+  if text.lower().lstrip('+-') in ('inf', 'infinity', 'nan'):
+    return float(text)  # so that the key's spec, not a type error, names the value
+  return text
 
 
 def split_values(text: str) -> list[str]:
@@ -269,21 +237,6 @@ def merge_sweeps(base: Mapping[str, list[Any]],
   return merged
 
 
-def expand_grid(sweep: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-  """Expands a sweep into its grid points.
-
-  Args:
-    sweep: Ordered mapping of keys to values.
-
-  Returns:
-    One dict per point, keys in sweep order; the first key varies slowest.
-    An empty sweep has one point, the unmodified config.
-  """
-  keys = list(sweep)
-  return [dict(zip(keys, combo))
-          for combo in itertools.product(*(sweep[k] for k in keys))]
-
-
 # ---------------------------------------------------------------- naming
 
 
@@ -365,81 +318,6 @@ def override_key(override: str) -> str:
   return match.group(2)
 
 
-def build_command(python: str, config: str, workdir: str | pathlib.Path,
-                  params: Mapping[str, Any],
-                  overrides: Sequence[str] = ()) -> list[str]:
-  """Builds the argv launching one run of the training engine.
-
-  Args:
-    python: Interpreter to run (`sys.executable` by default in the script).
-    config: `configs/<file>.py[:args]`.
-    workdir: The run's own directory.
-    params: The grid point, passed as `--config.KEY=VALUE`.
-    overrides: Extra `--config...` arguments common to all runs; they come
-      first so that nothing can silently override a swept key after it.
-
-  Returns:
-    The argv list.
-  """
-  return ([python, '-m', 'bn_research.main', f'--config={config}',
-           f'--workdir={workdir}'] + list(overrides)
-          + [f'--config.{k}={format_value(v)}' for k, v in params.items()])
-
-
-@dataclasses.dataclass
-class PlannedRun:
-  """One grid point ready to launch.
-
-  Attributes:
-    name: Sub-directory name (see `run_name`).
-    params: The grid point.
-    workdir: The run's directory.
-    command: argv launching the run.
-  """
-
-  name: str
-  params: dict[str, Any]
-  workdir: pathlib.Path
-  command: list[str]
-
-
-def plan_sweep(config: str, sweep_dir: str | pathlib.Path,
-               sweep: Mapping[str, Sequence[Any]],
-               overrides: Sequence[str] = (),
-               python: str = 'python') -> list[PlannedRun]:
-  """Turns a sweep into the runs to launch, in grid order.
-
-  Args:
-    config: `configs/<file>.py[:args]`.
-    sweep_dir: The sweep's directory; runs go in sub-directories.
-    sweep: Key -> values.
-    overrides: `--config.KEY=VALUE` arguments common to all runs.
-    python: Interpreter for the commands.
-
-  Returns:
-    The planned runs.
-
-  Raises:
-    SweepError: If an override sets a swept key, or two points share a name.
-  """
-  for override in overrides:
-    key = override_key(override)
-    if key in sweep:
-      raise SweepError(f'{override} sets {key!r}, which the sweep also varies')
-  sweep_dir = pathlib.Path(sweep_dir)
-  planned, names = [], set()
-  for params in expand_grid(sweep):
-    name = run_name(params)
-    if name in names:
-      raise SweepError(f'two grid points share the run name {name!r}')
-    names.add(name)
-    workdir = sweep_dir / name
-    planned.append(PlannedRun(
-        name=name, params=params, workdir=workdir,
-        command=build_command(python, config, workdir, params, overrides)))
-  return planned
-
-
 # ---------------------------------------------------------------- files
 
 
@@ -477,49 +355,10 @@ def load_sweep_file(path: str | pathlib.Path) -> tuple[Sweep, str | None]:
   return check_sweep(module.SWEEP, str(path)), config
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
-  """Loads a config as `--config=path.py[:args]` would (`config_files.load_config`).
-
-  Raises:
-    SweepError: one line naming the spec or override at fault.
-  """
-  from bn_research import config_files  # pylint: disable=g-import-not-at-top
-  try:
-    return config_files.load_config(spec, overrides)
-  except ValueError as e:
-    raise SweepError(str(e)) from None
-
-
-def has_key(config: Any, key: str) -> bool:
-  """Returns whether a dotted key exists in a ConfigDict or nested dict."""
-  node = config
-  for part in key.split('.'):
-    try:
-      node = node[part]
-    except (KeyError, TypeError, AttributeError, IndexError):
-      return False
-  return True
-
-
-def check_keys(config: Any, keys: Iterable[str], config_spec: str) -> None:
-  """Fails before launching anything if a key is not in the config.
-
-  Without this, a typo in a swept key would only surface when the first
-  run starts, possibly hours into a queue.
-
-  Raises:
-    SweepError: Listing the unknown keys.
-  """
-  unknown = [k for k in keys if not has_key(config, k)]
-  if unknown:
-    raise SweepError(f'not in config {config_spec!r}: '
-                     + ', '.join(repr(k) for k in unknown))
-
-
 def write_sweep_json(sweep_dir: str | pathlib.Path, config: str,
                      sweep: Mapping[str, Sequence[Any]],
                      overrides: Sequence[str],
-                     planned: Sequence[PlannedRun]) -> pathlib.Path:
+                     planned: Sequence[plan_lib.Run]) -> pathlib.Path:
   """Writes (or extends) `sweep_dir/sweep.json`.
 
   Run names only encode swept values, so a directory reused with another
@@ -542,7 +381,7 @@ def write_sweep_json(sweep_dir: str | pathlib.Path, config: str,
   """
   sweep_dir = pathlib.Path(sweep_dir)
   path = sweep_dir / rundir.SWEEP_FILE
-  runs = [{'name': r.name, 'params': r.params} for r in planned]
+  runs = [{'name': r.name, 'params': dict(r.params)} for r in planned]
   try:
     old = rundir.read_sweep(str(sweep_dir))
   except rundir.RunDirError as e:
@@ -567,96 +406,44 @@ def write_sweep_json(sweep_dir: str | pathlib.Path, config: str,
 # ---------------------------------------------------------------- running
 
 
-def subprocess_launcher(command: Sequence[str]) -> int:
-  """Runs one training run in the foreground (`launch.run_command`); its exit code."""
-  return launch.run_command(command)
+def parse_override(override: str) -> tuple[str, Any]:
+  """`--config.KEY=VALUE` (or `--config.FLAG`, `--noconfig.FLAG`) as (key, typed value)."""
+  match = _OVERRIDE_RE.match(override)
+  if match is None:
+    raise SweepError(f'{override!r} is not a --config.KEY=VALUE override')
+  if match.group(3) is None:
+    return match.group(2), not match.group(1)
+  return match.group(2), parse_value(match.group(3)[1:])
 
 
-def needs_launch(run: PlannedRun) -> tuple[bool, str]:
-  """Decides whether a run must be (re)launched.
-
-  `done` and `diverged` are final results. `running`, `failed` or no status
-  are relaunched: the engine resumes from the last checkpoint. A `running`
-  status is usually a run that was killed; launch sweeps one at a time.
-
-  Returns:
-    (launch?, the status found or "new").
-  """
-  try:
-    status = rundir.read_status(str(run.workdir))
-  except rundir.RunDirError:
-    return True, 'unreadable status'  # the run itself then names the file and the fix
-  state = 'new' if status is None else str(status.get('status', 'unknown'))
-  return state not in rundir.FINISHED_STATUSES, state
-
-
-@dataclasses.dataclass
-class SweepResult:
-  """What `run_sweep` did.
-
-  Attributes:
-    skipped: (name, status) of runs already finished.
-    launched: Names of runs launched, in order.
-    failed: (name, exit code) of launched runs that exited non-zero.
-  """
-
-  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-  launched: list[str] = dataclasses.field(default_factory=list)
-  failed: list[tuple[str, int]] = dataclasses.field(default_factory=list)
-
-
-def run_sweep(planned: Sequence[PlannedRun],
-              launcher: Launcher = subprocess_launcher, *,
-              parallel: int = 1) -> SweepResult:
-  """Launches the unfinished runs of a sweep, one after another or `parallel` at once.
-
-  A failing run does not stop the sweep: the others are independent, and
-  re-running the sweep retries only what is unfinished.
-
-  Args:
-    planned: Runs from `plan_sweep`.
-    launcher: Runs one command and returns its exit code; replaced in tests. Used
-      when parallel is 1.
-    parallel: runs at once (`launch.run_jobs`: each pinned to its share of the CPU
-      cores, XLA single-threaded, output in `<sweep dir>/<run name>.log`).
-
-  Returns:
-    What was skipped, launched and failed.
-  """
-  result = SweepResult()
-  to_launch = []
-  for i, run in enumerate(planned, 1):
-    launch_it, state = needs_launch(run)
-    if not launch_it:
-      logging.info('[%d/%d] %s: %s, skipping.', i, len(planned), run.name, state)
-      result.skipped.append((run.name, state))
-      continue
-    logging.info('[%d/%d] %s: %s, launching.', i, len(planned), run.name, state)
-    result.launched.append(run.name)
-    to_launch.append(run)
-  if parallel > 1 and to_launch:
-    pathlib.Path(to_launch[0].workdir).parent.mkdir(parents=True, exist_ok=True)
-    jobs = [launch.Job(run.name, run.command,
-                       log=str(pathlib.Path(run.workdir).parent / f'{run.name}.log'))
-            for run in to_launch]
-    codes = [(r.name, r.returncode) for r in launch.run_jobs(
-        jobs, parallel=parallel, pin_cores=True, single_thread=True, poll_seconds=1.0)]
-  else:
-    codes = [(run.name, launcher(run.command)) for run in to_launch]
-  for name, code in codes:
-    if code != 0:
-      logging.error('%s exited with code %d.', name, code)
-      result.failed.append((name, code))
-  return result
+def results_table(runs: Sequence[plan_lib.Run]) -> str:
+  """One line per run: its status, last step and last test accuracy (rundir readers)."""
+  rows = []
+  for run in runs:
+    try:
+      status = rundir.read_status(run.workdir) or {}
+      metrics = rundir.read_metrics(run.workdir) if pathlib.Path(run.workdir).is_dir() else []
+    except rundir.RunDirError as e:
+      status, metrics = {'status': f'unreadable: {e}'}, []
+    acc = [m['eval_accuracy'] for m in metrics if 'eval_accuracy' in m]
+    rows.append((run.name, str(status.get('status', 'new')), str(status.get('step', '-')),
+                 f'{acc[-1]:.4f}' if acc else '-'))
+  header = ('run', 'status', 'step', 'test accuracy')
+  widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+  return '\n'.join('  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+                   for row in [header] + rows)
 
 
 def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
           sweep_file: str | None, overrides: Sequence[str],
           print_commands: bool = False, python: str = sys.executable,
-          validate_keys: bool = True,
-          launcher: Launcher = subprocess_launcher,
-          vmap: bool = False, parallel: int = 1) -> int:
-  """Plans, records and runs (or prints) a sweep.
+          vmap: bool = False, parallel: int = 1,
+          out: Callable[[str], None] = print) -> int:
+  """Plans, validates, records and runs (or prints) a sweep.
+
+  Every value of every grid point is set and validated with its key's spec, and a
+  swept key that changes nothing in this configuration is refused, before sweep.json
+  is written or anything runs.
 
   Args:
     config: Config spec, or None to take CONFIG from the sweep file.
@@ -666,16 +453,16 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
     overrides: Common `--config.KEY=VALUE` arguments.
     print_commands: Print commands instead of running them.
     python: Interpreter for the commands.
-    validate_keys: Check keys against the loaded config first.
-    launcher: Runs one command (tests pass a fake).
     vmap: Train every point in this process as one vmapped program.
     parallel: Separate runs launched at once.
+    out: Where commands and the final table are written.
 
   Returns:
     Process exit code: 0, or 1 if a launched run failed.
 
   Raises:
-    SweepError: For any problem found before launching.
+    SweepError / ValueError: For any problem found before launching.
+    launch.Interrupted: A signal stopped the sweep (every run saved first).
   """
   try:
     launch.check_parallel(parallel)
@@ -684,6 +471,9 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
   if parallel > 1 and vmap:
     raise SweepError(f'--parallel={parallel} launches separate runs; --vmap '
                      'trains every point in one program: choose one')
+  if vmap and print_commands:
+    raise SweepError('--vmap trains every point in this process; there '
+                     'are no per-run commands for --print_commands')
   base, file_config = ({}, None)
   if sweep_file:
     base, file_config = load_sweep_file(sweep_file)
@@ -693,51 +483,24 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
     raise SweepError('no config: pass --config or define CONFIG in the --sweep_file')
   if not grid:
     raise SweepError('nothing to sweep: pass --sweep or --sweep_file')
-  planned = plan_sweep(config, workdir, grid, overrides, python)
-  if validate_keys:
-    keys = list(grid) + [override_key(o) for o in overrides]
-    check_keys(load_config(config), keys, config)
+  common = dict(parse_override(o) for o in overrides)
+  runs = plan_lib.grid(config, workdir, grid, common)
+  how = 'print' if print_commands else 'vmap' if vmap else 'processes'
   if vmap:
-    if print_commands:
-      raise SweepError('--vmap trains every point in this process; there '
-                       'are no per-run commands for --print_commands')
-    # Imported here: the sequential path never loads JAX in this process.
-    from bn_research import log_filter
-    from bn_research import train
-    log_filter.quiet_library_logs()
-    try:
-      base = load_config(config, overrides)
-      train.check_sweepable(base, list(grid))
-    except ValueError as e:
-      raise SweepError(str(e)) from None
-  write_sweep_json(workdir, config, grid, overrides, planned)
-  logging.info('Sweep of %d runs in %s.', len(planned), workdir)
-
+    plan_lib.vmap_groups(runs)  # refused now, before sweep.json is written
+  write_sweep_json(workdir, config, grid,
+                   [f'--config.{k}={format_value(v)}' for k, v in common.items()], runs)
+  logging.info('Sweep of %d runs in %s.', len(runs), workdir)
+  outcomes = plan_lib.run_plan(runs, how, parallel=parallel, python=python, out=out,
+                               progress=plan_lib.print_progress)
   if print_commands:
-    for run in planned:
-      launch_it, state = needs_launch(run)
-      if launch_it:
-        print(shlex.join(run.command), flush=True)
-      else:
-        logging.info('%s: %s, not printed.', run.name, state)
     return 0
-
-  if vmap:
-    logging.info('Training the %d runs as one vmapped program.', len(planned))
-    try:
-      results = train.train_members(
-          base, [(str(run.workdir), run.params) for run in planned])
-    except ValueError as e:
-      raise SweepError(str(e)) from None
-    for run, res in zip(planned, results):
-      logging.info('%s: %s at step %s, eval_accuracy %s', run.name, res.get('status'),
-                   res.get('step'), res.get('eval_accuracy'))
-    return 0
-
-  result = run_sweep(planned, launcher, parallel=parallel)
-  logging.info('Sweep finished: %d launched, %d skipped as finished, '
-               '%d failed.', len(result.launched), len(result.skipped),
-               len(result.failed))
-  for name, code in result.failed:
-    logging.error('Failed (exit code %d): %s', code, name)
-  return 1 if result.failed else 0
+  failed = [o for o in outcomes if o.returncode]
+  out(results_table(runs))
+  skipped = sum(o.skipped for o in outcomes)
+  logging.info('Sweep finished: %d launched, %d skipped as finished, %d failed.',
+               len(outcomes) - skipped, skipped, len(failed))
+  for o in failed:
+    logging.error('Failed (exit code %d): %s; its output: %s', o.returncode, o.name,
+                  plan_lib.log_path(next(r for r in runs if r.name == o.name)))
+  return 1 if failed else 0

@@ -38,6 +38,11 @@ import ml_collections
 _BOOLS = {'true': True, 'false': False, '1': True, '0': False, 'yes': True, 'no': False}
 
 
+class PositiveInt(int):
+  """A spec type for counts and sizes (a batch, a number of steps): an integer >= 1,
+  refused in one line before the config file divides by it."""
+
+
 def _spec_entry(key: str, entry: Any) -> tuple[Any, Any]:
   """(default, what is allowed) of one spec entry: a type or a tuple of choices."""
   if isinstance(entry, tuple) and len(entry) == 2 and (
@@ -58,11 +63,14 @@ def _convert(key: str, text: str, allowed: Any) -> Any:
     if text.lower() not in _BOOLS:
       raise ValueError(f'config argument {key}={text!r}; allowed: true or false.')
     return _BOOLS[text.lower()]
-  if allowed is int:
+  if allowed in (int, PositiveInt):
     try:
-      return int(text)
+      value = int(text)
     except ValueError:
       raise ValueError(f'config argument {key}={text!r} is not an integer.') from None
+    if allowed is PositiveInt and value < 1:
+      raise ValueError(f'config argument {key}={text!r}; allowed: an integer >= 1.')
+    return value
   if allowed is float:
     try:
       value = float(text)
@@ -85,7 +93,8 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
     arg: the text after `configs/x.py:` (None or '' for none).
     **spec: every allowed key with its default: a plain value (its type is the
       allowed type), `(default, type)` (e.g. `(None, float)` for "not given"), or
-      `(default, ('a', 'b'))` for a choice. Types: str, int, float (finite), bool.
+      `(default, ('a', 'b'))` for a choice. Types: str, int, `PositiveInt` (>= 1),
+      float (finite), bool.
       The FIRST key of the spec may also be given as a bare leading word
       (`bn,lr=0.1` sets the first key to 'bn'); a bare word naming a bool key sets
       it True.

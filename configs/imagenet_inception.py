@@ -39,7 +39,8 @@ BASE_DROPOUT = 0.4
 
 def get_config(arg: str = 'model=bn_x30') -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, model=('bn_x30', common.INCEPTION_MODELS),
-                          batch=PAPER_BATCH, steps=(None, int),
+                          batch=(PAPER_BATCH, common.PositiveInt),
+                          steps=(None, common.PositiveInt),
                           lr_scaling=('linear', ('linear', 'none')))
   model, batch = args.model, args.batch
   c = base_config()

@@ -78,4 +78,5 @@ def get_config(arg: str = 'bn') -> ml_collections.ConfigDict:
     c.data.image_size = 28
     c.data.num_train = 2000
     c.data.num_test = 500
+    c.probe.num_examples = c.data.num_test  # the probe's images come from the test set
   return c

@@ -157,8 +157,9 @@ def claims(table: dict) -> list[dict]:
 
   Each entry: the claim, the paper's numbers behind it (Figure 3: steps to Inception's
   72.2% and maximum accuracy), ours, `holds` (strict: a divergence claim needs every
-  seed to diverge) and `verdict` ("holds", "does not hold", or "partly" where some
-  seeds diverged). A claim whose models are missing is left out.
+  seed to diverge) and `verdict` ("holds", "does not hold", "partly" where some
+  seeds diverged, or "too short to judge" where a step comparison is a tie at the
+  evaluation resolution). A claim whose models are missing is left out.
   """
   m = table['models']
   inf = float('inf')
@@ -173,27 +174,35 @@ def claims(table: dict) -> list[dict]:
     best_text = 'n/a' if r['max_accuracy'] is None else f'{r["max_accuracy"]:.3f}'
     return f'{name}: target at {reached}, max {best_text}, {r["status"]}'
   out = []
-  def add(text, paper, names, test, partly=lambda: False):
+  def add(text, paper, names, test, partly=lambda: False, tie=lambda: False):
+    # A tie at the evaluation resolution (both reach the target at the same evaluation,
+    # or neither does) says the run was too short to tell the models apart.
     if all(n in m for n in names):
       holds = bool(test())
+      verdict = ('holds' if holds else 'partly' if partly() else
+                 'too short to judge' if tie() else 'does not hold')
       out.append({'claim': text, 'paper': paper, 'here': '; '.join(show(n) for n in names),
-                  'holds': holds,
-                  'verdict': 'holds' if holds else ('partly' if partly() else 'does not hold')})
+                  'holds': holds, 'verdict': verdict})
+  def same_steps(a, b):
+    return lambda: steps(a) == steps(b)
   add("BN-Baseline reaches Inception's maximum in fewer steps", '13.3M vs 31.0M steps',
-      ('bn_baseline', 'inception'), lambda: steps('bn_baseline') < steps('inception'))
+      ('bn_baseline', 'inception'), lambda: steps('bn_baseline') < steps('inception'),
+      tie=same_steps('bn_baseline', 'inception'))
   add("BN-Baseline ends above Inception's maximum", '72.7% vs 72.2%',
       ('bn_baseline', 'inception'), lambda: best('bn_baseline') > best('inception'))
   for x, paper_steps, paper_best in (('bn_x5', '2.1M', '73.0%'), ('bn_x30', '2.7M', '74.8%')):
     name = 'BN-x5' if x == 'bn_x5' else 'BN-x30'
     add(f"{name} reaches Inception's maximum in far fewer steps than Inception",
         f'{paper_steps} vs 31.0M steps', (x, 'inception'),
-        lambda x=x: steps(x) < steps('inception'))
+        lambda x=x: steps(x) < steps('inception'), tie=same_steps(x, 'inception'))
     add(f'{name} reaches it in fewer steps than BN-Baseline', f'{paper_steps} vs 13.3M steps',
-        (x, 'bn_baseline'), lambda x=x: steps(x) < steps('bn_baseline'))
+        (x, 'bn_baseline'), lambda x=x: steps(x) < steps('bn_baseline'),
+        tie=same_steps(x, 'bn_baseline'))
     add(f"{name} ends above Inception's maximum", f'{paper_best} vs 72.2%',
         (x, 'inception'), lambda x=x: best(x) > best('inception'))
   add('BN-x30 starts slower than BN-x5 (reaches the target later)', '2.7M vs 2.1M steps',
-      ('bn_x30', 'bn_x5'), lambda: steps('bn_x30') > steps('bn_x5'))
+      ('bn_x30', 'bn_x5'), lambda: steps('bn_x30') > steps('bn_x5'),
+      tie=same_steps('bn_x30', 'bn_x5'))
   add('BN-x30 ends above BN-x5', '74.8% vs 73.0%', ('bn_x30', 'bn_x5'),
       lambda: best('bn_x30') > best('bn_x5'))
   add('Inception without BN at 5x the rate diverges', '"machine infinity"',

@@ -192,10 +192,13 @@ def run(workdir: str, *, lr: float = 0.9, start: Sequence[float] = (-8.0, 4.0),
     # Best rate: the fastest to the target, else the lowest final loss.
     order = sorted(range(len(mlp_lrs)), key=lambda i: (
         hits[i] is None, hits[i] or 0, finals[i] if finals[i] is not None else math.inf))
-    best = order[0]
+    # Every rate diverged: there is no best rate to name.
+    best = None if all(f is None for f in finals) else order[0]
     mlp[kind] = {'steps_to_target': hits, 'final_mse': finals,
-                 'diverged': [f is None for f in finals], 'best_lr': mlp_lrs[best],
-                 'best_steps_to_target': hits[best], 'best_final_mse': finals[best]}
+                 'diverged': [f is None for f in finals],
+                 'best_lr': None if best is None else mlp_lrs[best],
+                 'best_steps_to_target': None if best is None else hits[best],
+                 'best_final_mse': None if best is None else finals[best]}
   summary['mlp'] = mlp
   summary['wall_seconds'] = round(time.time() - t0, 2)
   with open(os.path.join(workdir, 'input_normalization.json'), 'w') as f:
@@ -231,12 +234,14 @@ def plot(summary: dict, paths: dict, curves: dict, label_var: float, path: str) 
                  f'to |x|,|y| < {q["tol"]:g} (lr {q["lr"]:g})')
   ax = axes[2]
   m = summary['mlp']
-  colors = {'unnormalised': 'tab:orange', 'normalised': 'tab:blue'}
+  colors = {'unnormalised': 'tab:orange', 'normalised': 'tab:blue'}  # as no-BN / BN
   for kind, c in curves.items():
-    best = m['lrs'].index(m[kind]['best_lr'])
+    best = None if m[kind]['best_lr'] is None else m['lrs'].index(m[kind]['best_lr'])
     for i, curve in enumerate(c):
       if i != best:
         ax.plot(curve / label_var, color=colors[kind], alpha=0.15, lw=0.8)
+    if best is None:  # every rate diverged: no curve to single out
+      continue
     hit = m[kind]['best_steps_to_target']
     ax.plot(c[best] / label_var, color=colors[kind], lw=2,
             label=f'{kind} inputs, best lr {m[kind]["best_lr"]:g}: '
@@ -270,8 +275,8 @@ def parse_flags() -> dict:
     return out
 
   for name, value in (('lr', FLAGS.lr), ('tol', FLAGS.tol), ('target', FLAGS.target)):
-    if not value > 0:
-      raise ValueError(f'--{name}={value!r} must be > 0.')
+    if not (value > 0 and math.isfinite(value)):
+      raise ValueError(f'--{name}={value!r} is invalid: must be a finite number > 0.')
   for name, value in (('max_steps', FLAGS.max_steps), ('steps', FLAGS.steps)):
     if value < 1:
       raise ValueError(f'--{name}={value!r} must be >= 1.')
@@ -288,6 +293,9 @@ def main(argv: Sequence[str]) -> None:
   print(f'lr {q["lr"]:g}, start {q["start"]}: steps to |x|,|y| < {q["tol"]:g}: '
         f'elongated {q["elongated"]["steps_to_tol"]}, round {q["round"]["steps_to_tol"]}')
   for kind in ('unnormalised', 'normalised'):
+    if m[kind]['best_lr'] is None:
+      print(f'MLP, {kind} inputs: every learning rate diverged; no best rate.')
+      continue
     print(f'MLP, {kind} inputs: best lr {m[kind]["best_lr"]:g}, steps to MSE < '
           f'{m["target_relative_mse"]:g} Var(y): {m[kind]["best_steps_to_target"]}, '
           f'final {m[kind]["best_final_mse"]}')

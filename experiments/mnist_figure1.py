@@ -4,166 +4,172 @@ r"""Figure 1 of the paper: MNIST, BN vs baseline, test accuracy and activations 
 
 Trains both networks of `configs/mnist_mlp.py` (50,000 steps of batch 60 each), side by
 side on the machine's cores, each into its own run directory (`DIR/bn`, `DIR/baseline`,
-in the engine's format), then writes
+in the engine's format; output in `DIR/bn.log`, progress on the console), then writes
 
     DIR/figure1.png   (a) test accuracy vs step, (b) baseline and (c) BN: the 15th, 50th
                       and 85th percentiles of the input to one sigmoid of the last
                       hidden layer vs step, on one y-scale
-    DIR/figure1.json  per network: test_accuracy [[step, acc]], final_test_accuracy,
-                      percentiles [[step, p15, p50, p85]]; plus "data"
+    DIR/figure1.json  per network: status, test_accuracy [[step, acc]],
+                      final_test_accuracy, percentiles [[step, p15, p50, p85]]; claims
+    DIR/figure1.md    the table, the command, the date and the machine
 
-and prints a summary table. Re-running resumes or skips finished networks.
+Re-running resumes or skips finished networks. `--parallel=1`: one after the other.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import time
 
-from absl import app
-from absl import flags
-
+from bn_research import checks
+from bn_research import experiment
 from bn_research import launch
-from bn_research import rundir
+from bn_research import plan as plan_lib
 from bn_research.analysis import figure1 as figure1_lib
 
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/figure1', 'Output directory.')
-_STEPS = flags.DEFINE_integer('steps', None, 'Training steps per network (default: the '
-                              "config's 50,000).")
-_SOURCE = flags.DEFINE_string('source', None, "Data source: auto (default: MNIST via TFDS "
-                              'if prepared, else the offline 5k sample), tfds, offline, '
-                              'synthetic.')
-_EVAL_EVERY = flags.DEFINE_integer('eval_every', None, 'Steps between evals and probes.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Passed on to both runs.')
-_SET = flags.DEFINE_multi_string('set', [], 'Config override for both networks, '
-                                  'e.g. --set=optimizer.learning_rate=0.5 (repeatable).')
-_PIN_CORES = flags.DEFINE_bool('pin_cores', True, 'Pin each network\'s process to its own '
-                                'share of the CPU cores (Linux), when there are enough.')
-_SEQUENTIAL = flags.DEFINE_bool('sequential', False, 'Train the networks one after the '
-                                'other instead of side by side.')
+NAME = 'figure1'
+WORKDIR = 'runs/figure1'
+HOW, PARALLEL = 'processes', 2
+FLAGS = {
+    'steps': experiment.Flag(int, None, "Training steps per network (default: the "
+                             "config's 50,000).", checks.Int(1)),
+    'source': experiment.Flag(str, None, 'Data source: auto (default: MNIST via TFDS if '
+                              'prepared, else the offline 5k sample), tfds, offline, '
+                              'synthetic.', checks.Choice(('auto', 'tfds', 'offline',
+                                                           'synthetic'))),
+    'eval_every': experiment.Flag(int, None, 'Steps between evals and probes.',
+                                  checks.Int(1)),
+}
 
 NETWORKS = ('bn', 'baseline')
-PERCENTILE_KEYS = ('act_p15', 'act_p50', 'act_p85')
+LABELS = {'bn': 'With BN', 'baseline': 'Without BN'}
 CONFIG = os.path.join(launch.REPO, 'configs', 'mnist_mlp.py')
 
 
-def check_flags() -> None:
-  """ValueError naming the first bad flag, before anything runs."""
-  launch.check_positive_flag('steps', _STEPS.value, 'training steps per network')
-  launch.check_positive_flag('eval_every', _EVAL_EVERY.value, 'steps between evaluations')
+def plan(args) -> list[plan_lib.Run]:
+  """The two networks, with the job's flags and every --set applied."""
+  overrides = {}
+  if args.steps is not None:
+    overrides['num_train_steps'] = args.steps
+    if args.steps < 10_000:  # keep checkpoints inside short runs too
+      overrides['checkpoint_every_steps'] = args.steps
+  if args.eval_every is not None:
+    for key in ('eval_every_steps', 'log_every_steps', 'steps_per_dispatch'):
+      overrides[key] = args.eval_every
+  overrides.update(args.overrides)
+  source = f',source={args.source}' if args.source else ''
+  return [plan_lib.make_run(net, os.path.join(args.workdir, net), f'{CONFIG}:{net}{source}',
+                            overrides) for net in NETWORKS]
 
 
-def run_command(network: str, workdir: str) -> list[str]:
-  arg = network
-  if _SOURCE.value:
-    arg += f',source={_SOURCE.value}'
-  cmd = [sys.executable, '-m', 'bn_research.main',
-         f'--config={CONFIG}:{arg}', f'--workdir={workdir}']
-  if _STEPS.value is not None:
-    cmd += [f'--config.num_train_steps={_STEPS.value}']
-    if _STEPS.value < 10_000:  # keep checkpoints inside short runs too
-      cmd += [f'--config.checkpoint_every_steps={_STEPS.value}']
-  if _EVAL_EVERY.value is not None:
-    cmd += [f'--config.eval_every_steps={_EVAL_EVERY.value}',
-            f'--config.log_every_steps={_EVAL_EVERY.value}',
-            f'--config.steps_per_dispatch={_EVAL_EVERY.value}']
-  cmd += [f'--config.{kv}' for kv in _SET.value]
-  if _OVERWRITE.value:
-    cmd += ['--overwrite']
-  return cmd
+def _percentile_keys(config: dict) -> list[str]:
+  return [f'act_p{q:g}' for q in config.get('probe', {}).get('percentiles', ())]
 
 
-def _load_matplotlib(result: launch.JobResult, still_running: int) -> None:
-  """When one network has finished and the other still trains, a core is free: load
-  the plotting library now instead of after (about 0.7 s of the job's wall time)."""
-  if still_running and result.returncode == 0:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use('Agg')
-    import matplotlib.pyplot  # pylint: disable=g-import-not-at-top,unused-import
+def summarize(records, args) -> dict:
+  """Curves and numbers per network, and the paper's claims where they can be judged.
 
-
-def train_networks(root: str) -> None:
-  """Runs both networks as separate processes, side by side, each on its own core(s).
-
-  The MLP's matmuls are tiny: one XLA thread per process beats sharing threads.
+  A diverged network, a network with fewer than two probe rows or a probe of other than
+  three percentiles is reported as such: the numbers it lacks are None.
   """
-  jobs = [launch.Job(net, run_command(net, os.path.join(root, net)),
-                     log=os.path.join(root, f'{net}.log')) for net in NETWORKS]
-  results = launch.run_jobs(
-      jobs, parallel=1 if _SEQUENTIAL.value else len(jobs),
-      pin_cores=_PIN_CORES.value and not _SEQUENTIAL.value, single_thread=True,
-      on_finish=_load_matplotlib)
-  failed = [r.name for r in results if r.returncode != 0]
-  for net in failed:
-    with open(os.path.join(root, f'{net}.log'), errors='replace') as f:
-      tail = f.read()[-3000:]
-    print(f'--- {net} failed; end of {root}/{net}.log:\n{tail}', file=sys.stderr)
-  if failed:
-    raise SystemExit(f'training failed for: {", ".join(failed)}')
-
-
-def summarize(root: str) -> dict:
-  """Collects figure1.json from the two run directories, with the claims measured."""
+  del args
   out = {}
+  for r in records:
+    keys = _percentile_keys(r.config)
+    pct = [[m['step']] + [m[k] for k in keys]
+           for m in r.metrics if keys and all(k in m for k in keys)]
+    out[r.name] = {'test_accuracy': r.curve('eval_accuracy'), 'percentiles': pct,
+                   'status': r.status.get('status', 'unknown')}
+  base_acc = out['baseline']['test_accuracy']
+  target = max((a for _, a in base_acc), default=None)
+  notes = []
   for net in NETWORKS:
-    run_dir = os.path.join(root, net)
-    rows = rundir.read_metrics(run_dir)
-    acc = [[r['step'], r['eval_accuracy']] for r in rows if 'eval_accuracy' in r]
-    pct = [[r['step']] + [r[k] for k in PERCENTILE_KEYS]
-           for r in rows if all(k in r for k in PERCENTILE_KEYS)]
-    status = rundir.read_status(run_dir) or {}
-    out[net] = {'test_accuracy': acc, 'percentiles': pct,
-                'status': status.get('status', 'unknown')}
-  target = max(a for _, a in out['baseline']['test_accuracy'])
-  for net in NETWORKS:
-    out[net].update(figure1_lib.network_numbers(out[net]['test_accuracy'],
-                                                out[net]['percentiles'], target))
-  out['claims'] = figure1_lib.claims(out['bn'], out['baseline'])
-  data = rundir.read_description(os.path.join(root, 'bn')) or {}
+    s = out[net]
+    if s['test_accuracy'] and target is not None and len(s['percentiles']) >= 2 and len(
+        s['percentiles'][0]) == 4:
+      s.update(figure1_lib.network_numbers(s['test_accuracy'], s['percentiles'], target))
+    else:
+      notes.append(f'{net} ({s["status"]}): too few evaluations or not three probe '
+                   'percentiles; its numbers are not measured')
+  if all('final_test_accuracy' in out[net] for net in NETWORKS):
+    out['claims'] = figure1_lib.claims(out['bn'], out['baseline'])
+  else:
+    out['claims'] = []
+  out['warnings'] = notes
+  data = records[0].data
   out['data'] = {k: data.get(k) for k in ('dataset', 'display_name', 'source', 'num_train',
                                            'num_test', 'image_shape', 'is_mnist_sample',
                                            'warning', 'binarized')}
-  cfg = rundir.read_config(os.path.join(root, 'bn')) or {}
-  probe = cfg.get('probe', {})
+  if data.get('warning'):
+    notes.append(data['warning'])
+  probe = records[0].config.get('probe', {})
   out['probe'] = {'layer': 'last hidden', 'unit': probe.get('unit'),
                   'num_examples': probe.get('num_examples'), 'mode': probe.get('mode'),
                   'percentiles': probe.get('percentiles')}
-  out['eval'] = cfg.get('eval', {})
+  out['eval'] = records[0].config.get('eval', {})
   return out
 
 
-def plot(summary: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  import numpy as np
+def table(summary: dict) -> str:
+  data = summary['data']
+  name = data.get('display_name') or data.get('dataset')
+  lines = [f'Figure 1 on {name}'
+           + ('  [the MNIST sample, NOT full MNIST]' if data.get('is_mnist_sample') else ''),
+           '']
+  rows = []
+  for net in NETWORKS:
+    s = summary[net]
+    if 'final_test_accuracy' in s:
+      rows.append([net, s['status'], s['final_test_accuracy'], s['max_test_accuracy'],
+                   s['steps_to_baseline_max'],
+                   f'{s["median_drift"]:+.3f} / {s["median_jitter"]:.3f}',
+                   f'{s["spread_drift"]:+.3f} / {s["spread_jitter"]:.3f}'])
+    else:
+      rows.append([net, s['status']] + [None] * 5)
+  lines.append(experiment.markdown_table(
+      ['network', 'status', 'final test acc', 'max test acc', 'steps to baseline max',
+       'median drift / jitter', 'p15..p85 spread drift / jitter'], rows))
+  if 'from_step' in summary['bn']:
+    lines.append(f'\n(drift and jitter from step {summary["bn"]["from_step"]}, the end of '
+                 'the first tenth of training)\n')
+  for c in summary['claims']:
+    lines.append(f'- {"holds" if c["holds"] else "does not hold"}: {c["claim"]}; '
+                 f'{c["numbers"]}')
+  return '\n'.join(lines)
 
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-  colors = {'bn': 'tab:blue', 'baseline': 'tab:orange'}
-  labels = {'bn': 'With BN', 'baseline': 'Without BN'}
+
+def plot(summary: dict):
+  """(a) test accuracy; (b) baseline and (c) BN sigmoid input percentiles, one y-scale."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  fig, axes = experiment.figure(3, width=5.0)
   for net in NETWORKS:
     acc = np.asarray(summary[net]['test_accuracy'])
     if len(acc):
-      axes[0].plot(acc[:, 0], acc[:, 1], color=colors[net], label=labels[net])
+      axes[0].plot(acc[:, 0], acc[:, 1], color=experiment.COLORS[net], label=LABELS[net])
   axes[0].set_title('(a) test accuracy')
-  axes[0].set_xlabel('training step')
+  axes[0].set_ylabel('test accuracy')
   axes[0].set_ylim(0.0, 1.0)
-  axes[0].grid(alpha=0.3)
   axes[0].legend(loc='lower right')
   pct = {net: np.asarray(summary[net]['percentiles']) for net in NETWORKS}
-  lo = min(p[:, 1:].min() for p in pct.values() if len(p))
-  hi = max(p[:, 1:].max() for p in pct.values() if len(p))
+  shown = [p[:, 1:] for p in pct.values() if len(p) and p.shape[1] > 1]
+  lo = min((p.min() for p in shown), default=-1.0)
+  hi = max((p.max() for p in shown), default=1.0)
   pad = 0.05 * (hi - lo + 1e-6)
-  for ax, net, title in ((axes[1], 'baseline', '(b) without BN'), (axes[2], 'bn', '(c) with BN')):
+  qs = summary['probe'].get('percentiles') or ()
+  for ax, net, title in ((axes[1], 'baseline', '(b) without BN'),
+                         (axes[2], 'bn', '(c) with BN')):
     p = pct[net]
+    if len(p) and p.shape[1] == 4:
+      ax.fill_between(p[:, 0], p[:, 1], p[:, 3], color=experiment.COLORS[net], alpha=0.2)
     if len(p):
-      ax.fill_between(p[:, 0], p[:, 1], p[:, 3], color=colors[net], alpha=0.2)
-      for j, style in ((1, '--'), (2, '-'), (3, '--')):
-        ax.plot(p[:, 0], p[:, j], style, color=colors[net])
+      for j, q in enumerate(qs, 1):
+        middle = j == (len(qs) + 1) // 2
+        ax.plot(p[:, 0], p[:, j], '-' if middle else '--', color=experiment.COLORS[net],
+                label=f'{q:g}th percentile')
+      ax.legend(loc='best', fontsize='small')
     ax.set_ylim(lo - pad, hi + pad)
-    ax.set_title(f'{title}: sigmoid input, 15/50/85th pct')
+    ax.set_title(f'{title}: input to one sigmoid')
+    ax.set_ylabel('sigmoid input (last hidden layer)')
+  for ax in axes:
     ax.set_xlabel('training step')
     ax.grid(alpha=0.3)
   data = summary['data']
@@ -173,45 +179,8 @@ def plot(summary: dict, path: str) -> None:
     title += ' - the 5,000-image MNIST sample, NOT full MNIST'
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def print_table(summary: dict) -> None:
-  data = summary['data']
-  print(f'\nFigure 1 on {data.get("display_name") or data.get("dataset")}'
-        + ('  [the MNIST sample, NOT full MNIST]' if data.get('is_mnist_sample') else ''))
-  print('| network | final test acc | max test acc | steps to baseline max | median drift / '
-        'jitter | p15..p85 spread drift / jitter |')
-  print('|---|---|---|---|---|---|')
-  for net in NETWORKS:
-    s = summary[net]
-    print(f'| {net} | {s["final_test_accuracy"]:.4f} | {s["max_test_accuracy"]:.4f} | '
-          f'{s["steps_to_baseline_max"]} | {s["median_drift"]:+.3f} / {s["median_jitter"]:.3f} | '
-          f'{s["spread_drift"]:+.3f} / {s["spread_jitter"]:.3f} |')
-  print(f'(drift and jitter from step {summary["bn"]["from_step"]}, the end of the first '
-        'tenth of training)\n')
-  for c in summary['claims']:
-    print(f'{"holds" if c["holds"] else "does not hold"}: {c["claim"]}; {c["numbers"]}')
-
-
-def main(argv):
-  del argv
-  launch.exit_on_bad_flags('mnist_figure1', check_flags)
-  root = _WORKDIR.value
-  os.makedirs(root, exist_ok=True)
-  t0 = time.time()
-  train_networks(root)
-  summary = summarize(root)
-  summary['wall_seconds'] = round(time.time() - t0, 2)
-  with open(os.path.join(root, 'figure1.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
-  plot(summary, os.path.join(root, 'figure1.png'))
-  print_table(summary)
-  print(f'\nwrote {root}/figure1.png and {root}/figure1.json in {summary["wall_seconds"]} s')
-  if summary['data'].get('warning'):
-    print(f'WARNING: {summary["data"]["warning"]}')
+  return fig
 
 
 if __name__ == '__main__':
-  app.run(main)
+  experiment.main(__name__)

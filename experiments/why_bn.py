@@ -61,6 +61,19 @@ def _define_flags() -> None:
   flags.DEFINE_bool('overwrite', False, 'Passed on to every run.')
 
 
+def _override(c, assignment: str) -> None:
+  """Applies 'a.b=value' to config c, typed as the field is (`plan.set_value`)."""
+  from bn_research import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from bn_research import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  key, eq, text = assignment.partition('=')
+  if not eq:
+    raise ValueError(f'--set={assignment!r}: expected key=value.')
+  try:
+    plan_lib.set_value(c, key, sweep_lib.parse_value(text))
+  except ValueError as e:
+    raise ValueError(f'--set={assignment!r}: {e}') from None
+
+
 def network_config(network: str, *, model: str = 'mlp', steps: int = 5000,
                    measure_every: int = 250, etas: Sequence[float] = (0.05, 0.1, 0.2),
                    data: Optional[str] = None, overrides: Sequence[str] = ()):
@@ -81,7 +94,7 @@ def network_config(network: str, *, model: str = 'mlp', steps: int = 5000,
   c.measure.every_steps = measure_every
   c.measure.etas = tuple(float(e) for e in etas)
   for assignment in overrides:
-    cli.apply_override(c, assignment)
+    _override(c, assignment)
   config_lib.validate_config(c)
   return c
 

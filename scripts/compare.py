@@ -11,13 +11,16 @@ differ between the runs (the directory name when none do). The table, as
 markdown on stdout and as CSV in FILE.csv, has per run: the best value and
 its step, the steps needed to reach the target (by default the first run's
 best value, as in Figure 3 of the paper), the final value, and the status.
-Runs still in progress are read as far as they got.
+Runs still in progress are read as far as they got; a run whose status says
+`running` but whose process is gone (killed: its lock names a dead process) is shown
+as `killed`.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 import pathlib
 import sys
 from typing import Sequence
@@ -124,6 +127,28 @@ def plot(path: pathlib.Path, loaded: Sequence[runs_lib.Run],
   plt.close(fig)
 
 
+def check_out_path(out: str) -> None:
+  """ValueError (one line naming --out) unless the figure and its CSV can be written.
+
+  Checked before any run is read, so that a typo costs nothing: the path must not be a
+  directory, and its nearest existing parent must be a directory this process can
+  write into (missing directories below it are created).
+  """
+  path = pathlib.Path(out)
+  for target in (path, path.with_suffix('.csv')):
+    if target.is_dir():
+      raise ValueError(f'--out={out!r}: {str(target)!r} is a directory; give a file '
+                       'path such as DIR/compare.png.')
+  parent = path.absolute().parent
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ValueError(f'--out={out!r}: {str(parent)!r} is a file, not a directory.')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f'--out={out!r}: {str(parent)!r} is not writable; choose another '
+                     'path or fix its permissions.')
+
+
 def compare(dirs: Sequence[str], out: str, metric: str = 'eval_accuracy',
             target: float | None = None, mode: str = 'auto'
             ) -> tuple[list[curves.Summary], float | None, str]:
@@ -141,8 +166,13 @@ def compare(dirs: Sequence[str], out: str, metric: str = 'eval_accuracy',
 
   Raises:
     NotARunDirError: Naming a directory that is not a run or sweep.
-    ValueError: If no run has logged `metric`.
+    ValueError: If no run has logged `metric`, the target is not a finite number,
+      or `out` cannot be written (all before anything is written).
   """
+  if target is not None and not math.isfinite(target):
+    raise ValueError(f'--target={target}; allowed: a finite number (omit it to use the '
+                     "first run's best value).")
+  check_out_path(out)
   maximize = curves.infer_maximize(metric) if mode == 'auto' else mode == 'max'
   loaded = [runs_lib.load_run(d) for d in runs_lib.expand_run_dirs(dirs)]
   if not any(runs_lib.metric_series(r, metric)[0] for r in loaded):
@@ -151,9 +181,12 @@ def compare(dirs: Sequence[str], out: str, metric: str = 'eval_accuracy',
                      f'{", ".join(seen) or "none yet"}')
   rows, used_target = curves.summarize(loaded, metric, target, maximize)
   out_path = pathlib.Path(out)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  plot(out_path, loaded, rows, metric, used_target)
-  write_csv(out_path.with_suffix('.csv'), rows, maximize)
+  try:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    plot(out_path, loaded, rows, metric, used_target)
+    write_csv(out_path.with_suffix('.csv'), rows, maximize)
+  except OSError as e:  # e.g. a full disk, or a parent made read-only meanwhile
+    raise ValueError(f'--out={out!r} cannot be written ({e.strerror or e}).') from None
   return rows, used_target, markdown_table(rows, metric, used_target, maximize)
 
 

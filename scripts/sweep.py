@@ -29,24 +29,24 @@ A `--sweep_file` is a Python file defining `SWEEP = {"key": [values]}` and
 optionally `CONFIG = "configs/x.py:args"` (used when --config is not given).
 A --sweep flag for a key the file also sweeps replaces the file's values.
 
-How `--config.key=value` is handled: the overrides are taken out of argv by
-our own small parser before absl sees the rest, and passed to every run
-verbatim. We do not use `config_flags.DEFINE_config_file` here because it
-turns overrides into typed values, and the sweep would have to write them
-back as text, which can lose information (tuples, float formatting); the
-engine, which does use ml_collections, parses them once with the field
-types. The config file is still loaded once (unless --novalidate_keys) to
-check that every swept and overridden key exists before anything launches.
+How `--config.key=value` is handled: the overrides are taken out of argv before absl
+sees the rest, parsed once into typed values (`sweep.parse_override`) and set, with the
+grid's values, on the loaded config, where each is validated with its key's spec; only
+the launch commands write them back as text (`plan.command`). SIGTERM or SIGINT stops
+every run started (each saves and records `interrupted`) and exits 143 or 130.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Sequence
 
 from absl import app
 from absl import flags
 
+from bn_research import launch
+from bn_research import log_filter
 from bn_research import sweep as sweep_lib
 
 _CONFIG = flags.DEFINE_string(
@@ -68,9 +68,6 @@ _VMAP = flags.DEFINE_bool(
     'swept values (keys that change numbers, not shapes; see bn_research.train.SWEEPABLE).')
 _PARALLEL = flags.DEFINE_integer(
     'parallel', 1, 'Runs launched at once (separate processes; CPU: one core each).')
-_VALIDATE_KEYS = flags.DEFINE_bool(
-    'validate_keys', True,
-    'Load the config and check that swept/overridden keys exist.')
 
 # Filled by `_parse_flags` before `main` runs.
 _OVERRIDES: list[str] = []
@@ -87,17 +84,27 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 sweep = sweep_lib.sweep
 
 
+def _raise_interrupted(signum, frame):
+  del frame
+  raise launch.Interrupted(signum)
+
+
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required')
+  log_filter.quiet_library_logs()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, _raise_interrupted)
   try:
+    if len(argv) > 1:
+      raise sweep_lib.SweepError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if not _WORKDIR.value:
+      raise sweep_lib.SweepError('--workdir is required')
     code = sweep(_CONFIG.value, _WORKDIR.value, _SWEEP.value,
                  _SWEEP_FILE.value, _OVERRIDES, _PRINT_COMMANDS.value,
-                 _PYTHON.value, _VALIDATE_KEYS.value, vmap=_VMAP.value,
-                 parallel=_PARALLEL.value)
-  except sweep_lib.SweepError as e:
+                 _PYTHON.value, vmap=_VMAP.value, parallel=_PARALLEL.value)
+  except launch.Interrupted as e:
+    print(f'sweep: {e}', file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except (ValueError, FileExistsError, NotADirectoryError) as e:
     print(f'sweep: error: {e}', file=sys.stderr)
     sys.exit(2)
   sys.exit(code)

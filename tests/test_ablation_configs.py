@@ -231,13 +231,15 @@ table['models']['inception_x5'] = row(None, 0.11, 'diverged in 1/2 seeds')
 print('RESULT' + json.dumps({c['claim']: c['verdict'] for c in ab.claims(table)}))
 table['models'] = {k: table['models'][k] for k in ('inception', 'bn_x30')}
 print('RESULT' + json.dumps(ab.claims(table)))
+tie = {'models': {'inception': row(100, 0.5), 'bn_baseline': row(100, 0.6)}}
+print('RESULT' + json.dumps({c['claim']: c['verdict'] for c in ab.claims(tie)}))
 '''
 
 
 def test_the_papers_orderings_are_judged_from_the_table():
   proc = helpers.run_python(CLAIMS)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  full, one_seed, partial = (json.loads(part.splitlines()[0])
+  full, one_seed, partial, tie = (json.loads(part.splitlines()[0])
                              for part in proc.stdout.split('RESULT')[1:])
   holds = dict(full)
   assert len(full) == 14
@@ -258,3 +260,6 @@ def test_the_papers_orderings_are_judged_from_the_table():
   assert [c['claim'] for c in partial] == [
       "BN-x30 reaches Inception's maximum in far fewer steps than Inception",
       "BN-x30 ends above Inception's maximum"]
+  # Both at the target at the same evaluation (a scaled-down run): no verdict from a tie.
+  assert tie["BN-Baseline reaches Inception's maximum in fewer steps"] == 'too short to judge'
+  assert tie["BN-Baseline ends above Inception's maximum"] == 'holds'    # 0.6 > 0.5

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ from bn_research import rundir
 from bn_research.analysis import curves
 from bn_research.analysis import runs as runs_lib
 from scripts import compare as compare_script
+from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,7 +34,8 @@ def _config(normalizer: str, learning_rate: float) -> dict:
 def _write_run(run_dir: pathlib.Path, config: dict,
                evals: list[tuple[int, float]], status: dict,
                tail: str = '') -> None:
-  """Writes a run directory the way the engine lays it out."""
+  """Writes a run directory the way the engine lays it out (a running one with the
+  lock its live process holds: here this test's parent process, alive on this host)."""
   run_dir.mkdir(parents=True)
   (run_dir / 'config.json').write_text(json.dumps(config))
   lines = []
@@ -45,6 +49,9 @@ def _write_run(run_dir: pathlib.Path, config: dict,
         'eval_loss': 1 - acc if math.isfinite(acc) else str(acc)}))
   (run_dir / 'metrics.jsonl').write_text('\n'.join(lines) + '\n' + tail)
   (run_dir / 'status.json').write_text(json.dumps(status))
+  if status['status'] == 'running':
+    (run_dir / rundir.LOCK_FILE).write_text(json.dumps(
+        {'pid': os.getppid(), 'host': socket.gethostname(), 'token': 'live'}))
 
 
 BASE = [(100, 0.5), (200, 0.8), (300, 0.91), (400, 0.97), (500, 0.96)]
@@ -108,6 +115,9 @@ def test_table_values_default_target(run_dirs, tmp_path):
   assert rows[2].best_value == 0.98 and rows[2].final_step == 300
   assert [r.status for r in rows] == ['done', 'diverged at step 300',
                                       'running']
+  # The same run whose process died without clean-up (no live lock) is not running.
+  os.remove(run_dirs[2] / rundir.LOCK_FILE)
+  assert runs_lib.status_label(runs_lib.load_run(run_dirs[2])) == 'killed'
   assert [r.label for r in rows] == [
       'model.normalizer=none, optimizer.learning_rate=0.1',
       'model.normalizer=batch_norm, optimizer.learning_rate=5.0',
@@ -210,3 +220,68 @@ def test_corrupt_run_and_sweep_files_are_named_not_fatal(run_dirs, tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and str(tmp_path / 'sweep.json') in lines[0], proc.stderr
   assert 're-run the sweep command' in lines[0]
+
+
+def _compare_cli(*args) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'scripts.compare', *map(str, args)],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_a_sigkilled_run_is_shown_killed_not_running(tmp_path):
+  workdir = tmp_path / 'killed'
+  proc = helpers.run_main(
+      ['--config=configs/mnist_mlp.py:bn,source=synthetic', f'--workdir={workdir}',
+       '--config.num_train_steps=40', '--config.eval_every_steps=10',
+       '--config.log_every_steps=10', '--config.checkpoint_every_steps=10',
+       '--config.data.image_size=8', '--config.data.num_train=200',
+       '--config.data.num_test=64', '--config.batch_size=20',
+       '--config.probe.num_examples=32'], env={'BN_RESEARCH_KILL_AT_STEP': '20'})
+  assert proc.returncode != 0  # SIGKILL: the lock and a 'running' status stay behind
+  assert rundir.read_status(str(workdir))['status'] == 'running'
+  assert rundir.lock_state(str(workdir)) == 'stale'
+  out = tmp_path / 'cmp.png'
+  shown = _compare_cli(workdir, f'--out={out}')
+  assert shown.returncode == 0, shown.stderr
+  row = [line for line in shown.stdout.splitlines() if line.startswith('| ')][-1]
+  assert row.rstrip().endswith('| killed |'), shown.stdout
+  with out.with_suffix('.csv').open() as f:
+    assert [r['status'] for r in csv.DictReader(f)] == ['killed']
+
+
+@pytest.mark.parametrize('target', ['nan', 'inf', '-inf'])
+def test_a_non_finite_target_is_one_line_and_writes_nothing(run_dirs, tmp_path, target):
+  out = tmp_path / 'new' / 'cmp.png'
+  proc = _compare_cli(*run_dirs, f'--out={out}', f'--target={target}')
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and '--target=' in lines[0] and 'finite' in lines[0], proc.stderr
+  assert not (tmp_path / 'new').exists()
+
+
+def _assert_out_refused(run_dirs, out) -> None:
+  proc = _compare_cli(*run_dirs, f'--out={out}')
+  assert proc.returncode == 2, (out, proc.stderr)
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and f'--out={str(out)!r}' in lines[0], proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_an_out_under_a_file_or_naming_a_directory_is_one_line(run_dirs, tmp_path):
+  afile = tmp_path / 'afile'
+  afile.write_text('keep')
+  for out in (afile / 'cmp.png', afile / 'sub' / 'cmp.png', tmp_path):
+    _assert_out_refused(run_dirs, out)
+  assert afile.read_text() == 'keep'
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root can write into read-only directories')
+def test_an_unwritable_out_is_one_line_with_exit_code_2(run_dirs, tmp_path):
+  locked = tmp_path / 'locked'
+  locked.mkdir()
+  locked.chmod(0o500)
+  try:
+    for out in (locked / 'cmp.png', locked / 'sub' / 'cmp.png'):
+      _assert_out_refused(run_dirs, out)
+    assert os.listdir(locked) == []
+  finally:
+    locked.chmod(0o700)

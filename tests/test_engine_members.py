@@ -251,7 +251,7 @@ def test_a_signal_ends_the_run_interrupted_and_the_same_command_resumes(tmp_path
           '--config.log_every_steps=100', '--config.checkpoint_every_steps=100000',
           '--config.steps_per_dispatch=100', '--config.data.image_size=8',
           '--config.data.num_train=256', '--config.data.num_test=64',
-          f'--workdir={tmp_path / "run"}']
+          '--config.probe.num_examples=64', f'--workdir={tmp_path / "run"}']
   env = dict(os.environ)
   env['PYTHONPATH'] = helpers.REPO + os.pathsep + env.get('PYTHONPATH', '')
   proc = subprocess.Popen([sys.executable, '-m', 'bn_research.main', *args], env=env,
@@ -273,7 +273,8 @@ def test_a_signal_ends_the_run_interrupted_and_the_same_command_resumes(tmp_path
   # An interrupted run is resumed by the same command (it is not finished).
   import ml_collections
   config = ml_collections.ConfigDict(rundir.read_config(str(tmp_path / 'run')))
-  assert rundir.check_workdir(str(tmp_path / 'run'), config, False) == 'resume'
+  from bn_research.engine import resume
+  assert resume.decide(str(tmp_path / 'run'), config, False) == resume.RESUME
 
 
 @pytest.mark.usefixtures('fast_compiles')

@@ -62,3 +62,23 @@ def test_bad_flag_is_one_line_and_exit_code_2(tmp_path):
   assert proc.stderr.strip().splitlines() == [
       "input_normalization: error: --mlp_lrs='0.1,-1': expected finite numbers > 0."]
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('flag', ['--lr=inf', '--lr=nan', '--tol=inf', '--target=-1'])
+def test_a_non_finite_or_negative_number_is_refused_before_anything(tmp_path, flag):
+  workdir = tmp_path / 'job'
+  proc = helpers.run_module('experiments.input_normalization', [f'--workdir={workdir}', flag])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and flag.split('=')[0] in lines[0], proc.stderr
+  assert not workdir.exists()
+
+
+def test_when_every_rate_diverges_no_best_rate_is_named(tmp_path):
+  # Rates far past 2 / curvature diverge on raw and on standardised features alike.
+  summary = exp.run(str(tmp_path), max_steps=20, steps=30, mlp_lrs=(1e4, 1e6))
+  for kind in ('unnormalised', 'normalised'):
+    assert summary['mlp'][kind]['diverged'] == [True, True]
+    assert summary['mlp'][kind]['best_lr'] is None
+    assert summary['mlp'][kind]['best_steps_to_target'] is None
+  assert os.path.getsize(tmp_path / 'input_normalization.png') > 10_000

@@ -17,6 +17,7 @@ from tests import helpers
 _CHILD = '''
 import json, os, sys, time
 name, wait_for = sys.argv[1], sys.argv[2]
+at_start = wait_for != "-" and os.path.exists(wait_for)
 start = time.time()
 while wait_for != "-" and not os.path.exists(wait_for) and time.time() - start < 20:
   time.sleep(0.01)
@@ -24,7 +25,8 @@ time.sleep(0.2)  # the parent pins right after the start
 affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 json.dump({"xla_flags": os.environ.get("XLA_FLAGS", ""),
            "pythonpath": os.environ.get("PYTHONPATH", ""), "affinity": affinity,
-           "saw_sibling": wait_for == "-" or os.path.exists(wait_for)},
+           "saw_sibling": wait_for == "-" or os.path.exists(wait_for),
+           "sibling_done_at_start": at_start},
           open(name + ".json", "w"))
 '''
 
@@ -40,13 +42,14 @@ def _report(tmp_path, name):
 
 
 def test_sequential_jobs_run_one_after_another_with_the_run_environment(tmp_path):
-  # b waits for a's report: it exists when b starts only if a has finished.
+  # a writes its report 0.2 s after it starts: it exists when b starts only if b
+  # started after a had finished (a launcher running both at once fails here).
   jobs = _jobs(tmp_path, ['a', 'b'], ['-', str(tmp_path / 'a.json')])
   jobs.append(launch.Job('fails', [sys.executable, '-c', 'raise SystemExit(3)']))
   results = launch.run_jobs(jobs, parallel=1, single_thread=False)
   assert [(r.name, r.returncode) for r in results] == [('a', 0), ('b', 0), ('fails', 3)]
   b = _report(tmp_path, 'b')
-  assert b['saw_sibling']
+  assert b['sibling_done_at_start']
   assert b['pythonpath'].split(os.pathsep)[0] == launch.REPO
   assert launch.SINGLE_THREAD_XLA_FLAGS not in b['xla_flags']
 

@@ -86,3 +86,37 @@ def test_figure1_claims_are_measured_from_the_curves():
   # Swap the roles: every steadiness claim then fails.
   verdicts = [c['holds'] for c in figure1.claims(base, bn)]
   assert verdicts[2:] == [False, False]
+
+
+def _record(name, status, metrics, percentiles=(15.0, 50.0, 85.0)):
+  from bn_research import experiment
+  from bn_research import plan as plan_lib
+  run = plan_lib.Run(name, f'/nowhere/{name}', None)
+  return experiment.RunRecord(run, {'status': status}, metrics,
+                              {'probe': {'percentiles': list(percentiles)}}, {})
+
+
+def _rows(steps, acc, pct=(-1.0, 0.0, 1.0), keys=('act_p15', 'act_p50', 'act_p85')):
+  return [{'step': s, 'eval_accuracy': acc, **dict(zip(keys, pct))} for s in steps]
+
+
+def test_figure1_summary_reports_a_diverged_network_and_a_single_percentile():
+  from experiments import mnist_figure1 as job
+  # The baseline diverged after its first evaluation: no claim can be judged, and its
+  # numbers are missing, not invented; the job still writes its table and figure.
+  records = [_record('bn', 'done', _rows(range(0, 100, 10), 0.9)),
+             _record('baseline', 'diverged', _rows([0], 0.1))]
+  summary = job.summarize(records, None)
+  assert summary['bn']['final_test_accuracy'] == 0.9
+  assert 'final_test_accuracy' not in summary['baseline']
+  assert summary['claims'] == []
+  assert any('baseline (diverged)' in w for w in summary['warnings'])
+  assert '| baseline | diverged | - |' in job.table(summary)
+  job.plot(summary)
+  # A probe of one percentile: curves kept, steadiness not measured.
+  one = [_record(n, 'done', _rows(range(0, 100, 10), 0.9, (0.5,), ('act_p50',)), (50.0,))
+         for n in ('bn', 'baseline')]
+  summary = job.summarize(one, None)
+  assert summary['bn']['percentiles'][0] == [0, 0.5]
+  assert summary['claims'] == []
+  job.plot(summary)

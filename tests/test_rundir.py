@@ -1,7 +1,7 @@
 """The run directory: lock, damaged checkpoints, unreadable files, status rebuilt.
 
 Each test reproduces a defect of issue 14 against `bn_research.rundir`, the one owner
-of the run directory's files.
+of the run directory's files, and `bn_research.engine.resume`, which decides from them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from bn_research import rundir
+from bn_research.engine import resume
 from tests import helpers
 
 
@@ -97,7 +98,7 @@ def test_a_workdir_that_is_a_file_or_has_no_parent_is_one_line(tmp_path):
   afile.write_text('x')
   config = helpers.tiny_mlp_config()
   for call in (lambda w: rundir.WorkdirLock(w).acquire(),
-               lambda w: rundir.check_workdir(w, config, False)):
+               lambda w: resume.decide(w, config, False)):
     with pytest.raises(rundir.RunDirError, match='is a file, not a directory'):
       call(str(afile))
     with pytest.raises(rundir.RunDirError, match='does not exist'):
@@ -111,7 +112,7 @@ def test_a_read_only_workdir_is_one_line(tmp_path):
   workdir.chmod(0o500)
   try:
     with pytest.raises(rundir.RunDirError, match='not writable'):
-      rundir.check_workdir(str(workdir), helpers.tiny_mlp_config(), False)
+      resume.decide(str(workdir), helpers.tiny_mlp_config(), False)
   finally:
     workdir.chmod(0o700)
 
@@ -155,12 +156,12 @@ def test_check_workdir_names_a_corrupt_config_and_moves_it_with_overwrite(tmp_pa
   config = helpers.tiny_mlp_config()
   (tmp_path / rundir.CONFIG_FILE).write_text('{"seed": ')
   with pytest.raises(rundir.RunDirError, match='config.json is not valid JSON'):
-    rundir.check_workdir(str(tmp_path), config, overwrite=False)
-  assert rundir.check_workdir(str(tmp_path), config, overwrite=True) == 'new'
+    resume.decide(str(tmp_path), config, overwrite=False)
+  assert resume.decide(str(tmp_path), config, overwrite=True) == 'new'
   rundir.RunFiles(str(tmp_path)).write_config(config)
   (tmp_path / rundir.STATUS_FILE).write_text('{"status": "do')
   with pytest.raises(rundir.RunDirError, match='status.json is not valid JSON.*rebuilds'):
-    rundir.check_workdir(str(tmp_path), config, overwrite=False)
+    resume.decide(str(tmp_path), config, overwrite=False)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -221,26 +222,26 @@ def test_restore_latest_good_with_every_checkpoint_damaged_starts_over(tmp_path)
 
 @pytest.mark.usefixtures('fast_compiles')
 @pytest.mark.parametrize('learning_rate,expected', [(0.1, 'done'), (1e38, 'diverged')])
-def test_a_deleted_status_of_a_finished_run_is_rebuilt_completely(
-    tmp_path, learning_rate, expected):
+def test_a_deleted_status_of_a_finished_run_is_rebuilt_by_resuming(
+    tmp_path, learning_rate, expected, warnings_logged):
   from bn_research import train
   config = helpers.tiny_mlp_config(**{'optimizer.learning_rate': learning_rate})
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
   written = rundir.read_status(workdir)
+  metrics = rundir.read_metrics(workdir)
   assert written['status'] == expected
   os.remove(os.path.join(workdir, rundir.STATUS_FILE))
-  assert rundir.check_workdir(workdir, config, overwrite=False) == 'done'
+  assert resume.decide(workdir, config, overwrite=False) == resume.RESUME
+  assert any('no status.json' in w for w in warnings_logged)
+  train.train_and_evaluate(config, workdir)
   rebuilt = rundir.read_status(workdir)
   written.pop('time'), rebuilt.pop('time')
   assert rebuilt == written
+  drop = ('steps_per_second',)
+  assert ([{k: v for k, v in r.items() if k not in drop} for r in metrics]
+          == [{k: v for k, v in r.items() if k not in drop}
+              for r in rundir.read_metrics(workdir)])
   if expected == 'done':
-    assert rebuilt['eval_accuracy'] == rundir.read_metrics(workdir)[-1]['eval_accuracy']
-
-
-def test_an_unfinished_run_gets_no_status(tmp_path):
-  files = rundir.RunFiles(str(tmp_path))
-  files.write_config(helpers.tiny_mlp_config())  # 40 steps
-  files.write_metrics(20, {'eval_accuracy': 0.5})
-  assert rundir.rebuild_status(str(tmp_path)) is None
-  assert rundir.read_status(str(tmp_path)) is None
+    assert rebuilt['eval_accuracy'] == metrics[-1]['eval_accuracy']
+  assert resume.decide(workdir, config, overwrite=False) == resume.DONE

@@ -1,41 +1,25 @@
-"""Tests of sweep grids, run names, commands, and skip/resume."""
+"""Tests of sweep grids, run names, the typed plan's validation, its backends and the
+sweep command line (skip/resume, --parallel, --print_commands, signals)."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from bn_research import plan as plan_lib
 from bn_research import sweep as sweep_lib
-from scripts import sweep as sweep_script
+from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-CONFIG_TEXT = '''
-import ml_collections
-
-def get_config(arg=None):
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.batch_size = 60
-  config.num_train_steps = 100
-  config.optimizer = ml_collections.ConfigDict({'learning_rate': 0.1})
-  config.model = ml_collections.ConfigDict(
-      {'name': 'mlp', 'normalizer': 'none', 'hidden': (100, 100)})
-  config.arg = arg or ''
-  return config
-'''
-
-
-@pytest.fixture
-def config_file(tmp_path: pathlib.Path) -> str:
-  path = tmp_path / 'tiny_config.py'
-  path.write_text(CONFIG_TEXT)
-  return str(path)
+CONFIG = 'configs/mnist_mlp.py:bn,source=synthetic,steps=20'
 
 
 def test_parse_value_types():
@@ -47,6 +31,7 @@ def test_parse_value_types():
   assert sweep_lib.parse_value('None') is None
   assert sweep_lib.parse_value('batch_norm') == 'batch_norm'
   assert sweep_lib.parse_value('(100, 100)') == (100, 100)
+  assert sweep_lib.parse_value('inf') == float('inf')  # a number, for the spec to refuse
 
 
 def test_parse_sweep_arg_splits_outside_brackets():
@@ -73,13 +58,13 @@ def test_bad_sweep_syntax_names_the_argument(arg, fragment):
 
 
 def test_expand_grid_product_size_and_order():
-  grid = sweep_lib.expand_grid({'a': [1, 2], 'b': ['x', 'y', 'z']})
+  grid = plan_lib.expand_grid({'a': [1, 2], 'b': ['x', 'y', 'z']})
   assert len(grid) == 6
   # First key varies slowest, keys in sweep order.
   assert [tuple(p.values()) for p in grid] == [
       (1, 'x'), (1, 'y'), (1, 'z'), (2, 'x'), (2, 'y'), (2, 'z')]
   assert all(list(p) == ['a', 'b'] for p in grid)
-  assert sweep_lib.expand_grid({}) == [{}]
+  assert plan_lib.expand_grid({}) == [{}]
 
 
 def test_run_names_are_readable_stable_and_safe():
@@ -106,17 +91,6 @@ def test_run_names_are_readable_stable_and_safe():
   assert len(long_name) <= 200
 
 
-def test_build_command():
-  command = sweep_lib.build_command(
-      '/py', 'configs/mnist.py:bn', 'out/lr=0.1', {'optimizer.learning_rate': 0.1,
-                                                  'model.use_bias': False},
-      ['--config.num_train_steps=10'])
-  assert command == [
-      '/py', '-m', 'bn_research.main', '--config=configs/mnist.py:bn',
-      '--workdir=out/lr=0.1', '--config.num_train_steps=10',
-      '--config.optimizer.learning_rate=0.1', '--config.model.use_bias=false']
-
-
 def test_split_config_overrides():
   overrides, rest = sweep_lib.split_config_overrides([
       '--config=c.py:x', '--config.seed=3', '--config.batch_size', '10',
@@ -126,82 +100,6 @@ def test_split_config_overrides():
   assert rest == ['--config=c.py:x', '--sweep=seed=1,2', '--workdir=w']
   assert [sweep_lib.override_key(o) for o in overrides] == [
       'seed', 'batch_size', 'model.flag']
-
-
-def test_override_of_swept_key_is_refused(tmp_path):
-  with pytest.raises(sweep_lib.SweepError, match='seed'):
-    sweep_lib.plan_sweep('c.py', tmp_path, {'seed': [0, 1]},
-                         ['--config.seed=3'])
-
-
-def _write_status(run_dir: pathlib.Path, status: str) -> None:
-  run_dir.mkdir(parents=True, exist_ok=True)
-  record = {'status': status, 'step': 50, 'message': ''}
-  if status == 'diverged':
-    record['diverged_step'] = 50
-  (run_dir / 'status.json').write_text(json.dumps(record))
-
-
-class FakeEngine:
-  """Stands in for `bn_research.main`: records launches, marks runs done."""
-
-  def __init__(self, fail_on: str | None = None):
-    self.commands: list[list[str]] = []
-    self.fail_on = fail_on
-
-  def __call__(self, command):
-    self.commands.append(list(command))
-    workdir = pathlib.Path(
-        next(a for a in command if a.startswith('--workdir='))[len('--workdir='):])
-    if self.fail_on and workdir.name == self.fail_on:
-      _write_status(workdir, 'failed')
-      return 1
-    _write_status(workdir, 'done')
-    return 0
-
-  def launched_names(self) -> list[str]:
-    return [pathlib.Path(c[4][len('--workdir='):]).name for c in self.commands]
-
-
-def test_rerun_skips_finished_and_relaunches_unfinished(tmp_path):
-  grid = {'seed': [0, 1, 2], 'model.normalizer': ['none', 'batch_norm']}
-  planned = sweep_lib.plan_sweep('c.py', tmp_path, grid, python='/py')
-  names = [r.name for r in planned]
-  assert len(names) == 6
-  # A partially done sweep: two finished results, three interrupted states,
-  # one never started.
-  states = dict(zip(names, ['done', 'diverged', 'running', 'failed', None,
-                            'done']))
-  for name, state in states.items():
-    if state:
-      _write_status(tmp_path / name, state)
-  (tmp_path / names[4]).mkdir()  # Directory without status: treated as new.
-
-  engine = FakeEngine()
-  result = sweep_lib.run_sweep(planned, engine)
-  expected = [n for n, s in states.items() if s not in ('done', 'diverged')]
-  assert engine.launched_names() == expected
-  assert result.launched == expected
-  assert result.skipped == [(names[0], 'done'), (names[1], 'diverged'),
-                            (names[5], 'done')]
-  assert not result.failed
-
-  # Everything is finished now: a second pass launches nothing.
-  again = FakeEngine()
-  assert sweep_lib.run_sweep(planned, again).launched == []
-  assert again.commands == []
-
-
-def test_failed_run_does_not_stop_the_sweep(tmp_path):
-  planned = sweep_lib.plan_sweep('c.py', tmp_path, {'seed': [0, 1, 2]})
-  engine = FakeEngine(fail_on='seed=1')
-  result = sweep_lib.run_sweep(planned, engine)
-  assert engine.launched_names() == ['seed=0', 'seed=1', 'seed=2']
-  assert result.failed == [('seed=1', 1)]
-  # Re-running retries just the failed one.
-  retry = FakeEngine()
-  sweep_lib.run_sweep(planned, retry)
-  assert retry.launched_names() == ['seed=1']
 
 
 def test_sweep_file_and_command_line_merge(tmp_path):
@@ -219,56 +117,190 @@ def test_sweep_file_and_command_line_merge(tmp_path):
     sweep_lib.load_sweep_file(bad)
 
 
-def test_script_runs_grid_writes_sweep_json_and_passes_overrides(
-    tmp_path, config_file):
+# ---------------------------------------------------------------- the typed plan
+
+
+def test_grid_sets_typed_values_and_the_command_text_loads_the_same_config(tmp_path):
+  from bn_research import config_files
+  runs = plan_lib.grid(CONFIG, str(tmp_path), {'optimizer.learning_rate': [0.1, 1],
+                                               'model.hidden_sizes': [(20, 10)]},
+                       {'data.num_train': 300, 'optimizer.nesterov': True})
+  assert [r.name.rsplit('-', 1)[0] for r in runs] == [
+      'optimizer.learning_rate=0.1,model.hidden_sizes=20_10',
+      'optimizer.learning_rate=1,model.hidden_sizes=20_10']
+  assert runs[1].config.optimizer.learning_rate == 1.0
+  assert isinstance(runs[1].config.optimizer.learning_rate, float)
+  assert runs[0].config.model.hidden_sizes == (20, 10)
+  assert dict(runs[0].params) == {'optimizer.learning_rate': 0.1,
+                                  'model.hidden_sizes': (20, 10)}
+  # The one text the process backend writes is read back by ml_collections' own
+  # override parser (the engine's) into the very same config.
+  for run in runs:
+    argv = plan_lib.command(run, '/py')
+    assert argv[:5] == ['/py', '-m', 'bn_research.main', f'--config={CONFIG}',
+                        f'--workdir={run.workdir}']
+    again = config_files.load_config(CONFIG, argv[5:])
+    assert helpers.flat(again) == helpers.flat(run.config)
+  assert not any(tmp_path.iterdir())  # planning writes nothing
+
+
+@pytest.mark.parametrize('sweep, fragment', [
+    ({'optimizer.learning_rate': [0.1, float('inf')]}, 'optimizer.learning_rate=inf'),
+    ({'optimizer.learning_rate': [0.1, None]}, 'optimizer.learning_rate=None'),
+    ({'optimizer.learning_rate': [0.1, 10**400]}, 'too large'),
+    ({'seed': [0, True]}, 'seed=True'),
+    ({'seed': [0, 2**40]}, 'seed=1099511627776'),
+    ({'seed': [0, 1.5]}, 'seed=1.5'),
+    ({'batch_size': [60, 0]}, 'batch_size=0'),
+    ({'model.normalizer': ['batch_norm', 'batchnorm']}, "model.normalizer='batchnorm'"),
+    ({'optimizer.lr': [0.1]}, 'optimizer.lr=0.1: no such config key'),
+    ({'optimizer.momentum': [0.5, 0.9]}, "optimizer.name='sgd' has no momentum"),
+    ({'optimizer.decay_steps': [10, 20]}, 'decay_rate=1 keeps'),
+    ({'optimizer.regularize_batch_norm': [True, False]}, 'optimizer.weight_decay=0'),
+])
+def test_every_value_of_a_sweep_is_checked_with_its_keys_spec(tmp_path, sweep, fragment):
+  common = {'optimizer.name': 'sgd'} if 'optimizer.momentum' in sweep else {}
+  with pytest.raises(ValueError) as info:
+    plan_lib.grid(CONFIG, str(tmp_path / 's'), sweep, common)
+  assert fragment in str(info.value) and '\n' not in str(info.value)
+
+
+def test_a_key_is_not_both_swept_and_set_and_names_and_workdirs_are_unique(tmp_path):
+  with pytest.raises(plan_lib.SweepError, match='seed is both swept and set'):
+    plan_lib.grid(CONFIG, str(tmp_path), {'seed': [0, 1]}, {'seed': 3})
+  a = plan_lib.make_run('a', str(tmp_path / 'x'), CONFIG)
+  b = plan_lib.make_run('b', str(tmp_path / 'x'), CONFIG)
+  with pytest.raises(plan_lib.SweepError, match='share the workdir'):
+    plan_lib.run_plan([a, b], 'print', out=lambda line: None)
+  with pytest.raises(plan_lib.SweepError, match="how='queue' is invalid"):
+    plan_lib.run_plan([a], 'queue')
+
+
+# ---------------------------------------------------------------- the process backend
+
+# Stands in for `python -m bn_research.main`: logs its start and end to the sweep's
+# events file, then behaves as FAKE_MODE says.
+FAKE_MAIN = '''#!{python}
+import json, os, pathlib, signal, sys, time
+workdir = pathlib.Path(next(a for a in sys.argv if a.startswith('--workdir='))[10:])
+workdir.mkdir(parents=True, exist_ok=True)
+events = workdir.parent / 'events.txt'
+def log(what):
+  with open(events, 'a') as f:
+    f.write(f'{{what}} {{workdir.name}}\\n')
+def status(s, code):
+  (workdir / 'status.json').write_text(json.dumps({{'status': s, 'step': 7}}))
+  log('end')
+  sys.exit(code)
+log('start')
+(workdir / 'argv.json').write_text(json.dumps(sys.argv[1:]))
+mode = os.environ.get('FAKE_MODE', 'done')
+print('hello from', workdir.name, flush=True)
+if mode.startswith('together:'):  # every sibling must be running at once
+  deadline = time.time() + 60
+  while events.read_text().count('start') < int(mode.split(':')[1]):
+    if time.time() > deadline:
+      status('failed', 3)
+    time.sleep(0.05)
+  time.sleep(0.3)  # so that an end never precedes a sibling's start
+if mode == 'hang':
+  signal.signal(signal.SIGTERM, lambda s, f: status('interrupted', 128 + s))
+  signal.signal(signal.SIGINT, lambda s, f: status('interrupted', 128 + s))
+  while True:
+    time.sleep(0.05)
+if workdir.name == os.environ.get('FAKE_FAIL'):
+  status('failed', 1)
+time.sleep(0.2)
+status('done', 0)
+'''
+
+
+@pytest.fixture
+def fake_python(tmp_path) -> str:
+  fake = tmp_path / 'fake_python'
+  fake.write_text(FAKE_MAIN.format(python=sys.executable))
+  fake.chmod(0o755)
+  return str(fake)
+
+
+def _events(sweep_dir: pathlib.Path) -> list[str]:
+  return (sweep_dir / 'events.txt').read_text().splitlines()
+
+
+def _write_status(run_dir: pathlib.Path, status: str) -> None:
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / 'status.json').write_text(json.dumps({'status': status, 'step': 5}))
+
+
+def test_parallel_one_runs_in_order_skips_finished_and_a_failure_stops_nothing(
+    tmp_path, fake_python, monkeypatch):
+  sweep_dir = tmp_path / 'sweep'
+  runs = plan_lib.grid(CONFIG, str(sweep_dir), {'seed': [0, 1, 2, 3, 4]})
+  _write_status(sweep_dir / 'seed=1', 'done')
+  _write_status(sweep_dir / 'seed=3', 'diverged')
+  _write_status(sweep_dir / 'seed=4', 'interrupted')
+  monkeypatch.setenv('FAKE_FAIL', 'seed=2')
+  outcomes = plan_lib.run_plan(runs, 'processes', parallel=1, python=fake_python)
+  # One after another, in plan order: each run ends before the next starts.
+  assert _events(sweep_dir) == ['start seed=0', 'end seed=0', 'start seed=2',
+                                'end seed=2', 'start seed=4', 'end seed=4']
+  assert [(o.name, o.status, o.skipped, o.returncode) for o in outcomes] == [
+      ('seed=0', 'done', False, 0), ('seed=1', 'done', True, 0),
+      ('seed=2', 'failed', False, 1), ('seed=3', 'diverged', True, 0),
+      ('seed=4', 'done', False, 0)]
+  assert 'hello from seed=0' in (sweep_dir / 'seed=0.log').read_text()
+  # Re-running retries only the failed run.
+  monkeypatch.delenv('FAKE_FAIL')
+  plan_lib.run_plan(runs, 'processes', python=fake_python)
+  assert _events(sweep_dir)[6:] == ['start seed=2', 'end seed=2']
+
+
+def test_parallel_two_runs_the_points_at_once(tmp_path, fake_python, monkeypatch):
+  sweep_dir = tmp_path / 'sweep'
+  runs = plan_lib.grid(CONFIG, str(sweep_dir), {'seed': [0, 1]})
+  monkeypatch.setenv('FAKE_MODE', 'together:2')
+  outcomes = plan_lib.run_plan(runs, 'processes', parallel=2, python=fake_python)
+  # Each waited until both had started: one after the other, the first would time out.
+  assert [(o.status, o.returncode) for o in outcomes] == [('done', 0), ('done', 0)]
+  assert sorted(_events(sweep_dir)[:2]) == ['start seed=0', 'start seed=1']
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+  return helpers.run_module('scripts.sweep', list(args), **kwargs)
+
+
+def test_cli_runs_the_grid_writes_sweep_json_and_prints_a_table(tmp_path, fake_python):
   workdir = tmp_path / 'sweep'
-  engine = FakeEngine()
-  code = sweep_script.sweep(
-      config_file + ':arg', str(workdir),
-      ['optimizer.learning_rate=0.1,0.01', 'model.normalizer=none,batch_norm'],
-      None, ['--config.num_train_steps=5'], python='/py', launcher=engine)
-  assert code == 0
-  assert len(engine.commands) == 4
-  assert engine.commands[0] == [
-      '/py', '-m', 'bn_research.main', f'--config={config_file}:arg',
-      f'--workdir={workdir}/optimizer.learning_rate=0.1,model.normalizer=none',
-      '--config.num_train_steps=5', '--config.optimizer.learning_rate=0.1',
-      '--config.model.normalizer=none']
+  proc = _run_cli(f'--config={CONFIG}', f'--workdir={workdir}', '--sweep=seed=0,1',
+                  '--sweep=optimizer.learning_rate=0.1,1e-2', '--config.batch_size', '30',
+                  f'--python={fake_python}')
+  assert proc.returncode == 0, proc.stderr
+  names = ['seed=0,optimizer.learning_rate=0.1', 'seed=0,optimizer.learning_rate=0.01',
+           'seed=1,optimizer.learning_rate=0.1', 'seed=1,optimizer.learning_rate=0.01']
+  assert json.loads((workdir / names[1] / 'argv.json').read_text())[4:] == [
+      '--config.batch_size=30', '--config.seed=0', '--config.optimizer.learning_rate=0.01']
   record = json.loads((workdir / 'sweep.json').read_text())
-  assert record['sweep'] == {'optimizer.learning_rate': [0.1, 0.01],
-                             'model.normalizer': ['none', 'batch_norm']}
-  assert [r['name'] for r in record['runs']] == engine.launched_names()
-
-  # Same directory, different base config: refused before launching.
-  with pytest.raises(sweep_lib.SweepError, match='another --workdir'):
-    sweep_script.sweep(config_file, str(workdir), ['seed=1'], None, [],
-                       launcher=FakeEngine())
-
-
-def test_script_rejects_unknown_keys_before_launching(tmp_path, config_file):
-  engine = FakeEngine()
-  with pytest.raises(sweep_lib.SweepError, match="'optimizer.lr'"):
-    sweep_script.sweep(config_file, str(tmp_path / 'w'), ['optimizer.lr=1,2'],
-                       None, [], launcher=engine)
-  assert engine.commands == []
-  assert not (tmp_path / 'w').exists()
+  assert record['sweep'] == {'seed': [0, 1], 'optimizer.learning_rate': [0.1, 0.01]}
+  assert [r['name'] for r in record['runs']] == names
+  table = [line.split() for line in proc.stdout.splitlines() if line.startswith('seed=')]
+  assert [row[:3] for row in table] == [[n, 'done', '7'] for n in names]
+  # The same directory with another base config: refused before anything runs.
+  again = _run_cli(f'--config={CONFIG}', f'--workdir={workdir}', '--sweep=seed=5',
+                   f'--python={fake_python}')
+  assert again.returncode == 2 and 'another --workdir' in again.stderr
+  assert not (workdir / 'seed=5').exists()
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'scripts.sweep', *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
-
-
-def test_cli_print_commands_leaves_out_finished_runs(tmp_path, config_file):
+def test_cli_print_commands_leaves_out_finished_runs(tmp_path):
   workdir = tmp_path / 'sweep'
   _write_status(workdir / 'seed=1', 'done')
-  proc = _run_cli(f'--config={config_file}', f'--workdir={workdir}',
-                  '--sweep=seed=0,1,2', '--config.batch_size', '30',
-                  '--print_commands')
+  proc = _run_cli(f'--config={CONFIG}', f'--workdir={workdir}', '--sweep=seed=0,1,2',
+                  '--config.batch_size', '30', '--print_commands')
   assert proc.returncode == 0, proc.stderr
-  lines = proc.stdout.strip().splitlines()
-  assert len(lines) == 2
-  argvs = [shlex.split(line) for line in lines]
+  argvs = [shlex.split(line) for line in proc.stdout.strip().splitlines()]
   assert [a[4] for a in argvs] == [f'--workdir={workdir}/seed=0',
                                    f'--workdir={workdir}/seed=2']
   assert all('--config.batch_size=30' in a for a in argvs)
@@ -276,52 +308,49 @@ def test_cli_print_commands_leaves_out_finished_runs(tmp_path, config_file):
   assert not (workdir / 'seed=0').exists()  # Nothing was run.
 
 
-def test_cli_bad_syntax_fails_before_anything(tmp_path, config_file):
+@pytest.mark.parametrize('args, fragment', [
+    (['--sweep=seed=0,1', '--sweep=optimizer.learning_rate=0.1,,1'], 'value #2'),
+    (['--sweep=optimizer.learning_rate=0.1,inf'], 'optimizer.learning_rate=inf'),
+    (['--sweep=seed=0,1', '--config.batch_size=0'], 'batch_size=0'),
+    (['--sweep=optimizer.momentum=0.5,0.9', '--config.optimizer.name=sgd'],
+     'changes nothing'),
+    (['--sweep=seed=0,True', '--vmap'], 'seed=True'),
+    (['--sweep=seed=0,1', '--vmap', '--parallel=2'], 'choose one'),
+    (['--sweep=seed=0,1', '--parallel=0'], '--parallel=0'),
+    (['--sweep=seed=0,1', 'stray'], 'unexpected arguments: stray'),
+])
+def test_cli_bad_input_is_one_line_before_anything(tmp_path, args, fragment):
   workdir = tmp_path / 'sweep'
-  proc = _run_cli(f'--config={config_file}', f'--workdir={workdir}',
-                  '--sweep=seed=0,1', '--sweep=optimizer.learning_rate=0.1,,1',
-                  '--print_commands')
-  assert proc.returncode != 0
-  assert '--sweep=optimizer.learning_rate=0.1,,1' in proc.stderr
-  assert 'value #2' in proc.stderr
+  # Nothing would run anyway: the vmap cases fail before training, the others print.
+  extra = [] if '--vmap' in args else ['--print_commands']
+  proc = _run_cli(f'--config={CONFIG}', f'--workdir={workdir}', *args, *extra)
+  assert proc.returncode == 2, proc.stderr
+  assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
   assert proc.stdout == ''
   assert not workdir.exists()
 
 
-FAKE_MAIN = '''#!{python}
-import os, pathlib, sys, time
-workdir = pathlib.Path(next(a for a in sys.argv if a.startswith('--workdir='))[10:])
-workdir.mkdir(parents=True, exist_ok=True)
-(workdir / 'started').write_text('')
-others = [p for p in workdir.parent.iterdir() if p.is_dir() and p != workdir]
-deadline = time.time() + 60
-while not all((p / 'started').exists() for p in others):  # both must be running at once
-  if time.time() > deadline:
-    sys.exit(3)
-  time.sleep(0.05)
-print('hello from', workdir.name)
-sys.exit(1 if workdir.name == 'seed=1' else 0)
-'''
-
-
-def test_parallel_sweep_runs_the_points_at_once_with_a_log_each(tmp_path):
-  fake = tmp_path / 'fake_python'
-  fake.write_text(FAKE_MAIN.format(python=sys.executable))
-  fake.chmod(0o755)
-  planned = sweep_lib.plan_sweep('c.py', tmp_path / 'sweep', {'seed': [0, 1]},
-                                 python=str(fake))
-  result = sweep_lib.run_sweep(planned, parallel=2)
-  # Each waited for the other to start, so neither exited 3: they ran concurrently.
-  assert result.launched == ['seed=0', 'seed=1']
-  assert result.failed == [('seed=1', 1)]
-  assert 'hello from seed=0' in (tmp_path / 'sweep' / 'seed=0.log').read_text()
-
-
-def test_parallel_and_vmap_are_refused_together(tmp_path, config_file):
-  with pytest.raises(sweep_lib.SweepError, match='choose one'):
-    sweep_script.sweep(config_file, str(tmp_path / 'w'), ['seed=0,1'], None, [],
-                       vmap=True, parallel=2, launcher=FakeEngine())
-  with pytest.raises(sweep_lib.SweepError, match='--parallel=0'):
-    sweep_script.sweep(config_file, str(tmp_path / 'w'), ['seed=0,1'], None, [],
-                       parallel=0, launcher=FakeEngine())
-  assert not (tmp_path / 'w').exists()
+@pytest.mark.parametrize('signum, code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_every_run_of_a_parallel_sweep(tmp_path, fake_python, signum, code):
+  workdir = tmp_path / 'sweep'
+  env = dict(os.environ, FAKE_MODE='hang',
+             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'scripts.sweep', f'--config={CONFIG}', f'--workdir={workdir}',
+       '--sweep=seed=0,1,2', '--parallel=2', f'--python={fake_python}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and not (
+      (workdir / 'events.txt').exists() and _events(workdir).count('start seed=0') +
+      _events(workdir).count('start seed=1') == 2):
+    time.sleep(0.1)
+  proc.send_signal(signum)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == code, stderr[-3000:]
+  assert 'Traceback' not in stderr
+  assert f'interrupted by signal {signum}' in stderr.strip().splitlines()[-1]
+  # Both started runs got the signal and recorded it; the third never started.
+  for name in ('seed=0', 'seed=1'):
+    status = json.loads((workdir / name / 'status.json').read_text())
+    assert status['status'] == 'interrupted'
+  assert not (workdir / 'seed=2').exists()

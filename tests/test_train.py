@@ -23,7 +23,8 @@ def test_main_entry_point_writes_the_run_files(tmp_path):
       '--config.num_train_steps=30', '--config.eval_every_steps=10',
       '--config.log_every_steps=10', '--config.checkpoint_every_steps=20',
       '--config.steps_per_dispatch=10', '--config.data.image_size=8',
-      '--config.data.num_train=256', '--config.data.num_test=64'])
+      '--config.data.num_train=256', '--config.data.num_test=64',
+      '--config.probe.num_examples=64'])
   assert proc.returncode == 0, proc.stderr[-3000:]
   config = helpers.read_json(workdir / 'config.json')
   assert config['num_train_steps'] == 30 and config['model']['normalizer'] == 'batch_norm'
@@ -59,7 +60,8 @@ def test_compilation_cache_is_used_and_changes_no_result(tmp_path):
           '--config.eval_every_steps=10', '--config.log_every_steps=10',
           '--config.checkpoint_every_steps=20', '--config.steps_per_dispatch=10',
           '--config.data.image_size=8', '--config.data.num_train=256',
-          '--config.data.num_test=64', f'--compilation_cache_dir={cache}']
+          '--config.data.num_test=64', '--config.probe.num_examples=64',
+          f'--compilation_cache_dir={cache}']
   logs = {}
   for run in ('first', 'second'):
     proc = helpers.run_main(args + [f'--workdir={tmp_path / run}'],
@@ -139,7 +141,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
           '--config.log_every_steps=10', '--config.checkpoint_every_steps=40',
           '--config.steps_per_dispatch=10', '--config.data.image_size=8',
           '--config.data.num_train=200', '--config.data.num_test=64',
-          '--config.batch_size=30']  # 200 / 30: batches straddle epochs
+          '--config.batch_size=30',  # 200 / 30: batches straddle epochs
+          '--config.probe.num_examples=64']
   whole = helpers.run_main(args + [f'--workdir={tmp_path / "whole"}'])
   assert whole.returncode == 0, whole.stderr[-3000:]
   killed = helpers.run_main(args + [f'--workdir={tmp_path / "resumed"}'],

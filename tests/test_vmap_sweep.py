@@ -137,9 +137,11 @@ def test_seed_and_init_sweep_through_the_sweep_script(tmp_path, separate_runs):
 
 @pytest.mark.parametrize('args, fragment', [
     (['--sweep=model.normalizer=batch_norm,none'], "cannot sweep 'model.normalizer'"),
-    (['--sweep=model.init_stddev=0.1,1', '--config.model.name=inception'],
+    (['--sweep=model.init_stddev=0.1,1', '--config.model.name=inception',
+      '--config.probe.enabled=false'],
      'read only by the MLP'),
-    (['--sweep=seed=0,1', '--config.parallelism=pmap'], 'needs parallelism=jit'),
+    (['--sweep=seed=0,1', '--config.parallelism=pmap',
+      '--config.eval.batch_stats=moving_average'], 'needs parallelism=jit'),
     (['--sweep=seed=0,1', '--print_commands'], 'no per-run commands'),
 ])
 def test_vmap_refuses_what_it_cannot_run(tmp_path, args, fragment):
@@ -147,7 +149,7 @@ def test_vmap_refuses_what_it_cannot_run(tmp_path, args, fragment):
   from scripts import sweep as sweep_script
   overrides, rest = sweep_lib.split_config_overrides(args)
   sweeps = [a.split('=', 1)[1] for a in rest if a.startswith('--sweep=')]
-  with pytest.raises(sweep_lib.SweepError, match=fragment):
+  with pytest.raises(ValueError, match=fragment):
     sweep_script.sweep(CONFIG, str(tmp_path / 's'),
                        sweeps, None, overrides, print_commands='--print_commands' in rest,
                        vmap=True)
@@ -162,3 +164,31 @@ def test_member_config_types_and_rejects_fractional_seeds():
   assert base.seed == 0 and math.isclose(base.optimizer.learning_rate, 0.1)
   with pytest.raises(train.SweepError, match='integer'):
     train.member_config(base, {'seed': 1.5})
+
+
+def test_sigterm_to_a_vmap_sweep_saves_every_member_and_exits_143_in_one_line(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  sweep_dir = tmp_path / 's'
+  long_run = [o for o in TINY_OVERRIDES if 'num_train_steps' not in o] + [
+      '--config.num_train_steps=400000']
+  env = dict(os.environ)
+  env['PYTHONPATH'] = helpers.REPO + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'scripts.sweep', f'--config={CONFIG}', f'--workdir={sweep_dir}',
+       '--sweep=seed=0,1', '--vmap', *long_run], cwd=helpers.REPO, env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = sweep_dir / 'seed=1' / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and 'train_loss' in metrics.read_text()):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 143, stderr[-3000:]
+  assert 'Traceback' not in stderr
+  assert 'signal 15' in stderr.strip().splitlines()[-1]
+  for seed in (0, 1):
+    status = helpers.read_json(sweep_dir / f'seed={seed}' / 'status.json')
+    assert status['status'] == 'interrupted'

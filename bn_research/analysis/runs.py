@@ -32,12 +32,15 @@ class Run:
     config: The resolved config as a nested dict ({} if not written yet).
     metrics: Logged records in file order, one dict per metrics line.
     status: The parsed status.json, or None if absent or unreadable.
+    lock: `rundir.lock_state` of the directory: 'held' while a live process runs in
+      it, 'stale' if that process was killed, 'absent' if there is no lock file.
   """
 
   path: pathlib.Path
   config: dict[str, Any]
   metrics: list[dict[str, Any]]
   status: dict[str, Any] | None
+  lock: str = 'absent'
 
   @property
   def name(self) -> str:
@@ -94,12 +97,14 @@ def load_run(run_dir: str | pathlib.Path) -> Run:
   path = pathlib.Path(run_dir)
   if not rundir.is_run_dir(str(path)):
     raise NotARunDirError(
-        f'{str(run_dir)!r} is not a run directory: expected a directory with '
-        f'{rundir.CONFIG_FILE}, {rundir.METRICS_FILE} or {rundir.STATUS_FILE}'
+        f'{str(run_dir)!r} is not a run directory: expected a directory with any of '
+        f'{rundir.CONFIG_FILE}, {rundir.METRICS_FILE}, {rundir.STATUS_FILE}, '
+        f'{rundir.DESCRIPTION_FILE} or {rundir.CHECKPOINT_DIR}/'
         + ('' if path.is_dir() else ' (it does not exist or is not a directory)'))
   return Run(path=path, config=_tolerant(rundir.read_config, path) or {},
              metrics=rundir.read_metrics(str(path)),
-             status=_tolerant(rundir.read_status, path))
+             status=_tolerant(rundir.read_status, path),
+             lock=rundir.lock_state(str(path)))
 
 
 def sweep_run_dirs(sweep_dir: str | pathlib.Path) -> list[pathlib.Path]:
@@ -207,12 +212,17 @@ def status_label(run: Run) -> str:
     run: The loaded run.
 
   Returns:
-    "done", "running", "failed", "diverged at step N", or "unknown" when no
-    readable status.json exists.
+    "done", "running", "interrupted", "failed", "diverged at step N", "killed"
+    (the status says running but no live process holds the run's lock: it was
+    killed without clean-up, and the same command resumes it), or "unknown" when
+    no readable status.json exists.
   """
   if run.status is None:
     return 'unknown'
   state = str(run.status.get('status', 'unknown'))
+  if state == 'running' and run.lock != 'held':
+    return 'killed'
+
   if state == 'diverged':
     step = run.status.get('diverged_step', run.status.get('step'))
     return f'diverged at step {step}' if step is not None else 'diverged'

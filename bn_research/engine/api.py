@@ -24,6 +24,7 @@ from bn_research import inputs as inputs_lib
 from bn_research import rundir
 from bn_research.engine import loop
 from bn_research.engine import programs
+from bn_research.engine import resume
 from bn_research.engine import state as state_lib
 from bn_research.engine import steps
 
@@ -108,16 +109,16 @@ class _Member:
 
 def _prepare(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
              overwrite: bool) -> tuple[list, dict]:
-  """Decides what to do with every member's workdir (writes nothing but a rebuilt
-  status of a finished run; the configs were validated by the caller).
+  """Decides what to do with every member's workdir (`resume.decide`; writes nothing;
+  the configs were validated by the caller).
 
   Returns:
     (members to train, results of members already finished as {index: status}).
   """
   todo, done = [], {}
   for i, (c, w) in enumerate(zip(configs, workdirs)):
-    mode = rundir.check_workdir(w, c, overwrite)
-    if mode == 'done':
+    mode = resume.decide(w, c, overwrite)
+    if mode == resume.DONE:
       done[i] = rundir.read_status(w)
       logging.info('%s already holds a finished run (%s); nothing to do.', w,
                    done[i].get('status'))
@@ -216,7 +217,7 @@ def _restore(members: list[_Member], keys: Sequence[str], data: inputs_lib.RunDa
   groups: dict[int, list] = {}
   for m in members:
     restored, step = None, 0
-    if m.mode == 'resume':
+    if m.mode == resume.RESUME:
       hparams = {k: state_lib.member_value(m.config, k) for k in keys}
       like = jax.eval_shape(init, hparams, np.asarray(data.sample_image))
       checkpointer = rundir.Checkpointer(m.workdir)
@@ -257,7 +258,7 @@ def _train(members: list[_Member], restored: list, keys: Sequence[str], *,
         member_sources=member_sources, compiler_options=compiler_options)
 
   for m in members:
-    if m.mode == 'new' and overwrite and process_index == 0:
+    if m.mode == resume.NEW and overwrite and process_index == 0:
       moved = rundir.move_aside(m.workdir)
       if moved:
         logging.warning('--overwrite: the previous run in %s was moved to %s',
@@ -271,9 +272,13 @@ def _train(members: list[_Member], restored: list, keys: Sequence[str], *,
   # From the placed state's shapes: no copy of every member's values to the host.
   num_params = state_lib.count_params(state.params, leading_axis=program.layout != 'jit')
   platform = devices[0].platform
+  logged = []
   for m, s in zip(members, sinks):
     # Rows past the resumed step are dropped (a killed run may have logged beyond it).
     s.files.truncate_metrics(start_step if start_step else -1)
+    # What the loop would have recorded up to the resumed step: a run resumed at its
+    # last step (its status.json was lost) ends with the same status as the original.
+    logged.append([r for r in rundir.read_metrics(m.workdir) if 0 < r['step'] <= start_step])
     s.files.write_config(m.config)
     s.files.write_description({
         **data.description, 'num_params': num_params, 'model': config.model.name,
@@ -300,7 +305,7 @@ def _train(members: list[_Member], restored: list, keys: Sequence[str], *,
     return loop.run(program, sinks, state, start_step=start_step,
                     cadence=loop.Cadence.from_config(config),
                     max_loss=config.divergence.max_loss, actions=actions,
-                    stop_requested=stop_requested)
+                    stop_requested=stop_requested, logged=logged)
 
 
 @contextlib.contextmanager

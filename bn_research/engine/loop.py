@@ -140,7 +140,8 @@ def _eval_metrics(row: dict) -> dict:
 def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
         cadence: Cadence, max_loss: float = 0.0,
         actions: Sequence[Callable[[int, Report], None]] = (),
-        stop_requested: Callable[[], Optional[int]] = lambda: None) -> list[dict]:
+        stop_requested: Callable[[], Optional[int]] = lambda: None,
+        logged: Optional[Sequence[Sequence[dict]]] = None) -> list[dict]:
   """Trains the program's members from `start_step` to `cadence.total`.
 
   Args:
@@ -155,6 +156,8 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
     actions: called as `action(step, report)` after every chunk.
     stop_requested: returns a signal number when the run must stop (SIGTERM/SIGINT),
       else None; checked after every chunk.
+    logged: per member, the rows it logged after step 0 up to `start_step` (a resumed
+      run's), so that its final status holds the same metrics as an uninterrupted one.
 
   Returns:
     Per member: {'status', 'step', ...extra, ...last metrics}.
@@ -164,6 +167,9 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
       was saved and its status written 'interrupted'.
   """
   members = [MemberState(sink=s, step=start_step) for s in sinks]
+  for m, rows in zip(members, logged or ()):
+    for row in rows:
+      m.last.update({k: v for k, v in row.items() if k != 'step'})
   step = start_step
   try:
     if step == 0:
@@ -188,12 +194,9 @@ def run(program: Any, sinks: Sequence[Any], state: Any, *, start_step: int,
           at = step + int(bad[0]) + 1 if bad.size else end
           what = 'loss' if bad.size else 'parameters'
           logging.warning('%s: non-finite %s at step %d: diverged.', _name(m), what, at)
-          # The row marks the divergence in metrics.jsonl (`rundir.rebuild_status`
-          # reads the reason back from it).
-          row = {'train_loss': float('nan')}
-          if not bad.size:
-            row['nonfinite_parameters'] = 1.0
-          m.diverge(at, f'non-finite {what}', row)
+          # A NaN row marks the divergence step in metrics.jsonl for readers and
+          # plots; the reason is in the status.
+          m.diverge(at, f'non-finite {what}', {'train_loss': float('nan')})
           continue
         m.loss_sum += float(losses[k].sum())
         m.accuracy_sum += float(accuracies[k].sum())
