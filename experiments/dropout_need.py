@@ -1,6 +1,6 @@
 r"""Claim (Section 3.4): BN "reduces the need for dropout".
 
-    python -m experiments.claims --claim=dropout --workdir=runs/claims
+    python -m experiments.dropout_need --workdir=runs/claims/dropout
 
 The paper's ablations remove dropout together with six other changes (BN-x5), so its
 effect alone was never measured. Here, on the small Inception preset
@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from bn_research import checks
+from bn_research import experiment
+from bn_research import plan as plan_lib
 from experiments import claims
 
-TITLE = 'Section 3.4: the need for dropout, small Inception preset'
 NETWORKS = ('inception', 'bn_baseline', 'bn_x5')
 RATES = (0.0, 0.2, 0.4)
 SEEDS = 2
@@ -35,43 +37,43 @@ EVAL_EVERY = 100
 MARGIN = 0.01   # "clearly more": one point of accuracy
 DATA = ('digits', 'fashion_mnist', 'synthetic')
 
+NAME = 'dropout'
+WORKDIR = 'runs/claims/dropout'
+HOW, PARALLEL = 'vmap', 1
+FLAGS = {
+    **claims.common_flags(STEPS, EVAL_EVERY, SEEDS, 'digits', DATA),
+    'dropout_rates': experiment.Flag('floats', RATES, 'Dropout rates.',
+                                     checks.Float(0.0, 1.0, high_open=True)),
+}
+
 
 def _name(network: str, rate: float, seed: int) -> str:
   return f'{network}_dropout{rate:g}_seed{seed}'
 
 
-def plan(args: claims.Args) -> list[claims.Run]:
-  from configs import inception_small  # pylint: disable=g-import-not-at-top
-  data = args.data or 'digits'
-  if data not in DATA:
-    raise ValueError(f'--data={data!r}; allowed for dropout: {", ".join(DATA)}.')
-  steps = args.steps or STEPS
-  every = args.eval_every or EVAL_EVERY
-  runs = []
-  for network in NETWORKS:
-    for rate in args.dropout_rates or RATES:
-      for seed in range(args.seeds or SEEDS):
-        c = inception_small.get_config(f'model={network},data={data},steps={steps}')
-        c.seed = seed
-        c.model.dropout_rate = float(rate)
-        c.eval_every_steps = c.log_every_steps = every
-        c.checkpoint_every_steps = steps
-        runs.append(claims.Run(_name(network, rate, seed), c))
-  return claims.finish_plan(runs, args)
+def plan(args) -> list:
+  return [plan_lib.make_run(
+      _name(network, rate, seed), f'{args.workdir}/{_name(network, rate, seed)}',
+      f'configs/inception_small.py:model={network},data={args.data},steps={args.steps}',
+      {'seed': seed, 'model.dropout_rate': float(rate), 'eval_every_steps': args.eval_every,
+       'log_every_steps': args.eval_every, 'checkpoint_every_steps': args.steps,
+       **args.overrides}, params=('model.dropout_rate', 'seed'))
+      for network in NETWORKS for rate in args.dropout_rates for seed in range(args.seeds)]
 
 
-def summarize(runs: Mapping[str, Any], args: claims.Args) -> dict:
+def summarize(records, args) -> dict:
   from bn_research.analysis import curves  # pylint: disable=g-import-not-at-top
-  rates = list(args.dropout_rates or RATES)
-  seeds = range(args.seeds or SEEDS)
+  runs = claims.by_name(records)
+  rates = list(args.dropout_rates)
+  seeds = range(args.seeds)
   out: dict = {'rates': rates, 'seeds': len(seeds), 'margin': MARGIN,
-               'data': args.data or 'digits', 'networks': {}}
+               'data': args.data, 'networks': {}}
   for network in NETWORKS:
     rows = []
     for rate in rates:
       per_seed = [runs[_name(network, rate, s)] for s in seeds]
-      evals = [claims.series(r, 'eval_accuracy') for r in per_seed]
-      trains = [claims.series(r, 'train_accuracy') for r in per_seed]
+      evals = [r.curve('eval_accuracy') for r in per_seed]
+      trains = [r.curve('train_accuracy') for r in per_seed]
       steps, acc = (curves.mean_curve([tuple(zip(*e)) for e in evals])
                     if all(evals) else ([], []))
       best, _ = curves.best(steps, acc)
@@ -109,7 +111,7 @@ def judge(gains: Mapping[str, Any]) -> dict:
       f'best accuracy with dropout minus without: {here}', holds)
 
 
-def table(summary: dict) -> list[str]:
+def table(summary: dict) -> str:
   lines = [f'Data: {summary["data"]}; {summary["seeds"]} seed(s) per cell; means over '
            'seeds. Gap: training accuracy of the last log interval (dropout on) minus the '
            'final held-out accuracy.', '',
@@ -123,7 +125,7 @@ def table(summary: dict) -> list[str]:
   lines += ['', '| network | dropout gain (best with - best without) |', '|---|---:|']
   lines += [f'| {n} | {claims.fmt(s["dropout_gain"])} |'
             for n, s in summary['networks'].items()]
-  return lines
+  return claims.with_verdicts(lines, summary)
 
 
 def plot(summary: dict):
@@ -147,3 +149,7 @@ def plot(summary: dict):
   axes[-1].legend()
   fig.tight_layout()
   return fig
+
+
+if __name__ == '__main__':
+  experiment.main(__name__)

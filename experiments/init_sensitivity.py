@@ -1,6 +1,6 @@
 r"""Claim: BN makes training "less careful about initialisation" (abstract; seed notes).
 
-    python -m experiments.claims --claim=init --workdir=runs/claims
+    python -m experiments.init_sensitivity --workdir=runs/claims/init
 
 The Figure 1 MLP (3 x 100 sigmoid, batch 60, momentum 0.9 at 0.05), with and without
 BN, with every dense kernel drawn from N(0, stddev^2) for each stddev of `--stddevs`
@@ -15,50 +15,54 @@ baseline's covers and at least two more.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
+from bn_research import checks
+from bn_research import experiment
 from experiments import claims
 
-TITLE = 'Initialisation: the Figure 1 MLP over the init stddev, BN vs baseline'
 NETWORKS = ('bn', 'baseline')
 STDDEVS = (1e-3, 1e-2, 0.1, 0.5, 1.0, 2.0)
 STEPS, EVAL_EVERY, SEEDS = 4000, 250, 1
 TARGET = 0.85     # held-out accuracy that counts as trained (MNIST sample)
 WITHIN = 0.03     # "within a few points"
 
+NAME = 'init'
+WORKDIR = 'runs/claims/init'
+HOW, PARALLEL = 'vmap', 1
+FLAGS = {
+    **claims.common_flags(STEPS, EVAL_EVERY, SEEDS, 'mnist', tuple(claims.MLP_DATA)),
+    'stddevs': experiment.Flag('floats', STDDEVS, 'Init stddevs of the dense kernels.',
+                               checks.Float(0.0, low_open=True)),
+}
+
 
 def _name(network: str, stddev: float, seed: int) -> str:
   return f'{network}_std{stddev:g}_seed{seed}'
 
 
-def plan(args: claims.Args) -> list[claims.Run]:
-  runs = []
-  for network in NETWORKS:
-    for stddev in args.stddevs or STDDEVS:
-      for seed in range(args.seeds or SEEDS):
-        c = claims.mlp_config(network, steps=args.steps or STEPS,
-                              eval_every=args.eval_every or EVAL_EVERY,
-                              data=args.data or 'mnist', seed=seed)
-        c.model.init_stddev = float(stddev)
-        c.measure.every_steps = 0
-        runs.append(claims.Run(_name(network, stddev, seed), c))
-  return claims.finish_plan(runs, args)
+def plan(args) -> list:
+  return [claims.mlp_run(_name(network, stddev, seed), args, network, data=args.data,
+                         overrides={'model.init_stddev': float(stddev), 'seed': seed,
+                                    'measure.every_steps': 0},
+                         params=('model.init_stddev', 'seed'))
+          for network in NETWORKS for stddev in args.stddevs for seed in range(args.seeds)]
 
 
-def summarize(runs: Mapping[str, Any], args: claims.Args) -> dict:
+def summarize(records, args) -> dict:
   from bn_research.analysis import curves  # pylint: disable=g-import-not-at-top
-  stddevs = list(args.stddevs or STDDEVS)
-  seeds = range(args.seeds or SEEDS)
+  runs = claims.by_name(records)
+  stddevs = list(args.stddevs)
+  seeds = range(args.seeds)
   out: dict = {'stddevs': stddevs, 'seeds': len(seeds), 'target': TARGET, 'within': WITHIN,
                'networks': {}}
   for network in NETWORKS:
     rows = []
     for stddev in stddevs:
       per_seed = [runs[_name(network, stddev, s)] for s in seeds]
-      curve = curves.mean_curve([tuple(zip(*claims.series(r, 'eval_accuracy')))
-                                 for r in per_seed])
+      curve = curves.mean_curve([tuple(zip(*r.curve('eval_accuracy'))) for r in per_seed])
       steps, acc = curve
       rows.append({'stddev': stddev, 'final_accuracy': acc[-1] if acc else None,
                    'steps_to_target': curves.steps_to_target(steps, acc, TARGET),
@@ -85,7 +89,7 @@ def judge(working: Mapping[str, list], stddevs: list) -> dict:
       f'{sorted(base) or "none"} (of {stddevs})', holds)
 
 
-def table(summary: dict) -> list[str]:
+def table(summary: dict) -> str:
   lines = [f'{summary["seeds"]} seed(s); target {summary["target"]:g}; best final '
            f'accuracy {summary["best_final_accuracy"]:.3f}.', '',
            '| init stddev | BN final | BN steps to target | baseline final | '
@@ -95,7 +99,7 @@ def table(summary: dict) -> list[str]:
     lines.append(f'| {a["stddev"]:g} | {claims.fmt(a["final_accuracy"])} | '
                  f'{claims.fmt(a["steps_to_target"])} | {claims.fmt(b["final_accuracy"])} | '
                  f'{claims.fmt(b["steps_to_target"])} |')
-  return lines
+  return claims.with_verdicts(lines, summary)
 
 
 def plot(summary: dict):
@@ -121,3 +125,7 @@ def plot(summary: dict):
   ax1.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   return fig
+
+
+if __name__ == '__main__':
+  experiment.main(__name__)

@@ -1,6 +1,6 @@
 r"""Claim (Section 3.3): BN may keep the layer Jacobians' singular values close to 1.
 
-    python -m experiments.claims --claim=jacobians --workdir=runs/claims
+    python -m experiments.jacobians --workdir=runs/claims/jacobians
 
 The Figure 1 MLP with and without BN. Every `--eval_every` steps the engine takes, for
 the first `measure.jacobian_examples` examples of that step's mini-batch, the Jacobian
@@ -18,28 +18,25 @@ down; that is the Jacobian the paper's layer is, input to input.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import numpy as np
 
+from bn_research import experiment
 from experiments import claims
 
-TITLE = 'Section 3.3: singular values of the layer Jacobians, BN vs baseline'
 NETWORKS = ('bn', 'baseline')
 STEPS, EVAL_EVERY = 4000, 250
 STATS = ('mean', 'min', 'max', 'log_spread')
 
+NAME = 'jacobians'
+WORKDIR = 'runs/claims/jacobians'
+HOW, PARALLEL = 'vmap', 1
+FLAGS = claims.common_flags(STEPS, EVAL_EVERY, 1, 'mnist', tuple(claims.MLP_DATA))
 
-def plan(args: claims.Args) -> list[claims.Run]:
-  runs = []
-  for network in NETWORKS:
-    for seed in range(args.seeds or 1):
-      c = claims.mlp_config(network, steps=args.steps or STEPS,
-                            eval_every=args.eval_every or EVAL_EVERY,
-                            data=args.data or 'mnist', seed=seed)
-      c.measure.jacobian = True
-      runs.append(claims.Run(f'{network}_seed{seed}', c))
-  return claims.finish_plan(runs, args)
+
+def plan(args) -> list:
+  return [claims.mlp_run(f'{network}_seed{seed}', args, network, data=args.data, seed=seed,
+                         overrides={'measure.jacobian': True})
+          for network in NETWORKS for seed in range(args.seeds)]
 
 
 def layers_of(run) -> list[str]:
@@ -47,15 +44,17 @@ def layers_of(run) -> list[str]:
                  if k.startswith('jacobian_sv_mean/')})
 
 
-def summarize(runs: Mapping[str, Any], args: claims.Args) -> dict:
+def summarize(records, args) -> dict:
+  del args
+  runs = claims.by_name(records)
   out: dict = {'networks': {}, 'stats': list(STATS)}
   for network in NETWORKS:
     run = runs[f'{network}_seed0']
     layers = layers_of(run)
     s = {'status': claims.status(run), 'layers': layers,
-         'eval_accuracy': claims.series(run, 'eval_accuracy')}
+         'eval_accuracy': run.curve('eval_accuracy')}
     for stat in STATS:
-      s[stat] = {layer: claims.series(run, f'jacobian_sv_{stat}/{layer}') for layer in layers}
+      s[stat] = {layer: run.curve(f'jacobian_sv_{stat}/{layer}') for layer in layers}
     spread = [v for layer in layers for step, v in s['log_spread'][layer] if step > 0]
     s['mean_log_spread'] = float(np.mean(spread)) if spread else None
     s['final_log_spread'] = {layer: v[-1][1] for layer, v in s['log_spread'].items() if v}
@@ -80,7 +79,7 @@ def summarize(runs: Mapping[str, Any], args: claims.Args) -> dict:
   return out
 
 
-def table(summary: dict) -> list[str]:
+def table(summary: dict) -> str:
   lines = ['Singular values of each hidden layer\'s Jacobian at the last measurement.', '',
            '| network | layer | mean s | mean abs(log s) | over training: mean abs(log s), '
            'all layers |', '|---|---|---:|---:|---:|']
@@ -89,7 +88,7 @@ def table(summary: dict) -> list[str]:
       lines.append(f'| {network} | {layer} | {claims.fmt(s["final_mean_sv"].get(layer))} | '
                    f'{claims.fmt(s["final_log_spread"].get(layer))} | '
                    f'{claims.fmt(s["mean_log_spread"])} |')
-  return lines
+  return claims.with_verdicts(lines, summary)
 
 
 def plot(summary: dict):
@@ -109,3 +108,7 @@ def plot(summary: dict):
   axes[1].legend(fontsize=7)
   fig.tight_layout()
   return fig
+
+
+if __name__ == '__main__':
+  experiment.main(__name__)

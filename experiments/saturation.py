@@ -1,6 +1,6 @@
 r"""Claim: BN keeps the sigmoids out of their saturated regime (Section 3; seed 001).
 
-    python -m experiments.claims --claim=saturation --workdir=runs/claims
+    python -m experiments.saturation --workdir=runs/claims/saturation
 
 The Figure 1 MLP with and without BN, on the offline MNIST sample and on Fashion-MNIST
 (Debian's IDX files; `--data` picks one). Every `--eval_every` steps the engine
@@ -14,32 +14,30 @@ the hidden layers at the last measurement, is above BN's.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import numpy as np
 
+from bn_research import experiment
 from experiments import claims
 
-TITLE = 'Saturation: the sigmoids\' inputs over training, BN vs baseline'
 NETWORKS = ('bn', 'baseline')
 DATASETS = ('mnist', 'fashion_mnist')
 STEPS, EVAL_EVERY = 4000, 250
 THRESHOLDS = ('2', '4')
 
+NAME = 'saturation'
+WORKDIR = 'runs/claims/saturation'
+HOW, PARALLEL = 'vmap', 1
+FLAGS = claims.common_flags(STEPS, EVAL_EVERY, 1, None, tuple(claims.MLP_DATA))
 
-def _datasets(args: claims.Args) -> tuple[str, ...]:
+
+def _datasets(args) -> tuple[str, ...]:
   return (args.data,) if args.data else DATASETS
 
 
-def plan(args: claims.Args) -> list[claims.Run]:
-  runs = []
-  for data in _datasets(args):
-    for network in NETWORKS:
-      c = claims.mlp_config(network, steps=args.steps or STEPS,
-                            eval_every=args.eval_every or EVAL_EVERY, data=data)
-      c.measure.saturation = True
-      runs.append(claims.Run(f'{data}_{network}', c))
-  return claims.finish_plan(runs, args)
+def plan(args) -> list:
+  return [claims.mlp_run(f'{data}_{network}', args, network, data=data,
+                         overrides={'measure.saturation': True})
+          for data in _datasets(args) for network in NETWORKS]
 
 
 def _histograms(run, layer: str) -> dict:
@@ -51,7 +49,8 @@ def _histograms(run, layer: str) -> dict:
   return {'edges': edges, 'steps': sorted(rows), 'fractions': [rows[s] for s in sorted(rows)]}
 
 
-def summarize(runs: Mapping[str, Any], args: claims.Args) -> dict:
+def summarize(records, args) -> dict:
+  runs = claims.by_name(records)
   out: dict = {'datasets': {}}
   rows = []
   for data in _datasets(args):
@@ -61,9 +60,9 @@ def summarize(runs: Mapping[str, Any], args: claims.Args) -> dict:
       layers = sorted({k.split('/', 1)[1] for row in run.metrics for k in row
                        if k.startswith('saturation_2/')})
       s = {'status': claims.status(run), 'layers': layers,
-           'eval_accuracy': claims.series(run, 'eval_accuracy')}
+           'eval_accuracy': run.curve('eval_accuracy')}
       for t in THRESHOLDS:
-        s[f'saturation_{t}'] = {layer: claims.series(run, f'saturation_{t}/{layer}')
+        s[f'saturation_{t}'] = {layer: run.curve(f'saturation_{t}/{layer}')
                                 for layer in layers}
         finals = [v[-1][1] for v in s[f'saturation_{t}'].values() if v]
         s[f'final_saturation_{t}'] = float(np.mean(finals)) if finals else None
@@ -88,7 +87,7 @@ def summarize(runs: Mapping[str, Any], args: claims.Args) -> dict:
   return out
 
 
-def table(summary: dict) -> list[str]:
+def table(summary: dict) -> str:
   lines = ['Fractions of sigmoid inputs at the last measurement, mean over the hidden '
            'layers.', '', '| data | network | abs(x) > 2 | abs(x) > 4 | final accuracy |',
            '|---|---|---:|---:|---:|']
@@ -97,7 +96,7 @@ def table(summary: dict) -> list[str]:
       lines.append(f'| {data} | {network} | {claims.fmt(s["final_saturation_2"])} | '
                    f'{claims.fmt(s["final_saturation_4"])} | '
                    f'{claims.fmt(s["final_eval_accuracy"])} |')
-  return lines
+  return claims.with_verdicts(lines, summary)
 
 
 def plot(summary: dict):
@@ -127,3 +126,7 @@ def plot(summary: dict):
       ax.legend(fontsize=7)
   fig.tight_layout()
   return fig
+
+
+if __name__ == '__main__':
+  experiment.main(__name__)

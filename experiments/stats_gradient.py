@@ -1,6 +1,6 @@
 r"""Claim (Section 2): normalising outside the gradient step makes the model blow up.
 
-    python -m experiments.claims --claim=stats_gradient --workdir=runs/claims
+    python -m experiments.stats_gradient --workdir=runs/claims/stats_gradient
 
 The Figure 1 MLP with a bias b in front of each normalizer (`model.pre_norm_bias`),
 trained twice: with BN (`batch_norm`: the gradient flows through mu_B and var_B, so
@@ -17,49 +17,49 @@ value at step 0).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
+from bn_research import experiment
 from experiments import claims
 
-TITLE = 'Section 2: BN with the statistics outside the gradient, on the Figure 1 MLP'
 NETWORKS = {'bn': 'batch_norm', 'stop_gradient': 'stop_gradient_batch_norm'}
 STEPS, EVAL_EVERY = 4000, 250
 GROWTH = 1.5   # end vs half-way: still growing
-FLAT = 0.1     # relative change of the training loss that counts as "stays flat"
+FLAT = 0.1     # relative change of the held-out loss that counts as "stays flat"
+
+NAME = 'stats_gradient'
+WORKDIR = 'runs/claims/stats_gradient'
+HOW, PARALLEL = 'vmap', 1
+FLAGS = claims.common_flags(STEPS, EVAL_EVERY, 1, 'mnist', tuple(claims.MLP_DATA))
 
 
-def plan(args: claims.Args) -> list[claims.Run]:
-  runs = []
-  for network, normalizer in NETWORKS.items():
-    for seed in range(args.seeds or 1):
-      c = claims.mlp_config('bn', steps=args.steps or STEPS,
-                            eval_every=args.eval_every or EVAL_EVERY,
-                            data=args.data or 'mnist', seed=seed)
-      c.model.normalizer = normalizer
-      c.model.pre_norm_bias = True
-      c.measure.param_norms = True
-      runs.append(claims.Run(f'{network}_seed{seed}', c))
-  return claims.finish_plan(runs, args)
+def plan(args) -> list:
+  return [claims.mlp_run(f'{network}_seed{seed}', args, 'bn', data=args.data, seed=seed,
+                         overrides={'model.normalizer': normalizer,
+                                    'model.pre_norm_bias': True, 'measure.param_norms': True})
+          for network, normalizer in NETWORKS.items() for seed in range(args.seeds)]
 
 
 def _norm_over_layers(run, kind: str, layers: int) -> list[list[float]]:
   """[[step, sqrt(sum_i ||dense_i/kind||^2)], ...] over the hidden layers."""
-  per_layer = [dict(map(tuple, claims.series(run, f'param_norm/dense_{i}/{kind}')))
+  per_layer = [dict(map(tuple, run.curve(f'param_norm/dense_{i}/{kind}')))
                for i in range(layers)]
   steps = sorted(set.intersection(*(set(p) for p in per_layer))) if per_layer else []
   return [[s, sum(p[s] ** 2 for p in per_layer) ** 0.5] for s in steps]
 
 
-def summarize(runs: Mapping[str, Any], args: claims.Args) -> dict:
+def summarize(records, args) -> dict:
+  del args
+  runs = claims.by_name(records)
   out: dict = {'networks': {}, 'growth': GROWTH, 'flat': FLAT}
   for network in NETWORKS:
     run = runs[f'{network}_seed0']
-    layers = len(run.config['model']['hidden_sizes']) if run.config else 3
+    layers = len(run.run.config.model.hidden_sizes)
     bias = _norm_over_layers(run, 'bias', layers)
     kernel = _norm_over_layers(run, 'kernel', layers)
-    loss = claims.series(run, 'train_loss')
-    held_out_loss = claims.series(run, 'eval_loss')
-    acc = claims.series(run, 'eval_accuracy')
+    loss = run.curve('train_loss')
+    held_out_loss = run.curve('eval_loss')
+    acc = run.curve('eval_accuracy')
     half = bias[len(bias) // 2][1] if bias else None
     out['networks'][network] = {
         'status': claims.status(run), 'bias_norm': bias, 'kernel_norm': kernel,
@@ -100,7 +100,7 @@ def judge(networks: Mapping[str, dict]) -> list[dict]:
           flat)]
 
 
-def table(summary: dict) -> list[str]:
+def table(summary: dict) -> str:
   lines = ['| network | status | bias norm half-way | bias norm end | kernel norm end | '
            'held-out loss step 0 -> last | final accuracy |', '|---|---|---:|---:|---:|---|---:|']
   for network, s in summary['networks'].items():
@@ -108,7 +108,7 @@ def table(summary: dict) -> list[str]:
                  f'{claims.fmt(s["final_bias_norm"])} | {claims.fmt(s["final_kernel_norm"])} | '
                  f'{claims.fmt(s["first_loss"])} -> {claims.fmt(s["final_loss"])} | '
                  f'{claims.fmt(s["final_eval_accuracy"])} |')
-  return lines
+  return claims.with_verdicts(lines, summary)
 
 
 def plot(summary: dict):
@@ -127,3 +127,7 @@ def plot(summary: dict):
     ax.legend()
   fig.tight_layout()
   return fig
+
+
+if __name__ == '__main__':
+  experiment.main(__name__)

@@ -3,6 +3,7 @@ rules on hand-made runs, and each MLP job end to end at tiny scale on synthetic 
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -18,30 +19,22 @@ from tests import helpers
 
 # ---- bad input: one line naming the flag, exit code 2, nothing written ---------------
 
-@pytest.mark.parametrize('args,line', [
-    (['--claim=dropouts'], "claims: error: --claim='dropouts'; allowed: dropout, init, "
-     'stats_gradient, jacobians, saturation.'),
-    (['--claim=init', '--stddevs=0.1,0'],
-     "claims: error: --stddevs='0.1,0': every init stddev must be > 0."),
-    (['--claim=init', '--stddevs=-1'],
-     "claims: error: --stddevs='-1': every init stddev must be > 0."),
-    (['--claim=dropout', '--dropout_rates=0,1'],
-     "claims: error: --dropout_rates='0,1': every rate must be in [0, 1)."),
-    (['--claim=dropout', '--dropout_rates=-0.1'],
-     "claims: error: --dropout_rates='-0.1': every rate must be in [0, 1)."),
-    (['--claim=init', '--steps=0'],
-     "claims: error: --steps=0 must be a positive integer."),
-    (['--claim=jacobians', '--set=model.init_stddev=-1'], None),
+@pytest.mark.parametrize('args,program,flag', [
+    (['--claim=dropouts'], 'claims', '--claim'),
+    (['--claim=init', '--stddevs=0.1,0'], 'init_sensitivity', '--stddevs'),
+    (['--claim=init', '--stddevs=-1'], 'init_sensitivity', '--stddevs'),
+    (['--claim=dropout', '--dropout_rates=0,1'], 'dropout_need', '--dropout_rates'),
+    (['--claim=dropout', '--dropout_rates=-0.1'], 'dropout_need', '--dropout_rates'),
+    (['--claim=init', '--steps=0'], 'init_sensitivity', '--steps'),
+    (['--claim=jacobians', '--data=cifar'], 'jacobians', '--data'),
+    (['--claim=jacobians', '--set=model.init_stddev=-1'], 'jacobians', 'model.init_stddev'),
 ])
-def test_bad_flag_is_one_line_exit_2_nothing_written(tmp_path, args, line):
+def test_bad_flag_is_one_line_exit_2_nothing_written(tmp_path, args, program, flag):
   proc = helpers.run_module('experiments.claims', [f'--workdir={tmp_path}/out', *args])
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
-  if line is not None:
-    assert lines == [line]
-  else:
-    assert lines[0].startswith('claims: error: ') and 'model.init_stddev' in lines[0]
+  assert lines[0].startswith(f'{program}: error: ') and flag in lines[0], lines[0]
   assert not os.listdir(tmp_path)
 
 
@@ -88,8 +81,10 @@ def _write_run(path, rows, status='done'):
 
 
 def _load(root, names):
-  from bn_research.analysis import runs as runs_lib
-  return {n: runs_lib.load_run(os.path.join(root, n)) for n in names}
+  """The driver's records of hand-made run directories."""
+  from bn_research import experiment
+  from bn_research import plan as plan_lib
+  return [experiment.read(plan_lib.Run(n, os.path.join(root, n), None)) for n in names]
 
 
 def test_jacobian_summary_and_rules_from_run_directories(tmp_path):
@@ -100,7 +95,7 @@ def test_jacobian_summary_and_rules_from_run_directories(tmp_path):
                 for layer in ('hidden_0', 'hidden_1')}} for i, v in enumerate(values)]
     _write_run(tmp_path / f'{network}_seed0', rows)
   s = jacobians.summarize(_load(tmp_path, ['bn_seed0', 'baseline_seed0']),
-                          claims.Args(claim='jacobians', workdir=str(tmp_path)))
+                          _args(jacobians))
   assert s['networks']['bn']['layers'] == ['hidden_0', 'hidden_1']
   # Step 0 is left out of the mean over training.
   assert s['networks']['bn']['mean_log_spread'] == pytest.approx(0.55)
@@ -123,7 +118,7 @@ def test_saturation_summary_rule_and_histogram_moments(tmp_path):
       rows.append(row)
     _write_run(tmp_path / f'mnist_{network}', rows)
   s = saturation.summarize(_load(tmp_path, ['mnist_bn', 'mnist_baseline']),
-                           claims.Args(claim='saturation', workdir=str(tmp_path), data='mnist'))
+                           _args(saturation, data='mnist'))
   base = s['datasets']['mnist']['baseline']
   assert base['final_saturation_2'] == pytest.approx(0.6)
   assert base['histogram']['layer'] == 'hidden_1'
@@ -133,39 +128,51 @@ def test_saturation_summary_rule_and_histogram_moments(tmp_path):
   saturation.plot(s).savefig(tmp_path / 's.png')
 
 
+def _args(module, **values):
+  """A job's args as the driver parses them: its flags' defaults, then `values`."""
+  import types
+  out = {name: flag.default for name, flag in module.FLAGS.items()}
+  out.update(workdir='unused', overrides={}, **values)
+  return types.SimpleNamespace(**out)
+
+
 def test_runs_differing_in_vmappable_keys_share_a_program():
-  args = claims.Args(claim='init', workdir='unused', data='synthetic', steps=20,
-                     eval_every=10, stddevs=(0.01, 1.0), seeds=2)
-  groups = claims.vmap_groups(init_sensitivity.plan(args))
-  assert [(len(members), keys) for members, keys in groups] == [
-      (4, ['model.init_stddev', 'seed']), (4, ['model.init_stddev', 'seed'])]
-  assert {r.config.model.normalizer for r in groups[0][0]} == {'batch_norm'}
+  from bn_research import plan as plan_lib
+  args = _args(init_sensitivity, data='synthetic', steps=20, eval_every=10,
+               stddevs=(0.01, 1.0), seeds=2)
+  groups = plan_lib.vmap_groups(init_sensitivity.plan(args))
+  assert [len(g) for g in groups] == [4, 4]
+  assert {r.config.model.normalizer for r in groups[0]} == {'batch_norm'}
+  assert sorted((r.config.model.init_stddev, r.config.seed) for r in groups[1]) == [
+      (0.01, 0), (0.01, 1), (1.0, 0), (1.0, 1)]
   # A non-vmappable difference (the normalizer) makes programs of their own.
-  sg = stats_gradient.plan(claims.Args(claim='stats_gradient', workdir='unused',
-                                       data='synthetic', steps=20, eval_every=10))
-  assert [len(m) for m, _ in claims.vmap_groups(sg)] == [1, 1]
+  sg = stats_gradient.plan(_args(stats_gradient, data='synthetic', steps=20, eval_every=10))
+  assert [len(g) for g in plan_lib.vmap_groups(sg)] == [1, 1]
+  assert {r.config.model.pre_norm_bias for r in sg} == {True}
 
 
 # ---- end to end, tiny ----------------------------------------------------------------
 
 @pytest.mark.parametrize('claim,extra', [
-    ('init', {'stddevs': (0.01, 1.0)}),
-    ('stats_gradient', {}),
-    ('jacobians', {}),
-    ('saturation', {}),
+    ('init', ['--stddevs=0.01,1']),
+    ('stats_gradient', []),
+    ('jacobians', []),
+    ('saturation', []),
 ])
-def test_mlp_job_end_to_end_on_synthetic_data(tmp_path, claim, extra, fast_compiles):
-  args = claims.Args(claim=claim, workdir=str(tmp_path), data='synthetic', steps=20,
-                     eval_every=10, overrides=('model.hidden_sizes=(16, 16)',), **extra)
-  summary = claims.run_job(args, command='test')
+def test_mlp_job_end_to_end_on_synthetic_data(tmp_path, claim, extra):
+  proc = helpers.run_module('experiments.claims', [
+      f'--claim={claim}', f'--workdir={tmp_path}/{claim}', '--data=synthetic', '--steps=20',
+      '--eval_every=10', '--set=model.hidden_sizes=(16, 16)', *extra])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  module = sys.modules[claims.CLAIMS[claim]]
   root = tmp_path / claim
   for ext in ('json', 'md', 'png'):
-    assert (root / f'{claim}.{ext}').stat().st_size > 100
-  assert helpers.read_json(str(root / f'{claim}.json'))['claims'] == summary['claims']
-  assert all(c['verdict'] in ('holds', 'does not hold', 'not judged')
-             for c in summary['claims'])
-  md = (root / f'{claim}.md').read_text()
-  assert 'Command: `test`' in md and '| the paper\'s claim |' in md
+    assert (root / f'{module.NAME}.{ext}').stat().st_size > 100
+  summary = helpers.read_json(str(root / f'{module.NAME}.json'))
+  assert summary['claims'] and all(
+      c['verdict'] in ('holds', 'does not hold', 'not judged') for c in summary['claims'])
+  md = (root / f'{module.NAME}.md').read_text()
+  assert 'Command: `python -m experiments.' in md and "| the paper's claim |" in md
   if claim == 'stats_gradient':
     sg, bn = summary['networks']['stop_gradient'], summary['networks']['bn']
     # Through BN the bias's gradient is zero up to rounding; without the statistics not.
@@ -176,11 +183,13 @@ def test_mlp_job_end_to_end_on_synthetic_data(tmp_path, claim, extra, fast_compi
     assert summary['datasets']['synthetic']['bn']['histogram']['steps'] == [0, 10, 20]
 
 
-def test_dropout_job_end_to_end_on_synthetic_data(tmp_path, fast_compiles):
+def test_dropout_job_end_to_end_on_synthetic_data(tmp_path):
   """The costly one (three Inception programs): two steps, two rates, one seed."""
-  args = claims.Args(claim='dropout', workdir=str(tmp_path), data='synthetic', steps=2,
-                     eval_every=1, seeds=1, dropout_rates=(0.0, 0.4))
-  summary = claims.run_job(args, command='test')
+  proc = helpers.run_module('experiments.claims', [
+      '--claim=dropout', f'--workdir={tmp_path}/dropout', '--data=synthetic', '--steps=2',
+      '--eval_every=1', '--seeds=1', '--dropout_rates=0,0.4'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = helpers.read_json(str(tmp_path / 'dropout' / 'dropout.json'))
   assert set(summary['networks']) == set(dropout_need.NETWORKS)
   for s in summary['networks'].values():
     assert [r['rate'] for r in s['rows']] == [0.0, 0.4]
