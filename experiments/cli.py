@@ -25,17 +25,3 @@ def parse_or_exit(program: str, argv: Sequence[str], parse: Callable[[], dict]) 
       raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}')
     return parse()
   return launch.exit_on_bad_flags(program, check)
-
-
-def apply_override(c, assignment: str) -> None:
-  """Applies '--set=a.b=value' to config c, the value parsed as sweeps parse theirs;
-  ValueError naming the assignment for an unknown key or a value of the wrong type."""
-  from bn_research import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
-  key, eq, text = assignment.partition('=')
-  if not eq or not sweep_lib.has_key(c, key):
-    raise ValueError(f'--set={assignment!r}: ' + (f'no config key {key!r}.' if eq else
-                                                  'expected key=value.'))
-  try:
-    c.update_from_flattened_dict({key: sweep_lib.parse_value(text)})
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'--set={assignment!r}: {e}') from None
