@@ -37,7 +37,7 @@ EVAL_EVERY = 100
 MARGIN = 0.01   # "clearly more": one point of accuracy
 DATA = ('digits', 'fashion_mnist', 'synthetic')
 
-NAME = 'dropout'
+NAME = 'dropout_need'
 WORKDIR = 'runs/claims/dropout'
 HOW, PARALLEL = 'vmap', 1
 FLAGS = {

@@ -29,7 +29,7 @@ STEPS, EVAL_EVERY, SEEDS = 4000, 250, 1
 TARGET = 0.85     # held-out accuracy that counts as trained (MNIST sample)
 WITHIN = 0.03     # "within a few points"
 
-NAME = 'init'
+NAME = 'init_sensitivity'
 WORKDIR = 'runs/claims/init'
 HOW, PARALLEL = 'vmap', 1
 FLAGS = {

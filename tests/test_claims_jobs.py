@@ -189,7 +189,7 @@ def test_dropout_job_end_to_end_on_synthetic_data(tmp_path):
       '--claim=dropout', f'--workdir={tmp_path}/dropout', '--data=synthetic', '--steps=2',
       '--eval_every=1', '--seeds=1', '--dropout_rates=0,0.4'])
   assert proc.returncode == 0, proc.stderr[-3000:]
-  summary = helpers.read_json(str(tmp_path / 'dropout' / 'dropout.json'))
+  summary = helpers.read_json(str(tmp_path / 'dropout' / 'dropout_need.json'))
   assert set(summary['networks']) == set(dropout_need.NETWORKS)
   for s in summary['networks'].values():
     assert [r['rate'] for r in s['rows']] == [0.0, 0.4]
@@ -197,4 +197,4 @@ def test_dropout_job_end_to_end_on_synthetic_data(tmp_path):
                for r in s['rows'])
     assert s['dropout_gain'] is not None
   assert summary['claims'][0]['verdict'] in ('holds', 'does not hold')
-  assert (tmp_path / 'dropout' / 'dropout.png').stat().st_size > 100
+  assert (tmp_path / 'dropout' / 'dropout_need.png').stat().st_size > 100
