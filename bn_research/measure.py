@@ -427,9 +427,11 @@ def nonlinearity_saturation(pre_activations: Mapping[str, jax.Array]) -> dict[st
     x = jnp.ravel(x).astype(jnp.float32)
     for t in SATURATION_THRESHOLDS:
       out[f'saturation_{t:g}/{name}'] = jnp.mean(jnp.abs(x) > t)
-    clipped = jnp.clip(x, edges[0], edges[-1] - 0.5)
-    index = jnp.clip(jnp.searchsorted(edges, clipped, side='right') - 1, 0, len(HIST_EDGES) - 2)
-    counts = jnp.zeros(len(HIST_EDGES) - 1, jnp.float32).at[index].add(1.0) / x.size
+    # The bin of each value: how many inner edges it reaches (values below the first
+    # edge land in the first bin, beyond the last in the last). Comparisons, not
+    # jnp.searchsorted, which fails inside the members' shard_map (jax 0.10.2).
+    index = jnp.sum(x[:, None] >= edges[None, 1:-1], axis=1)
+    counts = jnp.mean(index[:, None] == jnp.arange(len(HIST_EDGES) - 1)[None], axis=0)
     for lo, c in zip(HIST_EDGES, counts):
       out[f'input_hist/{name}/{lo:g}'] = c
   return out
