@@ -247,8 +247,9 @@ def make_measure_fn(builder: Builder, layers: Any, materialize: Callable) -> Cal
   At the state's step t, on the batch of the next update (a one-step chunk): the
   internal covariate shift per layer, the loss landscape along the gradient, the
   layers' Jacobian singular values, the nonlinearities' saturation and the parameter
-  norms, as `measure.*` selects (`bn_research.measure`). The update it needs (G' is taken after layers 1..i-1 moved)
-  is computed here and discarded, so training itself is untouched.
+  norms, as `measure.*` selects (`bn_research.measure`). The update the ICS needs (G'
+  is taken after layers 1..i-1 moved) is computed here and discarded, so training
+  itself is untouched.
   """
   train_step = make_train_step(builder)
   m = builder.config.measure
