@@ -20,8 +20,9 @@ Three more look at the network itself, for the paper's claims:
   those of the mini-batch held fixed (BN is then the affine map it is at inference),
   summarised by `singular_value_summary` (mean, min, max, and the spread around 1,
   mean |log s|);
-* `nonlinearity_saturation` (the "saturated regime" of sigmoids, Section 3): the fraction of each
-  nonlinearity's inputs with |x| > 2 and |x| > 4, and a histogram of them;
+* `nonlinearity_saturation` (the "saturated regime" of sigmoids, Section 3): the
+  fraction of each nonlinearity's inputs with |x| > 2 and |x| > 4, and their
+  histogram;
 * `parameter_norms`: ||p|| of every parameter array (a pre-normalisation bias that
   drifts, Section 2).
 
@@ -302,12 +303,15 @@ def make_measurement(model: nn.Module, sample_image: Any = None, *, etas: Sequen
                  landscape_grad_pred_min=jnp.min(land['grad_distance']),
                  landscape_beta=land['beta_smoothness'])
     if jacobian or saturation:
-      variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+      variables = {'params': params}
+      if batch_stats:
+        variables['batch_stats'] = batch_stats
       _, state = model.apply(variables, batch['image'], train=True,
                              mutable=['batch_stats', 'batch_moments', 'intermediates'],
                              rngs={s: rng for s in rng_streams})
       if saturation:
-        out.update(nonlinearity_saturation({k: v[0] for k, v in state['intermediates'].items()}))
+        out.update(nonlinearity_saturation(
+            {k: v[0] for k, v in state['intermediates'].items()}))
       if jacobian:
         fixed = {'params': params}
         if batch_stats:
@@ -393,7 +397,8 @@ def input_jacobian(model: nn.Module, variables: Any, image: jax.Array, first: st
 def layer_jacobian_singular_values(model: nn.Module, variables: Any, images: jax.Array,
                                    first: str, second: str) -> jax.Array:
   """(n, min(out, in)) singular values of `input_jacobian` for each of n examples."""
-  jacobians = jax.vmap(lambda im: input_jacobian(model, variables, im, first, second))(images)
+  jacobians = jax.vmap(
+      lambda im: input_jacobian(model, variables, im, first, second))(images)
   return jnp.linalg.svd(jacobians.astype(jnp.float32), compute_uv=False)
 
 
@@ -409,7 +414,8 @@ def batch_statistics(batch_stats: Any, moments: Any) -> Any:
           for k, v in batch_stats.items()}
 
 
-def nonlinearity_saturation(pre_activations: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def nonlinearity_saturation(pre_activations: Mapping[str, jax.Array]
+                            ) -> dict[str, jax.Array]:
   """Per layer: the fraction of nonlinearity inputs with |x| > 2 and > 4 (where the
   sigmoid's derivative is below 0.105 and 0.018, against 0.25 at 0), and their
   histogram over `HIST_EDGES`.
