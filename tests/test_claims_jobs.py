@@ -183,12 +183,14 @@ def test_mlp_job_end_to_end_on_synthetic_data(tmp_path, claim, extra):
     assert summary['datasets']['synthetic']['bn']['histogram']['steps'] == [0, 10, 20]
 
 
+@pytest.mark.slow
 def test_dropout_job_end_to_end_on_synthetic_data(tmp_path):
   """The costly one (three Inception programs): two steps, two rates, one seed."""
   proc = helpers.run_module('experiments.claims', [
       '--claim=dropout', f'--workdir={tmp_path}/dropout', '--data=synthetic', '--steps=2',
       '--eval_every=1', '--seeds=1', '--dropout_rates=0,0.4',
-      '--set=num_eval_examples=0'])  # the preset's 1,000 held-out images are real data's
+      '--set=num_eval_examples=0'],  # the preset's 1,000 held-out images are real data's
+      timeout=2400)  # three Inception programs to compile
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = helpers.read_json(str(tmp_path / 'dropout' / 'dropout_need.json'))
   assert set(summary['networks']) == set(dropout_need.NETWORKS)
