@@ -49,6 +49,7 @@ run (each saves) and exits 128 + signum; a diverged run is summarised like any o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -59,11 +60,10 @@ import signal
 import sys
 import time
 import types
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from bn_research import checks
 from bn_research import launch
@@ -301,10 +301,32 @@ def module_name(module: types.ModuleType) -> str:
   return spec.name if spec is not None else module.__name__
 
 
+# What a job turns into one line and exit code 2 (RunDirError is a ValueError).
+LIBRARY_ERRORS = (ValueError, FileExistsError, NotADirectoryError)
+
+
 def _fail(program: str, message: str, code: int) -> None:
   print(f'{program}: error: {message}' if code == 2 else f'{program}: {message}',
         file=sys.stderr)
   sys.exit(code)
+
+
+@contextlib.contextmanager
+def one_line_errors(program: str) -> Iterator[None]:
+  """Within: a library error is one line on stderr and exit code 2; a signal that
+  stopped the work (launch.Interrupted, the engine's Interrupted: anything carrying a
+  `signum`) or Ctrl-C is one line and exit code 128 + signum."""
+  try:
+    yield
+  except LIBRARY_ERRORS as e:
+    _fail(program, str(e), 2)
+  except KeyboardInterrupt:
+    _fail(program, 'interrupted by signal 2; the same command resumes', 130)
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(getattr(e, 'signum', None), int):
+      raise
+    _fail(program, f'{e}; the same command resumes'
+          if 'resumes' not in str(e) else str(e), 128 + e.signum)
 
 
 def _raise_interrupted(signum, frame):
@@ -316,26 +338,19 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
   """Parses, plans, trains, reads, summarises and writes: the whole job."""
   program = module_name(module).rsplit('.', 1)[-1]
   log_filter.quiet_library_logs()
-  errors = (ValueError, FileExistsError, NotADirectoryError, rundir.RunDirError)
-  try:
+  with one_line_errors(program):
     args = parse_args(module, handles, argv)
     runs = module.plan(args)
     plan_lib.check_names(runs)
-  except errors as e:
-    _fail(program, str(e), 2)
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, _raise_interrupted)
   t0 = time.time()
-  try:
+  with one_line_errors(program):
     record_sweeps(runs)
     os.makedirs(args.workdir, exist_ok=True)
     outcomes = plan_lib.run_plan(
         runs, args.how, parallel=args.parallel, pin_cores=args.pin_cores,
         overwrite=args.overwrite, progress=plan_lib.print_progress)
-  except launch.Interrupted as e:
-    _fail(program, f'{e}', 128 + e.signum)
-  except errors as e:
-    _fail(program, str(e), 2)
   if args.how == 'print':
     return
   failed = [o for o in outcomes if o.returncode]
@@ -347,10 +362,8 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
           f'{plan_lib.log_path(run_)}:\n{tail}', file=sys.stderr)
   if failed:
     _fail(program, f'training failed for: {", ".join(o.name for o in failed)}', 1)
-  try:
+  with one_line_errors(program):
     summary = module.summarize([read(r) for r in runs], args)
-  except errors as e:
-    _fail(program, str(e), 2)
   command = shlex.join(['python', '-m', module_name(module)] + list(sys.argv[1:]))
   extra = {'wall_seconds': round(time.time() - t0, 2), 'command': command}
   paths = write_outputs(module, args.workdir, summary, extra)

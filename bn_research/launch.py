@@ -213,10 +213,12 @@ def _run(jobs, slots, shares, env, cwd, on_finish, on_poll, poll_seconds, report
       log = open(job.log, 'a') if job.log else None  # pylint: disable=consider-using-with
       logging.info('launching %s: %s', job.name, ' '.join(map(str, job.command)))
       # Its own process group: a signal reaches the child (and anything it starts)
-      # only through this parent, which then waits for it to save.
+      # only through this parent, which then waits for it to save. Not its own session:
+      # with the kernel's session autogroups, a new session per child is scheduled as a
+      # separate group and loses CPU share on a loaded machine.
       proc = subprocess.Popen(list(job.command), cwd=cwd, env=env, stdout=log,
                               stderr=subprocess.STDOUT if log else None,
-                              start_new_session=True)
+                              process_group=0)
       if shares:
         # Set right after the start, before the child's interpreter starts threads
         # (threads inherit it); a preexec_fn is unsafe in a parent running threads.

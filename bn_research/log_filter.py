@@ -14,7 +14,8 @@ def _keep(record) -> bool:
 
 
 def quiet_library_logs() -> None:
-  """Installs the filter on absl's logger (once)."""
-  logger = logging.get_absl_logger()
-  if _keep not in logger.filters:
-    logger.addFilter(_keep)
+  """Installs the filter (once) on absl's logger and on absl's handler, which also
+  prints the records of Python loggers such as JAX's (its backend probe lines)."""
+  for target in (logging.get_absl_logger(), logging.get_absl_handler()):
+    if _keep not in target.filters:
+      target.addFilter(_keep)

@@ -192,14 +192,22 @@ def main(argv: Sequence[str] | None = None) -> None:
   if not sizes or min(sizes) < 2:
     parser.error(f'--ghost_sizes={args.ghost_sizes!r}: allowed: comma-separated integers '
                  '>= 2 (BN needs two examples per statistic).')
+  if len(set(sizes)) != len(sizes):
+    parser.error(f'--ghost_sizes={args.ghost_sizes!r}: a size is listed twice.')
   norms = [n for n in args.normalizers.split(',') if n]
-  if not norms or any(n not in NORMALIZERS for n in norms):
+  if not norms or any(n not in NORMALIZERS for n in norms) or len(set(norms)) != len(norms):
     parser.error(f'--normalizers={args.normalizers!r}: allowed: a comma-separated subset of '
-                 f'{", ".join(NORMALIZERS)}.')
+                 f'{", ".join(NORMALIZERS)}, each named once.')
   for model in models:
     if not any(BATCH[model] % g == 0 for g in sizes) and set(norms) & set(BATCH_STATISTICS):
       parser.error(f'--ghost_sizes={args.ghost_sizes!r}: none divides the {model} batch of '
                    f'{BATCH[model]}; allowed: divisors of it.')
+  # A size that divides no chosen network's batch would be dropped without a word.
+  unusable = [g for g in sizes if not any(BATCH[m] % g == 0 for m in models)]
+  if unusable and set(norms) & set(BATCH_STATISTICS):
+    parser.error(f'--ghost_sizes={args.ghost_sizes!r}: {unusable[0]} divides no chosen '
+                 'batch (' + ', '.join(f'{m}: {BATCH[m]}' for m in models)
+                 + '); allowed: divisors of a batch.')
   nr.run_job(parser, lambda: run(args.workdir, steps=args.steps, models=models,
                                   data=args.data, ghost_sizes=sizes, normalizers=norms,
                                   extra=args.set),

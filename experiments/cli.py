@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from bn_research import launch
+from bn_research.experiment import one_line_errors  # pylint: disable=unused-import
 from bn_research.log_filter import quiet_library_logs  # pylint: disable=unused-import
 
 

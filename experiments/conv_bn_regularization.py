@@ -273,7 +273,8 @@ def parse_flags() -> dict:
 def main(argv: Sequence[str]) -> None:
   kwargs = cli.parse_or_exit('conv_bn_regularization', argv, parse_flags)
   logging.set_verbosity(logging.INFO)
-  summary = run(FLAGS.workdir, overwrite=FLAGS.overwrite, **kwargs)
+  with cli.one_line_errors('conv_bn_regularization'):
+    summary = run(FLAGS.workdir, overwrite=FLAGS.overwrite, **kwargs)
   print_table(summary)
   print(f'wrote {FLAGS.workdir}/conv_bn_regularization.png and conv_bn_regularization.json '
         f'in {summary["wall_seconds"]} s')

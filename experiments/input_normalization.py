@@ -288,7 +288,8 @@ def parse_flags() -> dict:
 
 def main(argv: Sequence[str]) -> None:
   kwargs = cli.parse_or_exit('input_normalization', argv, parse_flags)
-  summary = run(FLAGS.workdir, **kwargs)
+  with cli.one_line_errors('input_normalization'):
+    summary = run(FLAGS.workdir, **kwargs)
   q, m = summary['quadratic'], summary['mlp']
   print(f'lr {q["lr"]:g}, start {q["start"]}: steps to |x|,|y| < {q["tol"]:g}: '
         f'elongated {q["elongated"]["steps_to_tol"]}, round {q["round"]["steps_to_tol"]}')

@@ -63,9 +63,9 @@ def check_common_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
     parser.error(f'--steps={args.steps}: allowed: an integer >= 2.')
   models = [m for m in args.models.split(',') if m]
   bad = [m for m in models if m not in MODELS]
-  if bad or not models:
+  if bad or not models or len(set(models)) != len(models):
     parser.error(f'--models={args.models!r}: allowed: a comma-separated subset of '
-                 f'{", ".join(MODELS)}.')
+                 f'{", ".join(MODELS)}, each named once.')
   for kv in args.set:
     key = kv.split('=', 1)[0].strip()
     if '=' not in kv or not key:

@@ -253,7 +253,8 @@ def parse_flags() -> dict:
 def main(argv: Sequence[str]) -> None:
   kwargs = cli.parse_or_exit('why_bn', argv, parse_flags)
   logging.set_verbosity(logging.INFO)
-  summary = run(FLAGS.workdir, overwrite=FLAGS.overwrite, **kwargs)
+  with cli.one_line_errors('why_bn'):
+    summary = run(FLAGS.workdir, overwrite=FLAGS.overwrite, **kwargs)
   for net in kwargs['networks']:
     s = summary[net]
     print(f'{net:<9} final test acc {s["final_eval_accuracy"]}  mean ICS l2 '

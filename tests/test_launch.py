@@ -114,3 +114,26 @@ def test_single_thread_flags_do_not_hide_flags_given_after_them():
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split()[-1] == '2'
+
+
+def test_library_info_lines_are_off_unless_verbosity_asks_for_them():
+  import logging as std_logging
+  from absl import logging
+  from bn_research import log_filter
+  log_filter.quiet_library_logs()
+  handler = logging.get_absl_handler()
+
+  def shown(path, level=std_logging.INFO):
+    return bool(handler.filter(std_logging.LogRecord('x', level, path, 1, 'm', (), None)))
+
+  before = logging.get_verbosity()
+  try:
+    logging.set_verbosity(logging.INFO)
+    assert not shown('/site-packages/jax/_src/xla_bridge.py')  # the TPU probe line
+    assert not shown('/site-packages/orbax/checkpoint/checkpointer.py')
+    assert shown('/site-packages/orbax/x.py', std_logging.WARNING)
+    assert shown(os.path.join(launch.REPO, 'bn_research', 'engine', 'loop.py'))
+    logging.set_verbosity(logging.DEBUG)  # --verbosity=1
+    assert shown('/site-packages/orbax/checkpoint/checkpointer.py')
+  finally:
+    logging.set_verbosity(before)

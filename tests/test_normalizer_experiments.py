@@ -68,6 +68,7 @@ def test_bn_only_trains_gamma_beta_from_the_same_init(tmp_path):
 @pytest.mark.parametrize('flag, needle', [
     ('--steps=1', '--steps=1'),
     ('--models=resnet', "--models='resnet'"),
+    ('--models=mlp,mlp', "--models='mlp,mlp'"),
     ('--set=seed', "--set='seed'"),
     ('--set=model.normalizer=none', 'sets model.normalizer for each run'),
     ('--set=model.bn_epsilon=-1.0', 'model.bn_epsilon=-1.0'),
@@ -85,7 +86,9 @@ def test_bad_flags_are_one_line_exit_2_before_any_run(tmp_path, capsys, module, 
 
 @pytest.mark.parametrize('flag, needle', [
     ('--ghost_sizes=3', '--ghost_sizes'), ('--ghost_sizes=1', '--ghost_sizes'),
+    ('--ghost_sizes=2,3', '3 divides no chosen batch'), ('--ghost_sizes=2,2', 'twice'),
     ('--normalizers=batch_norm,weight_norm', '--normalizers'),
+    ('--normalizers=batch_norm,batch_norm', 'each named once'),
 ])
 def test_bn_batch_size_flags(tmp_path, capsys, flag, needle):
   from experiments import bn_batch_size

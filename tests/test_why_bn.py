@@ -70,7 +70,7 @@ def test_network_configs_differ_only_in_normalizer_and_measure_by_default():
   assert base.to_json() == bn.to_json()
   tuned = why_bn.network_config('bn', data='synthetic', overrides=['optimizer.learning_rate=0.5'])
   assert tuned.optimizer.learning_rate == 0.5
-  with pytest.raises(ValueError, match="no config key 'optimizer.lr'"):
+  with pytest.raises(ValueError, match='optimizer.lr=0.5: no such config key'):
     why_bn.network_config('bn', data='synthetic', overrides=['optimizer.lr=0.5'])
 
 
@@ -103,3 +103,13 @@ def test_job_measures_every_network(tmp_path):
     assert s['mean_ics_l2']['hidden_0'] == 0.0
     assert s['mean_landscape_loss_range'] >= 0 and s['mean_landscape_beta'] > 0
   assert os.path.getsize(tmp_path / 'why_bn.png') > 10_000
+
+
+def test_a_library_error_is_one_line_and_exit_code_2(tmp_path):
+  a_file = tmp_path / 'not_a_dir'
+  a_file.write_text('')
+  proc = helpers.run_module('experiments.why_bn', [f'--workdir={a_file}', '--data=synthetic',
+                                                   '--steps=4'])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and str(a_file) in lines[0] and 'Traceback' not in proc.stderr

@@ -112,11 +112,17 @@ def member_vmap(fn: Callable, in_axes: tuple, mesh: jax.sharding.Mesh, *,
                        axis_names={'members'})
 
 
+# The eval step's sums, in the order `_eval_rows` reads them.
+EVAL_SUMS = ('loss_sum', 'correct', 'correct_top5', 'count')
+
+
 def _eval_rows(totals: np.ndarray) -> list[dict]:
-  """(3, K) sums of loss, correct, count -> one row per member."""
-  count = np.maximum(totals[2], 1.0)
+  """(4, K) sums of loss, top-1 and top-5 hits, count -> one row per member."""
+  count = np.maximum(totals[3], 1.0)
   return [{'eval_loss': float(totals[0, k] / count[k]),
-           'eval_accuracy': float(totals[1, k] / count[k])} for k in range(totals.shape[1])]
+           'eval_accuracy': float(totals[1, k] / count[k]),
+           'eval_top5_accuracy': float(totals[2, k] / count[k])}
+          for k in range(totals.shape[1])]
 
 
 def _probe_rows(values: np.ndarray, percentiles: Sequence[float]) -> list[dict]:
@@ -316,12 +322,12 @@ class JitProgram(Program):
     return stats
 
   def evaluate(self, state) -> list[dict]:
-    totals = np.zeros((3, self.num_members))
+    totals = np.zeros((len(EVAL_SUMS), self.num_members))
     stats = self._inference_statistics(state)
     for b in self._placed_eval_batches():
       out = self._eval(self._hp, state.params, stats, b)
       totals += np.stack([np.asarray(out[k], np.float64).reshape(-1)
-                          for k in ('loss_sum', 'correct', 'count')])
+                          for k in EVAL_SUMS])
     return _eval_rows(totals)
 
   def measure(self, state, step: int) -> Optional[list[dict]]:
@@ -409,10 +415,10 @@ class PmapProgram(Program):
 
   def evaluate(self, state):
     (s,) = self.split(state)
-    totals = np.zeros((3, 1))
+    totals = np.zeros((len(EVAL_SUMS), 1))
     for b in self.data.eval_batches():
       out = self._eval({}, s.params, s.batch_stats, b)
-      totals += np.asarray([[float(out[k])] for k in ('loss_sum', 'correct', 'count')])
+      totals += np.asarray([[float(out[k])] for k in EVAL_SUMS])
     return _eval_rows(totals)
 
   def probe(self, state):

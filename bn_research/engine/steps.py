@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from bn_research import measure
+from bn_research import metrics
 from bn_research import models
 from bn_research import normalization
 from bn_research import optim
@@ -160,7 +161,8 @@ def make_chunk_fn(train_step: Callable, materialize: Callable) -> Callable:
 
 
 def make_eval_step(builder: Builder) -> Callable:
-  """eval_step(hparams, params, batch_stats, batch) -> masked sums of loss and correct."""
+  """eval_step(hparams, params, batch_stats, batch) -> masked sums of loss, top-1 and
+  top-5 hits (`metrics.top_k_correct`), and the example count."""
 
   def eval_step(hparams, params, batch_stats, batch):
     logits = builder.model(hparams).apply(model_variables(params, batch_stats),
@@ -169,8 +171,9 @@ def make_eval_step(builder: Builder) -> Callable:
         logits.astype(jnp.float32), batch['label'])
     correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
     mask = batch['mask']
+    top5 = metrics.top_k_correct(logits, batch['label'], 5)
     return {'loss_sum': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
-            'count': jnp.sum(mask)}
+            'correct_top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
 
   return eval_step
 
