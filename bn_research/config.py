@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   # noisy_batch_norm (Santurkar et al. 2018): per-step random y * s + b after BN with
   # s ~ U(1, 1 + bn_noise), b ~ U(-bn_noise, bn_noise) per unit.
   c.model.bn_noise = 0.5
+  # MLP: keep each hidden dense layer's bias in front of the normalizer (the paper's
+  # Section 2 setting, for `stop_gradient_batch_norm`); BN makes it redundant.
+  c.model.pre_norm_bias = False
   # Under pmap: pool BN statistics across replicas (True), or per replica (False, the
   # same as virtual_batch_size = per-device batch under jit).
   c.model.bn_cross_replica = True
@@ -169,6 +172,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.measure.ics = True
   c.measure.landscape = True
   c.measure.etas = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)   # absolute step sizes along -g
+  # The paper's own claims (MLP only): singular values of each hidden layer's Jacobian
+  # on the first `jacobian_examples` examples (jacobian_sv_*/<layer>, Section 3.3); the
+  # fraction of sigmoid inputs beyond |x| > 2 and 4 and their histogram
+  # (saturation_2/, saturation_4/, input_hist/<layer>/...); every parameter array's
+  # norm (param_norm/<path>, Section 2).
+  c.measure.jacobian = False
+  c.measure.jacobian_examples = 8
+  c.measure.saturation = False
+  c.measure.param_norms = False
   return c
 
 
@@ -213,6 +225,10 @@ CORE_KEYS = {
     'measure.ics': checks.Bool(),
     'measure.landscape': checks.Bool(),
     'measure.etas': checks.Floats(0.0, low_open=True),
+    'measure.jacobian': checks.Bool(),
+    'measure.jacobian_examples': checks.Int(1),
+    'measure.saturation': checks.Bool(),
+    'measure.param_norms': checks.Bool(),
     'probe.enabled': checks.Bool(),
     # Its range depends on the model: checked in `validate_config`.
     'probe.layer': checks.Int(None, note='-1: the last hidden layer'),
@@ -333,9 +349,19 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
 
   _validate_probe(config)
   measure = config.measure
-  if measure.every_steps and not (measure.ics or measure.landscape):
-    raise ValueError(f'measure.every_steps={measure.every_steps} but measure.ics and '
-                     'measure.landscape are both False; turn one on or set every_steps=0.')
+  kinds = ('ics', 'landscape', 'jacobian', 'saturation', 'param_norms')
+  if measure.every_steps and not any(measure[k] for k in kinds):
+    raise ValueError(f'measure.every_steps={measure.every_steps} but measure.'
+                     f'{", measure.".join(kinds)} are all False; turn one on or set '
+                     'every_steps=0.')
+  for key in ('jacobian', 'saturation'):
+    if measure.every_steps and measure[key] and config.model.name != 'mlp':
+      raise ValueError(f'measure.{key}=True measures the hidden layers of the MLP; '
+                       f'model.name={config.model.name!r} (set measure.{key}=False).')
+  if (measure.every_steps and measure.jacobian
+      and measure.jacobian_examples > config.batch_size):
+    raise ValueError(f'measure.jacobian_examples={measure.jacobian_examples} is more than '
+                     f'the batch of {config.batch_size}; allowed: 1..{config.batch_size}.')
   # The measurements read extra training batches by step number: in-memory data under
   # jit only. Algorithm 2 reads the first N batches (streamed data: from a stream of its
   # own), under jit.

@@ -1,4 +1,4 @@
-"""Measurements of why BN helps, as Santurkar et al. (2018) define them.
+"""Measurements of why BN helps: Santurkar et al. (2018) and the paper's own claims.
 
 Two pure, jit-able measurements on any model, given its training loss
 `loss_fn(params, batch) -> scalar`:
@@ -12,7 +12,21 @@ Two pure, jit-able measurements on any model, given its training loss
   the gradient predictiveness max_eta ||grad L(w - eta g) - g|| and the effective
   beta-smoothness max_eta ||grad L(w - eta g) - g|| / ||eta g||.
 
-`make_measurement(model, ...)` wraps both for a Flax model trained with softmax
+Three more look at the network itself, for the paper's claims:
+
+* `input_jacobian` / `layer_jacobian_singular_values` (Section 3.3: "BN may lead the
+  layer Jacobians to have singular values close to 1"): for one example, the Jacobian
+  of the input of the next layer w.r.t. the input of this one, with BN's statistics
+  those of the mini-batch held fixed (BN is then the affine map it is at inference),
+  summarised by `singular_value_summary` (mean, min, max, and the spread around 1,
+  mean |log s|);
+* `nonlinearity_saturation` (the "saturated regime" of sigmoids, Section 3): the
+  fraction of each nonlinearity's inputs with |x| > 2 and |x| > 4, and their
+  histogram;
+* `parameter_norms`: ||p|| of every parameter array (a pre-normalisation bias that
+  drifts, Section 2).
+
+`make_measurement(model, ...)` wraps them all for a Flax model trained with softmax
 cross-entropy as the engine's train step does (BN in training mode, batch statistics
 from the mini-batch), returning named scalars for `metrics.jsonl`.
 
@@ -223,7 +237,9 @@ def training_loss(model: nn.Module, *, rng_streams: Sequence[str] = ('dropout',)
 
 
 def make_measurement(model: nn.Module, sample_image: Any = None, *, etas: Sequence[float] = (),
-                     ics: bool = True, landscape: bool = True,
+                     ics: bool = True, landscape: bool = True, jacobian: bool = False,
+                     saturation: bool = False, param_norms: bool = False,
+                     jacobian_examples: int = 8,
                      layers: Sequence[tuple[str, Layer]] | None = None,
                      rng_streams: Sequence[str] = ('dropout',)) -> Callable[..., dict]:
   """The periodic measurement the engine runs at a training step t.
@@ -239,6 +255,14 @@ def make_measurement(model: nn.Module, sample_image: Any = None, *, etas: Sequen
     rng_streams: the model's random streams in training (dropout, noise), all fed
       from the measurement's `rng`.
 
+    jacobian: measure the singular values of each layer's Jacobian (layer i's input ->
+      layer i+1's input, `layers` in order; the last layer has no next and is skipped).
+    saturation: measure the nonlinearities' inputs (the model's sown `hidden_*`
+      intermediates) on the mini-batch, in training mode.
+    param_norms: the norm of every parameter array.
+    jacobian_examples: examples of the mini-batch whose Jacobians are taken (the first
+      ones).
+
   Returns:
     `measure(params, new_params, batch_stats, batch, rng) -> dict of scalars`, jit-able:
     params before and after step t's update, the batch statistics the step started
@@ -250,9 +274,10 @@ def make_measurement(model: nn.Module, sample_image: Any = None, *, etas: Sequen
   if landscape and not len(etas):
     raise ValueError('make_measurement: landscape=True needs at least one step size eta.')
   loss = training_loss(model, rng_streams=rng_streams)
-  if ics and layers is None:
+  if (ics or jacobian) and layers is None:
     if sample_image is None:
-      raise ValueError('make_measurement: ics=True needs layers or a sample_image.')
+      raise ValueError('make_measurement: ics=True or jacobian=True needs layers or a '
+                       'sample_image.')
     layers = model_layers(creation_order(model, sample_image))
 
   def measure(params, new_params, batch_stats, batch, rng):
@@ -277,6 +302,149 @@ def make_measurement(model: nn.Module, sample_image: Any = None, *, etas: Sequen
                  landscape_grad_pred=land['grad_predictiveness'],
                  landscape_grad_pred_min=jnp.min(land['grad_distance']),
                  landscape_beta=land['beta_smoothness'])
+    if jacobian or saturation:
+      variables = {'params': params}
+      if batch_stats:
+        variables['batch_stats'] = batch_stats
+      _, state = model.apply(variables, batch['image'], train=True,
+                             mutable=['batch_stats', 'batch_moments', 'intermediates'],
+                             rngs={s: rng for s in rng_streams})
+      if saturation:
+        out.update(nonlinearity_saturation(
+            {k: v[0] for k, v in state['intermediates'].items()}))
+      if jacobian:
+        fixed = {'params': params}
+        if batch_stats:
+          fixed['batch_stats'] = batch_statistics(batch_stats, state['batch_moments'])
+        images = batch['image'][:jacobian_examples]
+        for (name, layer), (_, following) in zip(layers, layers[1:]):
+          sv = layer_jacobian_singular_values(model, fixed, images, _prefixes(layer)[0],
+                                              _prefixes(following)[0])
+          for key, value in singular_value_summary(sv).items():
+            out[f'jacobian_sv_{key}/{name}'] = value
+    if param_norms:
+      out.update(parameter_norms(params))
     return out
 
   return measure
+
+
+# ---- the network itself: Jacobians (Section 3.3), saturation, parameter norms ----------
+
+# Bins of `saturation`'s histogram of nonlinearity inputs: width 1 on [-8, 8]; the end
+# bins also count everything beyond them, so the fractions sum to 1.
+HIST_EDGES = tuple(float(e) for e in range(-8, 9))
+SATURATION_THRESHOLDS = (2.0, 4.0)
+
+
+def singular_value_summary(s: jax.Array) -> dict[str, jax.Array]:
+  """mean, min, max and the spread around 1 (mean |log s|) of singular values.
+
+  mean |log s| is 0 only when every singular value is 1 (the paper's Section 3.3
+  ideal, where the layer preserves the scale of every direction) and counts a
+  factor c too large and a factor c too small alike.
+  """
+  s = jnp.ravel(s).astype(jnp.float32)
+  return {'mean': jnp.mean(s), 'min': jnp.min(s), 'max': jnp.max(s),
+          'log_spread': jnp.mean(jnp.abs(jnp.log(jnp.maximum(s, 1e-30))))}
+
+
+def _apply_intercepted(model: nn.Module, variables: Any, images: jax.Array, first: str,
+                       second: str, delta: Any = None) -> tuple[jax.Array, jax.Array]:
+  """Runs the model in inference mode; returns the inputs of the modules named `first`
+  and `second` (top-level names), `delta` added to the input of `first`."""
+  seen: dict[str, jax.Array] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    name = context.module.name
+    if context.method_name == '__call__' and name in (first, second) and name not in seen:
+      if name == first and delta is not None:
+        args = (args[0] + delta,) + tuple(args[1:])
+      seen[name] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    model.apply(variables, images, train=False)
+  for name in (first, second):
+    if name not in seen:
+      raise ValueError(f'no module named {name!r} was called by {type(model).__name__}.')
+  return seen[first], seen[second]
+
+
+def input_jacobian(model: nn.Module, variables: Any, image: jax.Array, first: str,
+                   second: str) -> jax.Array:
+  """(out, in) Jacobian, for one example, of the input of module `second` w.r.t. the
+  input of module `first`, the model applied in inference mode with `variables`.
+
+  Args:
+    model: a Flax model whose layers are top-level submodules (`first`, `second`:
+      their names, e.g. 'dense_0' and 'dense_1' of the MLP).
+    variables: its variables; give BN the mini-batch's statistics as `batch_stats`
+      (`batch_statistics`) for the Jacobian of the training-mode layer with the
+      statistics held fixed.
+    image: one example, without a batch axis.
+  """
+  x = image[None]
+  shape = jax.eval_shape(lambda: _apply_intercepted(model, variables, x, first, second)[0])
+
+  def next_input(delta):
+    return _apply_intercepted(model, variables, x, first, second, delta)[1][0]
+
+  jac = jax.jacfwd(next_input)(jnp.zeros(shape.shape, shape.dtype))
+  return jac.reshape(jac.shape[0], -1)
+
+
+def layer_jacobian_singular_values(model: nn.Module, variables: Any, images: jax.Array,
+                                   first: str, second: str) -> jax.Array:
+  """(n, min(out, in)) singular values of `input_jacobian` for each of n examples."""
+  jacobians = jax.vmap(
+      lambda im: input_jacobian(model, variables, im, first, second))(images)
+  return jnp.linalg.svd(jacobians.astype(jnp.float32), compute_uv=False)
+
+
+def batch_statistics(batch_stats: Any, moments: Any) -> Any:
+  """`batch_stats` with every BN layer's mean and var replaced by the mini-batch's
+  own (biased) mu_B and var_B from the `batch_moments` collection, so that inference
+  mode normalises exactly as training mode did on that batch."""
+  if isinstance(moments, Mapping) and 'moments' in moments:
+    m = moments['moments']
+    m = m[0] if isinstance(m, tuple) else m
+    return {**batch_stats, 'mean': m['mean'], 'var': m['var']}
+  return {k: batch_statistics(v, moments[k]) if k in moments else v
+          for k, v in batch_stats.items()}
+
+
+def nonlinearity_saturation(pre_activations: Mapping[str, jax.Array]
+                            ) -> dict[str, jax.Array]:
+  """Per layer: the fraction of nonlinearity inputs with |x| > 2 and > 4 (where the
+  sigmoid's derivative is below 0.105 and 0.018, against 0.25 at 0), and their
+  histogram over `HIST_EDGES`.
+
+  Args:
+    pre_activations: {layer name: inputs of that layer's nonlinearity, any shape}.
+
+  Returns:
+    'saturation_2/<layer>', 'saturation_4/<layer>' and 'input_hist/<layer>/<lower
+    edge>' (fractions; the end bins count the tails too).
+  """
+  out = {}
+  edges = jnp.asarray(HIST_EDGES, jnp.float32)
+  for name, x in sorted(pre_activations.items()):
+    x = jnp.ravel(x).astype(jnp.float32)
+    for t in SATURATION_THRESHOLDS:
+      out[f'saturation_{t:g}/{name}'] = jnp.mean(jnp.abs(x) > t)
+    # The bin of each value: how many inner edges it reaches (values below the first
+    # edge land in the first bin, beyond the last in the last). Comparisons, not
+    # jnp.searchsorted, which fails inside the members' shard_map (jax 0.10.2).
+    index = jnp.sum(x[:, None] >= edges[None, 1:-1], axis=1)
+    counts = jnp.mean(index[:, None] == jnp.arange(len(HIST_EDGES) - 1)[None], axis=0)
+    for lo, c in zip(HIST_EDGES, counts):
+      out[f'input_hist/{name}/{lo:g}'] = c
+  return out
+
+
+def parameter_norms(params: Pytree) -> dict[str, jax.Array]:
+  """'param_norm/<path>': the L2 norm of every parameter array ('dense_0/kernel')."""
+  leaves = jax.tree_util.tree_leaves(params)
+  return {f'param_norm/{path}': jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+          for path, x in zip(_leaf_paths(params), leaves)}

@@ -14,7 +14,10 @@ through `get_normalizer` (`NORMALIZERS`):
 * `layer_norm`, `group_norm` (Wu & He 2018): `layer_norm`, `group_norm` /
   `LayerNorm`, `GroupNorm`, statistics per example, the same in training and inference;
 * `noisy_batch_norm` (Santurkar et al. 2018): `noisy_affine` / `NoisyBatchNorm`, BN
-  followed by a random per-unit affine distortion drawn afresh every training step.
+  followed by a random per-unit affine distortion drawn afresh every training step;
+* `stop_gradient_batch_norm` (the paper's Section 2 counter-example):
+  `batch_norm_stop_gradient` / `StopGradientBatchNorm`, BN's forward pass with mu_B and
+  var_B treated as constants by the gradient.
 
 Conventions
 -----------
@@ -47,11 +50,11 @@ import numpy as np
 Array = jax.Array
 
 NORMALIZERS = ('batch_norm', 'virtual_batch_norm', 'batch_renorm', 'layer_norm',
-               'group_norm', 'noisy_batch_norm', 'none')
+               'group_norm', 'noisy_batch_norm', 'stop_gradient_batch_norm', 'none')
 # The ones that keep moving averages for inference (Algorithm 2's population statistics
 # can replace them); layer and group norm normalise each example by itself.
 MOVING_AVERAGE_NORMALIZERS = ('batch_norm', 'virtual_batch_norm', 'batch_renorm',
-                              'noisy_batch_norm')
+                              'noisy_batch_norm', 'stop_gradient_batch_norm')
 
 
 def _canonical_axes(ndim: int, axes: Sequence[int]) -> Tuple[int, ...]:
@@ -269,6 +272,32 @@ def batch_norm(
   scale = jnp.ones(kept, dtype) if scale is None else jnp.broadcast_to(scale, kept)
   bias = jnp.zeros(kept, dtype) if bias is None else jnp.broadcast_to(bias, kept)
   return _batch_norm_train(x, scale, bias, axes, float(epsilon), axis_name)
+
+
+def batch_norm_stop_gradient(
+    x: Array,
+    scale: Optional[Array],
+    bias: Optional[Array],
+    *,
+    axes: Sequence[int],
+    epsilon: float,
+    axis_name: Optional[str] = None,
+) -> Tuple[Array, Array, Array]:
+  """Algorithm 1's forward pass with the statistics outside the gradient step.
+
+  The output equals `batch_norm`'s, but mu_B and var_B are constants for the gradient
+  (`jax.lax.stop_gradient`): dl/dx = gamma / sqrt(var_B + eps) * dl/dy, as if the
+  normalization were a fixed affine map computed apart from the optimization. The
+  paper's Section 2 argues that this is what makes training blow up: a bias b added
+  before the normalization gets a gradient that never changes the output, since
+  (u + b + db) - E[u + b + db] = u + b - E[u + b], so b can grow while the loss stays
+  put. Same arguments and returns as `batch_norm`.
+  """
+  axes = _canonical_axes(x.ndim, axes)
+  _check_epsilon(epsilon)
+  mean, var = batch_moments(x, axes=axes, axis_name=axis_name)
+  mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+  return _normalize(x, mean, var, scale, bias, epsilon, axes), mean, var
 
 
 def batch_norm_inference(
@@ -609,6 +638,8 @@ class BatchNorm(nn.Module):
       normalization (`NoisyBatchNorm`), drawn from the 'dropout' rng in training mode
       (without that rng, as in population passes, none is applied); 0: none.
       Inference mode is unaffected.
+    stop_statistics_gradient: normalize with `batch_norm_stop_gradient` (the
+      statistics are constants for the gradient; `StopGradientBatchNorm`).
   """
   use_running_average: Optional[bool] = None
   momentum: float = 0.99
@@ -624,6 +655,7 @@ class BatchNorm(nn.Module):
   bias_init: Callable = nn.initializers.zeros
   renorm: Optional[RenormSchedule] = None
   noise: float = 0.0
+  stop_statistics_gradient: bool = False
 
   @nn.compact
   def __call__(self, x: Array, use_running_average: Optional[bool] = None) -> Array:
@@ -664,8 +696,10 @@ class BatchNorm(nn.Module):
 
     def normalize(xb, axes, axis_name):
       if self.renorm is None:
-        return batch_norm(xb, scale, bias, axes=axes, epsilon=self.epsilon,
-                          axis_name=axis_name)
+        transform = (batch_norm_stop_gradient if self.stop_statistics_gradient
+                     else batch_norm)
+        return transform(xb, scale, bias, axes=axes, epsilon=self.epsilon,
+                         axis_name=axis_name)
       r_max, d_max = self.renorm.limits(step.value)
       return batch_renorm(xb, scale, bias, ra_mean.value, ra_var.value, axes=axes,
                           epsilon=self.epsilon, r_max=r_max, d_max=d_max,
@@ -738,6 +772,13 @@ class NoisyBatchNorm(BatchNorm):
   their experiment is about; their Appendix A has their exact noise model.
   """
   noise: float = 0.5
+
+
+class StopGradientBatchNorm(BatchNorm):
+  """BN whose batch mean and variance are constants for the gradient
+  (`batch_norm_stop_gradient`): the paper's Section 2 example of normalization kept
+  outside the gradient step. Forward pass, moving averages and inference are BN's."""
+  stop_statistics_gradient: bool = True
 
 
 class GroupNorm(nn.Module):
@@ -819,8 +860,8 @@ def get_normalizer(
 
   Args:
     name: one of `NORMALIZERS`: 'batch_norm', 'virtual_batch_norm' (needs
-      virtual_batch_size), 'batch_renorm', 'noisy_batch_norm', 'layer_norm',
-      'group_norm' or 'none'.
+      virtual_batch_size), 'batch_renorm', 'noisy_batch_norm',
+      'stop_gradient_batch_norm', 'layer_norm', 'group_norm' or 'none'.
     use_running_average, momentum, axis_name, virtual_batch_size,
       unbiased_running_var: as for `BatchNorm`; used by the batch normalizers
       (all but layer/group norm, for which virtual_batch_size must be None).
@@ -863,6 +904,8 @@ def get_normalizer(
     if not noise > 0:
       raise ValueError(f'noise={noise!r} must be > 0 for noisy_batch_norm (0 is batch_norm).')
     module, extra = NoisyBatchNorm, {'noise': float(noise)}
+  elif name == 'stop_gradient_batch_norm':
+    module = StopGradientBatchNorm
   return functools.partial(
       module, use_running_average=use_running_average, momentum=momentum,
       epsilon=epsilon, axis_name=axis_name, virtual_batch_size=virtual_batch_size,

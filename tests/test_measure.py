@@ -175,5 +175,5 @@ def test_measure_config_needs_something_to_measure():
   c = config_lib.base_config()
   c.measure.every_steps = 5
   c.measure.ics = c.measure.landscape = False
-  with pytest.raises(ValueError, match='both False'):
+  with pytest.raises(ValueError, match='are all False'):
     config_lib.validate_config(c)

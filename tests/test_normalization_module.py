@@ -412,7 +412,8 @@ def test_get_normalizer():
   vbn = bn.get_normalizer('virtual_batch_norm', virtual_batch_size=4)()
   assert vbn.virtual_batch_size == 4
   assert set(bn.NORMALIZERS) == {'batch_norm', 'virtual_batch_norm', 'batch_renorm',
-                                 'layer_norm', 'group_norm', 'noisy_batch_norm', 'none'}
+                                 'layer_norm', 'group_norm', 'noisy_batch_norm',
+                                 'stop_gradient_batch_norm', 'none'}
 
 
 @pytest.mark.parametrize('kwargs, match', [

@@ -286,22 +286,27 @@ def make_population_fn(builder: Builder, materialize: Callable) -> Callable:
 
 
 def make_measure_fn(builder: Builder, layers: Any, materialize: Callable) -> Callable:
-  """measure(hparams, state, resident, chunk) -> Santurkar et al.'s measurements.
+  """measure(hparams, state, resident, chunk) -> the `measure.*` measurements.
 
   At the state's step t, on the batch of the next update (a one-step chunk): the
-  internal covariate shift per layer and the loss landscape along the gradient
-  (`bn_research.measure`). The update it needs (G' is taken after layers 1..i-1 moved)
-  is computed here and discarded, so training itself is untouched.
+  internal covariate shift per layer, the loss landscape along the gradient, the
+  layers' Jacobian singular values, the nonlinearities' saturation and the parameter
+  norms, as `measure.*` selects (`bn_research.measure`). The update the ICS needs (G'
+  is taken after layers 1..i-1 moved) is computed here and discarded, so training
+  itself is untouched.
   """
   train_step = make_train_step(builder)
   m = builder.config.measure
 
   def measure_fn(hparams, state, resident, chunk):
     batch = materialize(resident, jax.tree_util.tree_map(lambda x: x[0], chunk))
-    new_state, _ = train_step(hparams, state, batch)
+    # Only the ICS needs the update (and pays for it).
+    new_state = train_step(hparams, state, batch)[0] if m.ics else state
     rng = jax.random.fold_in(state.rng, state.step)  # the update's own dropout key
-    fn = measure.make_measurement(builder.model(hparams), layers=layers,
-                                  etas=tuple(m.etas), ics=m.ics, landscape=m.landscape)
+    fn = measure.make_measurement(
+        builder.model(hparams), layers=layers, etas=tuple(m.etas), ics=m.ics,
+        landscape=m.landscape, jacobian=m.jacobian, saturation=m.saturation,
+        param_norms=m.param_norms, jacobian_examples=m.jacobian_examples)
     return fn(state.params, new_state.params, state.batch_stats, batch, rng)
 
   return measure_fn

@@ -42,6 +42,7 @@ MODEL_KEYS = {
     'model.renorm_start_step': checks.Int(0),
     'model.renorm_ramp_steps': checks.Int(0),
     'model.bn_noise': checks.Float(0.0, low_open=True, note='noisy_batch_norm strength'),
+    'model.pre_norm_bias': checks.Bool(),
 }
 
 
@@ -105,7 +106,7 @@ def build_model(m: ml_collections.ConfigDict, *, num_classes: int,
     return MLP(hidden_sizes=tuple(int(h) for h in m.hidden_sizes), num_classes=num_classes,
                activation=m.activation, normalizer=m.normalizer,
                init_stddev=m.init_stddev, bn_kwargs=bn_kwargs,
-               dropout_rate=m.dropout_rate, dtype=dtype)
+               dropout_rate=m.dropout_rate, pre_norm_bias=m.pre_norm_bias, dtype=dtype)
   if m.name == 'small_cnn':
     from bn_research.models.small_cnn import SmallCNN
     return SmallCNN(conv_features=tuple(int(f) for f in m.conv_features),

@@ -6,6 +6,10 @@ same holds for every normalizer of `normalization.NORMALIZERS` (each has a beta)
 For a dense layer, `layer_norm` normalizes each example over the layer's units and
 `group_norm` over each group of units / G consecutive units (G = `num_groups` in
 bn_kwargs); G = units would normalize single values and is useless here.
+`pre_norm_bias=True` keeps the dense layer's bias b in front of the normalizer,
+z = g(N(W u + b)): the setting of the paper's Section 2 argument, where BN makes b
+redundant (its gradient is zero) and a normalizer whose statistics bypass the gradient
+(`stop_gradient_batch_norm`) lets b drift without changing the output.
 The input to every nonlinearity is sown into the `intermediates` collection as
 `hidden_{i}` so the activation tracker (Figure 1) can read it.
 """
@@ -42,6 +46,8 @@ class MLP(nn.Module):
       ("small random Gaussian values").
     bn_kwargs: passed to `normalization.get_normalizer`.
     dropout_rate: dropout after each hidden nonlinearity (0: none).
+    pre_norm_bias: keep each hidden dense layer's bias in front of the normalizer
+      (always kept without one).
     dtype: computation dtype.
   """
   hidden_sizes: Sequence[int] = (100, 100, 100)
@@ -51,6 +57,7 @@ class MLP(nn.Module):
   init_stddev: float = 0.1
   bn_kwargs: Optional[dict] = None
   dropout_rate: float = 0.0
+  pre_norm_bias: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -62,7 +69,8 @@ class MLP(nn.Module):
     init = nn.initializers.normal(self.init_stddev)
     x = x.reshape((x.shape[0], -1)).astype(self.dtype)
     for i, width in enumerate(self.hidden_sizes):
-      x = nn.Dense(width, use_bias=norm is None, kernel_init=init, dtype=self.dtype,
+      x = nn.Dense(width, use_bias=norm is None or self.pre_norm_bias,
+                   kernel_init=init, dtype=self.dtype,
                    name=f'dense_{i}')(x)
       if norm is not None:
         x = norm(name=f'bn_{i}')(x)
