@@ -349,7 +349,8 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
   t0 = time.time()
   with one_line_errors(program):
     record_sweeps(runs)
-    os.makedirs(args.workdir, exist_ok=True)
+    if args.how != 'print':
+      os.makedirs(args.workdir, exist_ok=True)
     outcomes = plan_lib.run_plan(
         runs, args.how, parallel=args.parallel, pin_cores=args.pin_cores,
         overwrite=args.overwrite, progress=plan_lib.print_progress)
