@@ -98,12 +98,28 @@ def launch_command(model: str, root: str) -> list[str]:
   return cmd + [f'--config.{kv}' for kv in _SET.value]
 
 
+def print_progress(root: str, models: list[str]) -> None:
+  """One console line: each training model's furthest step (its output is in a log)."""
+  parts = []
+  for model in models:
+    steps = [0]
+    for seed in range(num_seeds()):
+      try:
+        rows = rundir.read_metrics(seed_dir(root, model, seed))
+      except (rundir.RunDirError, OSError):
+        rows = []
+      steps.append(rows[-1]['step'] if rows else 0)
+    parts.append(f'{model}: step {max(steps)}')
+  print(' | '.join(parts), flush=True)
+
+
 def train_models(root: str, models: list[str]) -> list[str]:
   """Trains the models, `--parallel` at a time; returns those whose process failed."""
   jobs = [launch.Job(m, launch_command(m, root), log=os.path.join(root, f'{m}.log'))
           for m in models]
   results = launch.run_jobs(jobs, parallel=_PARALLEL.value, pin_cores=_PARALLEL.value > 1,
-                            single_thread=_PARALLEL.value > 1, poll_seconds=1.0)
+                            single_thread=_PARALLEL.value > 1, poll_seconds=1.0,
+                            on_poll=lambda names: print_progress(root, names))
   return [r.name for r in results if r.returncode != 0]
 
 
