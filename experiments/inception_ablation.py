@@ -291,8 +291,11 @@ def plot_figure2(table: dict, path: str, title: str) -> None:
 
 
 def main(argv):
-  del argv
-  launch.exit_on_bad_flags('inception_ablation', check_flags)
+  def check():
+    if len(argv) > 1:
+      raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}')
+    check_flags()
+  launch.exit_on_bad_flags('inception_ablation', check)
   root = _WORKDIR.value
   if _PRINT.value:
     for model in _MODELS.value:
@@ -301,7 +304,9 @@ def main(argv):
   os.makedirs(root, exist_ok=True)
   t0 = time.time()
   models = list(_MODELS.value)
-  failed = train_models(root, models)
+  from bn_research.experiment import one_line_errors  # pylint: disable=g-import-not-at-top
+  with one_line_errors('inception_ablation'):  # a signal: one line, 128 + signum
+    failed = train_models(root, models)
   table = figure3(root, models, num_seeds(), NUM_CLASSES[_PRESET.value])
   some_run = next((seed_dir(root, m, 0) for m in table['models']), None)
   data = (rundir.read_description(some_run) if some_run else None) or {}
