@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.decay_rate = 1.0
   c.optimizer.decay_steps = 1000
   c.optimizer.staircase = False
+  # Linear warmup (Goyal et al. 2017) over the first warmup_steps steps (0: none), from
+  # warmup_from * the rate at step 0 up to the rate at step warmup_steps.
+  c.optimizer.warmup_steps = 0
+  c.optimizer.warmup_from = 0.0
   # L2 weight regularisation, wd/2 * ||W||^2 added to the loss (applied as wd * W in
   # the gradient, before momentum). Kernels only; BN's gamma/beta only if asked.
   c.optimizer.weight_decay = 0.0
@@ -192,6 +196,8 @@ CORE_KEYS = {
     'optimizer.decay_rate': checks.Float(0.0, 1.0, low_open=True),
     'optimizer.decay_steps': checks.Int(1),
     'optimizer.staircase': checks.Bool(),
+    'optimizer.warmup_steps': checks.Int(0, note='0: no warmup'),
+    'optimizer.warmup_from': checks.Float(0.0, 1.0, note="the first step's rate / the rate"),
     'optimizer.weight_decay': checks.Float(0.0),
     'optimizer.regularize_batch_norm': checks.Bool(),
     'optimizer.trainable': checks.Choice(TRAINABLE),

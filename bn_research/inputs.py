@@ -76,17 +76,26 @@ class InMemoryInput:
     return {'image': jnp.take(resident['image'], idx, axis=0),
             'label': jnp.take(resident['label'], idx, axis=0)}
 
+  @staticmethod
+  def materialize_eval(batch: dict) -> dict:
+    """Evaluation batches are already the network's input."""
+    return batch
+
 
 class StreamInput:
   """A host pipeline with `train_batches(start_step)` yielding this host's batches.
 
   The stream is opened at the first chunk asked for, so a resumed run starts reading
-  at its checkpoint's step; later chunks must follow on.
+  at its checkpoint's step; later chunks must follow on. With `augment` (ImageNet:
+  `augment.DeviceAugment`), batches cross to the device as uint8 and `materialize`
+  makes the network's float32 input inside the compiled step; without it, batches
+  are already the network's input.
   """
 
-  def __init__(self, pipeline: Any):
+  def __init__(self, pipeline: Any, augment: Any = None):
     self.resident: dict = {}
     self._pipeline = pipeline
+    self._augment = augment
     self._iterator: Optional[Iterator[dict]] = None
     self._next_step = 0
 
@@ -99,12 +108,16 @@ class StreamInput:
                          f'expected {self._next_step}')
     batches = [next(self._iterator) for _ in range(num_steps)]
     self._next_step += num_steps
-    return {k: np.stack([b[k] for b in batches]) for k in ('image', 'label')}
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
-  @staticmethod
-  def materialize(resident: dict, chunk_t: dict) -> dict:
+  def materialize(self, resident: dict, chunk_t: dict) -> dict:
+    """Inside the compiled step: one step's host batch -> the network's batch."""
     del resident
-    return chunk_t
+    return chunk_t if self._augment is None else self._augment.train(chunk_t)
+
+  def materialize_eval(self, batch: dict) -> dict:
+    """Inside the compiled evaluation step: a host evaluation batch -> the network's."""
+    return batch if self._augment is None else self._augment.eval(batch)
 
 
 def padded_eval_batches(images: np.ndarray, labels: np.ndarray,
@@ -153,15 +166,21 @@ def load_run_data(config: ml_collections.ConfigDict) -> RunData:
   """Loads the configured data for this process (raises ValueError on bad input)."""
   process_index, process_count = jax.process_index(), jax.process_count()
   if config.data.name == 'imagenet2012':
-    from bn_research.data import imagenet  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from bn_research.data import augment
+    from bn_research.data import imagenet
+    # pylint: enable=g-import-not-at-top
     pipeline = imagenet.ImageNetPipeline(
         config.data, batch_size=config.batch_size // process_count, seed=config.seed,
         process_index=process_index, process_count=process_count)
     eval_batch = config.eval_batch_size // process_count
     eval_batches = lambda: pipeline.eval_batches(eval_batch)
-    return RunData(StreamInput(pipeline), eval_batches, pipeline.num_classes, None,
+    source = StreamInput(pipeline, augment.DeviceAugment(pipeline.distortions,
+                                                         pipeline.normalization))
+    size = pipeline.options.image_size
+    return RunData(source, eval_batches, pipeline.num_classes, None,
                    {'dataset': 'imagenet2012', 'num_train': pipeline.num_train_examples},
-                   np.asarray(next(iter(eval_batches()))['image'][:2]))
+                   np.zeros((2, size, size, 3), np.float32))
   from bn_research import data as data_lib  # pylint: disable=g-import-not-at-top
   ds = data_lib.load_dataset(config.data)
   source = InMemoryInput(ds.train_images, ds.train_labels, batch_size=config.batch_size,

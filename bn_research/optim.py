@@ -11,21 +11,37 @@ import optax
 
 
 def learning_rate_schedule(opt: Any) -> optax.Schedule:
-  """lr_t = learning_rate * decay_rate ** (t / decay_steps) (t // decay_steps if staircase).
+  """The decayed rate, times a linear warmup over the first `warmup_steps` steps.
+
+      decayed_t = learning_rate * decay_rate ** (t / decay_steps)   (t // decay_steps
+                                                                      if staircase)
+      lr_t = decayed_t * (f + (1 - f) * min(t, W) / W),   W = warmup_steps, f = warmup_from
+
+  With W = 0 there is no warmup (lr_t = decayed_t). The warmup is Goyal et al. (2017)'s
+  "gradual warmup" for linearly scaled large-batch rates: the rate climbs from
+  f * learning_rate at step 0 (f = 32 / B starts at the paper's batch-32 rate) to the
+  scaled rate at step W, and the decay runs from step 0 all along, as without warmup.
 
   `learning_rate` and `decay_rate` may be traced (a member sweep's per-member values);
-  a Python decay_rate of 1 gives a constant schedule. A traced decay_rate of 1 gives
-  lr * 1.0 ** x, which is lr exactly, so a member equals its separate run.
+  a Python decay_rate of 1 and no warmup give a constant schedule. A traced decay_rate
+  of 1 gives lr * 1.0 ** x, which is lr exactly, so a member equals its separate run.
   """
   lr, rate, steps = opt.learning_rate, opt.decay_rate, opt.decay_steps
-  if isinstance(rate, numbers.Real) and rate == 1.0:
+  warmup = getattr(opt, 'warmup_steps', 0)
+  if isinstance(rate, numbers.Real) and rate == 1.0 and not warmup:
     return optax.constant_schedule(lr)
 
   def schedule(count):
-    exponent = count / steps
-    if opt.staircase:
-      exponent = jnp.floor(exponent)
-    return lr * jnp.power(rate, exponent)
+    value = lr
+    if not (isinstance(rate, numbers.Real) and rate == 1.0):
+      exponent = count / steps
+      if opt.staircase:
+        exponent = jnp.floor(exponent)
+      value = lr * jnp.power(rate, exponent)
+    if warmup:
+      start = opt.warmup_from
+      value = value * (start + (1.0 - start) * jnp.minimum(count, warmup) / warmup)
+    return value
   return schedule
 
 

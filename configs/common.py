@@ -21,6 +21,19 @@ offline preset:
 | inception_x5   | no | 5x   | yes     | 1x   | 1x       | yes | shard    | full        | relu    |
 | inception_sigmoid | no | 5x | no     | 1/5  | 6x faster| no  | thorough | reduced     | sigmoid |
 
+Any batch size B (`batch=B`, a multiple of 32): `apply_batch` keeps what BN sees and
+what the schedule means the paper's, and scales the rest (Goyal et al. 2017):
+
+| at batch B                  | value                                                 |
+|-----------------------------|-------------------------------------------------------|
+| BN statistics               | ghost batches of 32 (`model.virtual_batch_size=32`)   |
+| learning rate               | the batch-32 rate x B/32 (`lr_scaling=none`: x1)      |
+| warmup (`warmup=W` epochs)  | linear from the batch-32 rate to the scaled rate      |
+| steps, log / eval / checkpoint cadence, decay period | images / B (so: epochs)      |
+
+A step at batch B is B/32 of the paper's steps: `progress(step, batch_size)` turns a
+run's step into images seen and batch-32-equivalent steps (the x axis of Figures 2/3).
+
 `inception_x5` is the paper's report that Inception at BN-x5's rate reaches "machine
 infinity"; `inception_sigmoid` that Inception with sigmoids but no BN stays at chance
 (we give it BN-x5-Sigmoid's recipe minus BN, the closest reading of the text).
@@ -130,6 +143,79 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
     given.add(key)
     out[key] = _convert(key, text, entries[key][1])
   return ml_collections.ConfigDict(out)
+
+
+# ---------------------------------------------------------------- batch size
+
+PAPER_BATCH = 32  # Section 4.2: mini-batches of 32 examples, and BN's statistics over them
+
+
+def check_batch(batch: int) -> None:
+  """ValueError naming `batch=` unless ghost batches of 32 tile it."""
+  if batch < PAPER_BATCH or batch % PAPER_BATCH:
+    raise ValueError(f'config argument batch={batch}; allowed: a multiple of '
+                     f'{PAPER_BATCH} (32, 64, 96, ...) so that ghost batches of '
+                     f'{PAPER_BATCH} tile it.')
+
+
+def steps_for(images: float, batch: int) -> int:
+  """Steps of `batch` images that see `images` images (at least 1)."""
+  return max(1, round(images / batch))
+
+
+def progress(step: int, batch_size: int) -> dict:
+  """A step of a run at `batch_size` as images seen and the paper's batch-32 steps."""
+  images = step * batch_size
+  return {'images': images, 'paper_steps': images / PAPER_BATCH}
+
+
+def apply_batch(c: ml_collections.ConfigDict, batch: int, *, cadence_images: dict,
+                images_per_epoch: int, lr_scaling: str,
+                warmup_epochs: float) -> ml_collections.ConfigDict:
+  """Sets the batch size B and everything that scales with it on config `c`.
+
+  Call after `apply_inception_model`, which set the batch-32 learning rate.
+
+  Args:
+    c: the config (its learning rate and decay period given at batch 32).
+    batch: the global batch B (a multiple of 32).
+    cadence_images: {dotted config key: images}, e.g. {'eval_every_steps': 1_600_000}:
+      each key is set to the number of B-image batches that see that many images.
+    images_per_epoch: training images per epoch (for `warmup_epochs`).
+    lr_scaling: 'linear' (the rate x B/32) or 'none'.
+    warmup_epochs: linear warmup from the batch-32 rate to the scaled rate over this
+      many epochs (0: none).
+
+  Raises:
+    ValueError: one line naming the argument: a batch ghost batches of 32 cannot
+      tile, a negative warmup, or a warmup with nothing to warm up to.
+  """
+  check_batch(batch)
+  if warmup_epochs < 0:
+    raise ValueError(f'config argument warmup={warmup_epochs:g}; allowed: epochs >= 0.')
+  scale = batch / PAPER_BATCH if lr_scaling == 'linear' else 1.0
+  if warmup_epochs and scale == 1.0:
+    raise ValueError(f'config argument warmup={warmup_epochs:g} has no effect at batch={batch} '
+                     f'with lr_scaling={lr_scaling} (the warmup starts at the batch-32 rate, '
+                     'which is the rate); allowed: warmup=0, or a larger batch with '
+                     'lr_scaling=linear.')
+  paper_decay_images = c.optimizer.decay_steps * PAPER_BATCH
+  c.batch_size = batch
+  # Statistics over 32 examples at any B; at B = 32 the whole batch is one (and on
+  # several devices the per-device share is under 32, so no ghost batches then).
+  c.model.virtual_batch_size = PAPER_BATCH if batch > PAPER_BATCH else 0
+  c.optimizer.learning_rate = c.optimizer.learning_rate * scale
+  c.optimizer.decay_steps = steps_for(paper_decay_images, batch)
+  c.optimizer.warmup_steps = (steps_for(warmup_epochs * images_per_epoch, batch)
+                              if warmup_epochs else 0)
+  c.optimizer.warmup_from = 1.0 / scale if warmup_epochs else 0.0
+  for key, images in cadence_images.items():
+    *path, last = key.split('.')
+    node = c
+    for part in path:
+      node = node[part]
+    node[last] = steps_for(images, batch)
+  return c
 
 
 # ---------------------------------------------------------------- Inception recipes

@@ -7,7 +7,11 @@ r"""The Section 4.2 ablation at small scale, offline: seven Inception variants o
 Arguments: `model=` (inception, bn_baseline, bn_x5, bn_x30, bn_x5_sigmoid,
 inception_x5, inception_sigmoid; the table is in configs/common.py), `data=`
 fashion_mnist (default: Debian's `dataset-fashion-mnist` IDX files, `apt-get install dataset-fashion-mnist`), digits (the
-offline 5,000-image MNIST sample) or synthetic (tests), and `steps=`.
+offline 5,000-image MNIST sample) or synthetic (tests), `steps=` (training steps at
+the batch; default 1,500 at batch 32, the same images at any batch), and `batch=`,
+`lr_scaling=`, `warmup=` as in configs/imagenet_inception.py: BN statistics over
+ghost batches of 32, the rate x B/32, steps, cadences, the decay period and the
+population estimate's 640 images all fixed in images (`common.apply_batch`).
 
 The network is the paper's Inception at width 1/8 (no layer under 8 channels) with
 the small-input stem at stride 2 (28x28 -> 14x14 before module 3a), batch 32 as in the
@@ -39,16 +43,26 @@ BASE_L2 = 4e-5
 STUDY_RECIPE = {'optimizer.learning_rate': 0.01, 'optimizer.decay_steps': 500,
                 'eval.batch_stats': 'moving_average'}
 BASE_DROPOUT = 0.4
+PAPER_STEPS = 1500  # at batch 32
+# Training images per epoch (for `warmup=` in epochs): the offline digits hold out
+# 1,000 of their 5,000 for testing; the synthetic set is the tests' 512.
+TRAIN_IMAGES = {'fashion_mnist': 60_000, 'digits': 4_000, 'synthetic': 512}
 
 
 def get_config(arg: str = 'model=bn_x30') -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, model=('bn_x30', common.INCEPTION_MODELS),
                           data=('fashion_mnist', ('fashion_mnist', 'digits', 'synthetic')),
-                          steps=1500)
-  model, data = args.model, args.data
+                          steps=(None, common.PositiveInt),
+                          batch=(common.PAPER_BATCH, common.PositiveInt),
+                          lr_scaling=('linear', ('linear', 'none')), warmup=0.0)
+  model, data, batch = args.model, args.data, args.batch
+  common.check_batch(batch)
   c = base_config()
-  c.batch_size = 32
-  c.num_train_steps = args.steps
+  c.batch_size = common.PAPER_BATCH
+  # The batch-32 numbers; `apply_batch` turns them into the same images at batch B.
+  paper_steps = (args.steps * batch // common.PAPER_BATCH if args.steps is not None
+                 else PAPER_STEPS)
+  c.num_train_steps = paper_steps
   c.eval_every_steps = 100
   c.log_every_steps = 100
   c.checkpoint_every_steps = 500
@@ -83,4 +97,13 @@ def get_config(arg: str = 'model=bn_x30') -> ml_collections.ConfigDict:
   common.apply_inception_model(
       c, model, base_learning_rate=BASE_LR, base_weight_decay=BASE_L2,
       base_decay_steps=max(1, c.num_train_steps // 2), base_dropout=BASE_DROPOUT)
+  paper = common.PAPER_BATCH
+  cadence_images = {key: c[key] * paper for key in (
+      'num_train_steps', 'eval_every_steps', 'log_every_steps', 'checkpoint_every_steps')}
+  cadence_images['eval.population_batches'] = c.eval.population_batches * paper
+  common.apply_batch(
+      c, batch, cadence_images=cadence_images, images_per_epoch=TRAIN_IMAGES[data],
+      lr_scaling=args.lr_scaling, warmup_epochs=args.warmup)
+  if args.steps is not None:
+    c.num_train_steps = args.steps  # exactly as asked, at the batch given
   return c

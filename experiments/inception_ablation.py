@@ -47,6 +47,9 @@ _DATA = flags.DEFINE_string('data', None, 'small preset: fashion_mnist (default)
                             'or synthetic.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Training steps per model (default: the '
                               "config's).")
+_BATCH = flags.DEFINE_integer('batch', None, "Global batch B (a multiple of 32; default: the "
+                              "config's 32): the config's `batch=B`, which scales the rate, "
+                              'steps and cadences and keeps ghost batches of 32.')
 _SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per model, 0..N-1 (default: 2 for the '
                               'small preset, 1 for imagenet).')
 _MODELS = flags.DEFINE_list('models', list(common.INCEPTION_MODELS), 'Models to run.')
@@ -76,6 +79,8 @@ def check_flags() -> None:
   launch.check_positive_flag('steps', _STEPS.value, 'training steps per model')
   launch.check_positive_flag('seeds', _SEEDS.value, 'seeds per model')
   launch.check_parallel(_PARALLEL.value)
+  if _BATCH.value is not None:
+    common.check_batch(_BATCH.value)
   unknown = [m for m in _MODELS.value if m not in common.INCEPTION_MODELS]
   if unknown or not _MODELS.value:
     raise ValueError(f'--models={",".join(_MODELS.value)!r}: unknown {unknown}; allowed: '
@@ -89,6 +94,8 @@ def launch_command(model: str, root: str) -> list[str]:
     arg += f',data={_DATA.value}'
   if _STEPS.value is not None:
     arg += f',steps={_STEPS.value}'
+  if _BATCH.value is not None:
+    arg += f',batch={_BATCH.value}'
   config = os.path.join(launch.REPO, 'configs', CONFIG_FILE[_PRESET.value])
   seeds = ','.join(str(s) for s in range(num_seeds()))
   cmd = [sys.executable, '-m', 'scripts.sweep', f'--config={config}:{arg}',

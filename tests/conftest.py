@@ -27,3 +27,73 @@ def _private_compilation_cache(tmp_path_factory):
     os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)
   else:
     os.environ['JAX_COMPILATION_CACHE_DIR'] = before
+
+
+# ---------------------------------------------------------------- the `slow` marker
+#
+# `python -m pytest -q -m 'not slow'` runs the fast majority (pure functions against
+# NumPy references, parsers, readers); `python -m pytest -q` runs everything. A test is
+# slow when it trains a network, starts a process or compiles a large one: found from
+# what its body calls, so that a new test of that kind is marked without a list to keep,
+# plus the modules whose fixtures or helpers do the training (the call is not in the
+# test's own body there). `pytest.mark.slow` on a test or module marks it too.
+_SLOW_CALLS = ('train_and_evaluate', 'train_members', 'run_main(', 'run_module(',
+               'run_python(', 'subprocess.', '_launch(', 'lock_holder(', '.run(str(tmp_path)',
+               'sweep_lib.sweep(', 'sweep.sweep(', '_train(')
+_SLOW_MODULES = ('test_inception', 'test_vmap_sweep', 'test_normalization_pmap',
+                 'test_mnist_lr_sweep', 'test_mnist_figure1', 'test_population_eval',
+                 'test_normalizer_experiments', 'test_bn_only', 'test_ablation_configs',
+                 'test_conv_bn_regularization', 'test_input_normalization')
+
+
+# Tests of the fast modules that still took 8 s or more each with `-m 'not slow'
+# --durations=0` on a 2-core CPU shared with other jobs (load about 20): large float64
+# finite-difference checks, building every normalizer into both networks, whole-dataset
+# readers. Named by function (every parametrisation).
+_SLOW_TESTS = frozenset({
+    'test_mlp_measurement_matches_layer_by_layer_replacement',
+    'test_check_grads_numerically_float64',
+    'test_offline_reader_matches_mlxtends_own_loader',
+    'test_every_normalizer_builds_both_models',
+    'test_every_key_refuses_its_bad_values',
+    'test_group_norm_gradients_float64',
+    'test_group_norm_module_is_per_example_and_batch_free',
+    'test_group_norm_matches_numpy',
+    'test_renorm_gradient_treats_r_and_d_as_constants_float64',
+    'test_summary_means_and_comparison_from_run_directories',
+    'test_inception_layers_are_stem_units_modules_and_classifier',
+    'test_agrees_with_flax_batch_norm',
+    'test_restore_latest_good_skips_a_damaged_latest_checkpoint',
+    'test_moving_averages_follow_the_recurrence',
+    'test_group_norm_extremes_are_instance_and_layer_norm',
+    'test_check_grads_batch_moments_float64',
+    'test_estimate_population_statistics_dense_model',
+    'test_renorm_with_r_max_1_d_max_0_is_batch_norm_exactly',
+    'test_other_reduction_layouts',
+    'test_noisy_distortion_has_the_configured_distribution',
+    'test_virtual_batches_are_normalized_separately',
+    'test_all_constant_input',
+    'test_scale_and_bias_none_mean_gamma_one_beta_zero',
+    'test_renorm_schedule_limits_and_step_counter',
+    'test_init_leaves_default_statistics_and_collects_no_moments',
+    'test_offline_split',
+    'test_virtual_batch_of_the_whole_batch_is_plain_batch_norm',
+})
+
+
+def _calls_something_slow(item) -> bool:
+  import inspect  # pylint: disable=g-import-not-at-top
+  try:
+    source = inspect.getsource(item.function)
+  except (OSError, TypeError):
+    return False
+  return any(call in source for call in _SLOW_CALLS)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    module = item.module.__name__.rsplit('.', 1)[-1] if item.module else ''
+    if (module in _SLOW_MODULES or getattr(item, 'originalname', item.name) in _SLOW_TESTS
+        or _calls_something_slow(item)):
+      item.add_marker(pytest.mark.slow)

@@ -263,3 +263,31 @@ def test_the_papers_orderings_are_judged_from_the_table():
   # Both at the target at the same evaluation (a scaled-down run): no verdict from a tie.
   assert tie["BN-Baseline reaches Inception's maximum in fewer steps"] == 'too short to judge'
   assert tie["BN-Baseline ends above Inception's maximum"] == 'holds'    # 0.6 > 0.5
+
+
+def test_evaluate_a_streamed_imagenet_run_with_population_statistics(tmp_path):
+  """`bn_research.evaluate` on the ImageNet stream (TFDS mock data): its centre view with
+  the moving averages is the engine's logged evaluation, and Algorithm 2's statistics
+  come from the stream's first training batches (which the engine refuses to do)."""
+  import tensorflow_datasets as tfds
+  from bn_research import evaluate as ev
+  from bn_research import train
+  c = _tiny_imagenet('bn_x5', tmp_path)
+  workdir = str(tmp_path / 'run')
+  with tfds.testing.mock_data(num_examples=8):
+    assert train.train_and_evaluate(c, workdir)['status'] == 'done'
+    logged = [r for r in helpers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+              if 'eval_accuracy' in r][-1]
+    plain = ev.evaluate(ev.make_plan([workdir], crops=['center']))
+    population = ev.evaluate(ev.make_plan([workdir], crops=['center', 'flip'],
+                                          batch_stats='population', population_batches=2))
+  (row,) = plain['rows']
+  assert plain['runs'][0]['batch_stats'] == 'moving_average'
+  assert row['top1_accuracy'] == pytest.approx(logged['eval_accuracy'], abs=1e-6)
+  assert row['nll'] == pytest.approx(logged['eval_loss'], rel=1e-4)
+  assert row['top5_accuracy'] == pytest.approx(logged['eval_top5_accuracy'], abs=1e-6)
+  assert population['runs'][0]['batch_stats'] == 'population'
+  assert [r['views'] for r in population['rows']] == [1, 2]
+  assert all(r['count'] == row['count'] > 0 and math.isfinite(r['nll'])
+             for r in population['rows'])
+  assert population['rows'][0]['nll'] != pytest.approx(row['nll'], rel=1e-6)

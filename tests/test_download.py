@@ -12,6 +12,7 @@ import pytest
 
 from bn_research import data as data_lib
 from bn_research.data import download as download_lib
+from tests import helpers
 
 _FILES = {
     'train-images-idx3-ubyte.gz': (0, 'images', 12),
@@ -175,3 +176,68 @@ def test_published_table_is_tfds_own():
     assert published == download_lib.PUBLISHED[name]
     assert {url.rsplit('/', 1)[0] + '/' for url, *_ in rows} == {
         download_lib.TFDS_MIRRORS[name]}
+
+
+class _Stalling(http.server.BaseHTTPRequestHandler):
+  """Announces a whole file, sends half of it, then goes silent (until the test ends)."""
+  body = b''
+  release = threading.Event()
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    self.send_response(200)
+    self.send_header('Content-Length', str(len(self.body)))
+    self.end_headers()
+    self.wfile.write(self.body[:len(self.body) // 2])
+    self.wfile.flush()
+    self.release.wait(helpers.CEILING)
+
+  def log_message(self, *args):
+    pass
+
+
+def test_a_mirror_that_stalls_mid_file_is_given_up_on_by_the_per_read_timeout(
+    tmp_path, mirror):
+  """data.download_timeout bounds each read, not only the connection: a mirror that
+  stops sending half-way ends the download with one error naming the file, and nothing
+  (not even the partial file) is left in the cache."""
+  name = min(mirror['table'], key=lambda f: mirror['table'][f][0])
+  _Stalling.body = (mirror['root'] / name).read_bytes()
+  _Stalling.release.clear()
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Stalling)
+  threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05),
+                   daemon=True).start()
+  cache = tmp_path / 'cache'
+  try:
+    with pytest.raises(ValueError) as err:
+      download_lib.download('mnist', str(cache), f'http://127.0.0.1:{server.server_address[1]}/',
+                            timeout=0.5)
+  finally:
+    _Stalling.release.set()
+    server.shutdown()
+    server.server_close()
+  message = str(err.value)
+  assert '\n' not in message and 'timed out' in message.lower() and '127.0.0.1' in message
+  assert not cache.exists() or not os.listdir(cache)
+
+
+def test_auto_probes_the_mirror_within_its_documented_budget(tmp_path, monkeypatch):
+  """source='auto' asks download.reachable with AUTO_PROBE_SECONDS (3 s, as documented)
+  and, when the mirror is a black hole, falls back to the offline sample."""
+  assert download_lib.AUTO_PROBE_SECONDS == 3.0
+  asked = []
+  real = download_lib.reachable
+
+  def spy(name, url, seconds=download_lib.AUTO_PROBE_SECONDS):
+    asked.append(seconds)
+    return real(name, url, seconds)
+
+  monkeypatch.setattr(download_lib, 'reachable', spy)
+  (tmp_path / 'cache').mkdir()
+  with socket.socket() as listener:  # accepts connections, never answers
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(1)
+    url = f'http://127.0.0.1:{listener.getsockname()[1]}/'
+    ds = data_lib.load_dataset(_config(tmp_path / 'cache', url, source='auto'))
+  assert asked == [3.0]
+  assert 'download' in ds.description['auto_tried']
+  assert ds.description['display_name'] == 'mnist_5k_sample 4,000 / 1,000'

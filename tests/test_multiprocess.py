@@ -1,6 +1,10 @@
 """The multi-host path, exercised on one machine: 2 processes x 1 CPU device each
 (`jax.distributed.initialize` on 127.0.0.1, gloo CPU collectives) against 1 process x 2
-devices, for a plain run and for a member sweep. Only process 0 writes run files."""
+devices, for a plain run and for a member sweep. Only process 0 writes run files.
+
+Also the start-up and refusals of `bn_research.engine.distributed`, through the command
+line: a malformed environment, a process that never arrives, a refusal that every
+process learns of before the first collective."""
 
 import glob
 import os
@@ -9,17 +13,19 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from tests import helpers
 
-TINY = ['--config=configs/mnist_mlp.py:bn,source=synthetic', '--config.num_train_steps=20',
-        '--config.eval_every_steps=10', '--config.log_every_steps=5',
-        '--config.checkpoint_every_steps=10', '--config.steps_per_dispatch=5',
-        '--config.data.image_size=8', '--config.data.num_train=256',
-        '--config.data.num_test=64', '--config.batch_size=32', '--config.eval_batch_size=64',
-        '--config.model.hidden_sizes=(16, 16)', '--config.probe.num_examples=64']
+pytestmark = pytest.mark.slow
+
+TINY = helpers.tiny_args(**{
+    'num_train_steps': 20, 'eval_every_steps': 10, 'log_every_steps': 5,
+    'checkpoint_every_steps': 10, 'steps_per_dispatch': 5, 'data.num_train': 256,
+    'data.num_test': 64, 'batch_size': 32,
+    # The config file's own: the sweep varies the first; the second evaluates with
+    # population statistics, gathered across the processes.
+    'optimizer.learning_rate': None, 'eval.batch_stats': None})
 
 
 def _free_port() -> int:
@@ -28,61 +34,63 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int, **extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  env['PYTHONPATH'] = helpers.REPO + os.pathsep + env.get('PYTHONPATH', '')
-  env.update(extra)
-  return env
-
-
-def _launch(module: str, args: list[str], *, processes: int) -> list:
+def _launch(module: str, args: list[str], *, processes: int, logs, optimized=False,
+            end_others=True, ids=None, **env) -> list[tuple[int, str]]:
   """Runs `python -m module args` as `processes` cooperating processes (or one process
-  with two devices when processes == 1); returns their CompletedProcess-like tuples."""
+  with two devices when processes == 1); returns each one's (exit code, stderr).
+
+  `ids`: the process ids to start (default all): the others never arrive. With
+  `end_others`, a process that fails ends the rest (they would wait for it at a barrier);
+  without, each must end by itself. stderr goes to files under `logs` (a pipe nobody
+  reads while the processes run could fill up and stop them).
+  """
+  if not optimized:
+    env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
   if processes == 1:
-    proc = subprocess.run([sys.executable, '-m', module, *args], env=_env(2),
-                          cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+    proc = helpers.run_module(module, args, env=dict(env, JAX_PLATFORMS='cpu'), devices=2)
     return [(proc.returncode, proc.stderr)]
+  procs, paths = _start(module, args, processes=processes, logs=logs, ids=ids, **env)
+  return _finish(procs, paths, end_others=end_others)
+
+
+def _start(module: str, args: list[str], *, processes: int, logs, ids=None, **env):
+  """Starts the processes `ids` (default all) of a `processes`-process run; returns
+  them and the paths of their stderr files."""
   port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', module, *args, '--config.distributed=True'],
-      env=_env(1, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-               BN_RESEARCH_NUM_PROCESSES=str(processes), BN_RESEARCH_PROCESS_ID=str(i)),
-      cwd=helpers.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-      for i in range(processes)]
-  # If one process fails, the other would wait for it at a barrier: end it too.
-  deadline = time.time() + 300
-  while time.time() < deadline and any(p.poll() is None for p in procs):
-    if any(p.poll() not in (None, 0) for p in procs):
+  ids = range(processes) if ids is None else ids
+  procs, paths = [], []
+  for i in ids:
+    paths.append(os.path.join(str(logs), f'process{i}.stderr'))
+    with open(paths[-1], 'w') as err:
+      procs.append(subprocess.Popen(
+          [sys.executable, '-m', module, *args, '--config.distributed=True'],
+          env=helpers.subprocess_env(
+              1, cpu=True, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+              BN_RESEARCH_NUM_PROCESSES=str(processes), BN_RESEARCH_PROCESS_ID=str(i),
+              **env),
+          cwd=helpers.REPO, stdout=subprocess.DEVNULL, stderr=err, text=True))
+  return procs, paths
+
+
+def _finish(procs, paths, *, end_others=True) -> list[tuple[int, str]]:
+  """Waits for `procs` (at most helpers.CEILING); returns each one's (exit code,
+  stderr). With `end_others`, one that fails ends the rest (they would wait for it at a
+  barrier); without, each must end by itself."""
+  end = time.monotonic() + helpers.CEILING
+  while any(p.poll() is None for p in procs):
+    if time.monotonic() > end:
+      break  # a hang: the caller's assertions show every process's stderr
+    if end_others and any(p.poll() not in (None, 0) for p in procs):
       break
     time.sleep(0.2)
   for p in procs:
     if p.poll() is None:
       p.kill()
-  return [(p.wait(), p.stderr.read()) for p in procs]
+  return [(p.wait(), open(path).read()) for p, path in zip(procs, paths)]
 
 
-def _same_run(a: str, b: str) -> None:
-  import jax
-  from bn_research import rundir
-  drop = ('steps_per_second',)
-  rows_a = [{k: v for k, v in r.items() if k not in drop} for r in rundir.read_metrics(a)]
-  rows_b = [{k: v for k, v in r.items() if k not in drop} for r in rundir.read_metrics(b)]
-  assert [r['step'] for r in rows_a] == [r['step'] for r in rows_b]  # no row twice
-  for ra, rb in zip(rows_a, rows_b):
-    assert ra.keys() == rb.keys()
-    for key in ra:
-      assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra['step'], key)
-  sa, sb = rundir.load_latest(a), rundir.load_latest(b)
-  for x, y in zip(jax.tree_util.tree_leaves(sa), jax.tree_util.tree_leaves(sb)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  assert rundir.read_status(a)['status'] == rundir.read_status(b)['status'] == 'done'
-  # One writer: one TensorBoard event file.
-  assert len(glob.glob(os.path.join(a, 'events.out.tfevents.*'))) == 1
-
-
-@pytest.mark.parametrize('kind', ['plain', 'sweep'])
-def test_two_processes_equal_one_process_with_two_devices(tmp_path, kind):
+def _run_both(tmp_path, kind: str, **launch) -> dict:
+  """The same run (or member sweep) as 1 process x 2 devices and 2 processes x 1."""
   if kind == 'plain':
     module, extra = 'bn_research.main', []
   else:
@@ -90,18 +98,136 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, kind):
   results = {}
   for processes in (1, 2):
     workdir = str(tmp_path / f'p{processes}')
-    out = _launch(module, TINY + extra + [f'--workdir={workdir}'], processes=processes)
-    for code, err in out:
-      assert code == 0, err[-3000:]
+    logs = tmp_path / f'logs{processes}'
+    logs.mkdir()
+    out = _launch(module, TINY + extra + [f'--workdir={workdir}'], processes=processes,
+                  logs=logs, **launch)
+    for i, (code, err) in enumerate(out):
+      assert code == 0, f'process {i}: exit code {code}\n' + '\n'.join(
+          f'--- process {j} stderr:\n{e[-3000:]}' for j, (_, e) in enumerate(out))
     results[processes] = workdir
-    if processes == 2:
-      assert "'processes': 2" in open(os.path.join(
-          workdir if kind == 'plain' else glob.glob(workdir + '/*=*')[0],
-          'data.json')).read().replace('"', "'")
-  if kind == 'plain':
-    _same_run(results[2], results[1])
-  else:
-    names = sorted(os.path.basename(p) for p in glob.glob(results[1] + '/*=*'))
-    assert len(names) == 2
-    for name in names:
-      _same_run(os.path.join(results[2], name), os.path.join(results[1], name))
+  return results
+
+
+def _member_dirs(sweep_dir: str) -> list[str]:
+  return sorted(glob.glob(os.path.join(sweep_dir, '*=*')))
+
+
+@pytest.mark.parametrize('kind', ['plain', 'sweep'])
+def test_two_processes_equal_one_process_with_two_devices(tmp_path, kind):
+  results = _run_both(tmp_path, kind)
+  pairs = ([(results[2], results[1])] if kind == 'plain' else
+           list(zip(_member_dirs(results[2]), _member_dirs(results[1]))))
+  assert len(pairs) == (1 if kind == 'plain' else 2)
+  for two, one in pairs:
+    assert "'processes': 2" in open(os.path.join(two, 'data.json')).read().replace('"', "'")
+    if kind == 'sweep':
+      assert os.path.basename(two) == os.path.basename(one)
+    # Both sides compile the same program the same way; only the cross-device sums
+    # travel differently (gloo between processes, in memory within one).
+    helpers.assert_same_run(two, one, rtol=1e-5, atol=1e-6)
+    from bn_research import rundir
+    assert rundir.read_status(two)['status'] == 'done'
+    # One writer: one TensorBoard event file; every lock released.
+    assert len(glob.glob(os.path.join(two, 'events.out.tfevents.*'))) == 1
+    assert not os.path.exists(os.path.join(two, rundir.LOCK_FILE))
+
+
+def test_two_processes_equal_one_process_with_the_optimising_compiler(tmp_path):
+  """As above, compiled as users run it (XLA's default, optimising pipeline), against a
+  tolerance derived from the spread between two reassociation-equivalent references:
+  the same run on 1 device and on 2 devices of one process (the 2-device run sums each
+  batch's halves separately)."""
+  results = _run_both(tmp_path, 'plain', optimized=True)
+  one_device = str(tmp_path / 'one_device')
+  proc = helpers.run_module('bn_research.main', TINY + [f'--workdir={one_device}'],
+                            env={'JAX_PLATFORMS': 'cpu'}, devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  tol = helpers.reassociation_tolerance(results[1], one_device)
+  assert tol < 1e-3, tol  # the references themselves agree: the bound is meaningful
+  helpers.assert_same_run(results[2], results[1], atol=tol)
+
+
+# ---------------------------------------------------------------- start-up and refusals
+
+
+def _one_line(stderr: str) -> str:
+  """The error line of a refused run: its last line, with no traceback before it."""
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  return stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize('variable, value, allowed', [
+    ('BN_RESEARCH_NUM_PROCESSES', 'two', 'an integer >= 1'),
+    ('BN_RESEARCH_NUM_PROCESSES', '0', 'an integer >= 1'),
+    ('BN_RESEARCH_PROCESS_ID', '2', 'from 0 to 1'),
+    ('JAX_COORDINATOR_ADDRESS', 'localhost', 'HOST:PORT'),
+    ('BN_RESEARCH_START_TIMEOUT', '-5', 'seconds >= 1'),
+])
+def test_a_malformed_environment_is_one_line_before_anything(tmp_path, variable, value,
+                                                             allowed):
+  workdir = tmp_path / 'run'
+  env = {'JAX_COORDINATOR_ADDRESS': '127.0.0.1:1', 'BN_RESEARCH_NUM_PROCESSES': '2',
+         'BN_RESEARCH_PROCESS_ID': '0', variable: value}
+  proc = helpers.run_main(TINY + [f'--workdir={workdir}', '--config.distributed=True'],
+                          env=env)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = _one_line(proc.stderr)
+  assert f'{variable}={value!r}' in line and allowed in line, line
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize('present, missing', [(0, 'process 1 did not arrive'),
+                                              (1, 'process 0 (the coordinator)')])
+def test_a_process_that_never_arrives_ends_the_others_in_one_line(tmp_path, present,
+                                                                  missing):
+  """Only one of two processes starts: after BN_RESEARCH_START_TIMEOUT it ends with one
+  line naming the missing process and the coordinator's address, having written nothing."""
+  workdir = tmp_path / 'run'
+  (code, stderr), = _launch('bn_research.main', TINY + [f'--workdir={workdir}'],
+                            processes=2, ids=[present], logs=tmp_path,
+                            BN_RESEARCH_START_TIMEOUT='3')
+  assert code == 2, stderr[-3000:]
+  line = _one_line(stderr)
+  assert missing in line and '127.0.0.1:' in line and 'BN_RESEARCH_START_TIMEOUT' in line, line
+  assert not workdir.exists()
+
+
+def test_a_locked_workdir_is_refused_by_every_process_before_any_collective(tmp_path):
+  """Process 0 finds the workdir locked by another run: both processes end by themselves
+  (none waits at a barrier for the other), in one line each, and the run is untouched."""
+  workdir = tmp_path / 'run'
+  with helpers.lock_holder(workdir) as holder:
+    before = sorted(os.listdir(workdir))
+    out = _launch('bn_research.main', TINY + [f'--workdir={workdir}'], processes=2,
+                  logs=tmp_path, end_others=False)
+    assert sorted(os.listdir(workdir)) == before
+  (code0, err0), (code1, err1) = out
+  assert code0 == 2 and code1 == 2, (err0[-3000:], err1[-3000:])
+  assert f'in use by process {holder.pid}' in _one_line(err0)
+  line1 = _one_line(err1)
+  assert 'process 0 refused' in line1 and f'in use by process {holder.pid}' in line1, line1
+
+
+def test_a_peer_killed_mid_run_ends_the_survivor_with_status_failed(tmp_path):
+  """Process 1 is SIGKILLed while training: process 0 ends by itself (its next
+  collective fails at once), the run's status is 'failed' with the reason, and the
+  workdir's lock is released."""
+  from bn_research import rundir
+  workdir = tmp_path / 'run'
+  args = helpers.tiny_args(**{'num_train_steps': 1_000_000, 'eval_every_steps': 500_000,
+                              'log_every_steps': 100, 'checkpoint_every_steps': 500_000,
+                              'steps_per_dispatch': 100})
+  procs, paths = _start('bn_research.main', args + [f'--workdir={workdir}'], processes=2,
+                        logs=tmp_path, JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+                        BN_RESEARCH_PEER_TIMEOUT='10')
+  metrics = workdir / 'metrics.jsonl'
+  helpers.wait_for(lambda: metrics.exists() and 'train_loss' in metrics.read_text(),
+                   'a training row', proc=procs[0])
+  procs[1].kill()
+  (code, stderr), _ = _finish(procs, paths, end_others=False)
+  assert code != 0, stderr[-3000:]
+  status = rundir.read_status(str(workdir))
+  assert status['status'] == 'failed', status
+  assert 'Connection' in status['message'] or 'peer' in status['message'].lower(), status
+  assert not (workdir / rundir.LOCK_FILE).exists()

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests import helpers
 from jax.test_util import check_grads
 
 from bn_research import normalization as bn
@@ -37,14 +39,7 @@ def random_inputs(seed, shape, dtype=np.float32):
   return tuple(a.astype(dtype) for a in (x, gamma, beta, cotangent))
 
 
-def np_batch_norm(x, gamma, beta, axes, eps):
-  """Algorithm 1 in float64: returns (y, mu_B, var_B (biased), xhat)."""
-  x = np.asarray(x, np.float64)
-  mu = x.mean(axis=axes, keepdims=True)
-  var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
-  xhat = (x - mu) / np.sqrt(var + eps)
-  y = np.asarray(gamma, np.float64) * xhat + np.asarray(beta, np.float64)
-  return y, mu.squeeze(axes), var.squeeze(axes), xhat
+np_batch_norm = helpers.np_batch_norm
 
 
 def np_batch_norm_grads(x, gamma, dy, axes, eps):

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import helpers
+
 from bn_research import normalization as bn
 
 EPS = 1e-5
@@ -26,10 +28,7 @@ def np_moments(x, axes):
 
 
 def np_batch_norm(x, gamma, beta, axes, eps=EPS):
-  x = np.asarray(x, np.float64)
-  mu = x.mean(axis=axes, keepdims=True)
-  var = x.var(axis=axes, keepdims=True)
-  return gamma * (x - mu) / np.sqrt(var + eps) + beta
+  return helpers.np_batch_norm(x, gamma, beta, axes, eps)[0]
 
 
 def np_population(batches, axes):

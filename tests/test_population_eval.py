@@ -84,17 +84,80 @@ def _pre_bn(params, x, layer, eps):
     h = _sigmoid(z)
 
 
-def test_probe_modes_and_population_probe(tmp_path):
-  """probe.mode='train' normalises the probe batch with its own moments: its BN output
-  has mean beta and std gamma over the batch (the paper's stated property), which the
-  inference-mode probe does not have."""
+def _probe_reference(params, images, eps, stats=None):
+  """The probed unit's BN output (hidden layer 1, unit 0) in float64: normalised with
+  `stats` (inference) or, when None, with the probe batch's own moments in every layer
+  (the training network, probe.mode='train')."""
+  p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
+  if stats is None:
+    z = _pre_bn(params, images, 1, eps)
+    mean, var = z.mean(0), z.var(0)
+  else:
+    h = images.reshape(len(images), -1).astype(np.float64)
+    for i in range(2):
+      z = h @ p[f'dense_{i}']['kernel']
+      mean, var = stats[i]
+      if i == 0:
+        h = _sigmoid((z - mean) / np.sqrt(var + eps) * p['bn_0']['scale'] + p['bn_0']['bias'])
+  out = (z - mean) / np.sqrt(var + eps) * p['bn_1']['scale'] + p['bn_1']['bias']
+  return out[:, 0], p['bn_1']['scale'][0], p['bn_1']['bias'][0], var[0]
+
+
+@pytest.mark.parametrize('batch_stats', ['moving_average', 'population'])
+def test_probe_in_train_mode_normalises_the_probe_batch_by_its_own_moments(tmp_path,
+                                                                           batch_stats):
+  """probe.mode='train': the probed unit's BN output on the probe batch is normalised
+  with that batch's own moments, so over the batch it has mean beta and standard
+  deviation gamma (the paper's stated property), whatever statistics evaluation uses;
+  the logged percentiles are those of the float64 reference."""
+  from bn_research import data as data_lib
   from bn_research import rundir, train
-  rows = {}
-  for mode in ('inference', 'train'):
-    config = helpers.tiny_mlp_config(**{'probe.mode': mode, 'probe.percentiles': (50.0,),
-                                        'num_train_steps': 20, 'eval_every_steps': 20})
-    train.train_and_evaluate(config, str(tmp_path / mode))
-    rows[mode] = rundir.read_metrics(str(tmp_path / mode))
-  # At step 0 (gamma 1, beta 0) the training-mode median of a standardised unit is near 0.
-  assert abs(rows['train'][0]['act_p50']) < 0.3
-  assert rows['train'][-1]['act_p50'] != rows['inference'][-1]['act_p50']
+  qs = (10.0, 50.0, 90.0)
+  config = helpers.tiny_mlp_config(**{
+      'probe.mode': 'train', 'probe.percentiles': qs, 'eval.batch_stats': batch_stats,
+      'eval.population_batches': 3, 'num_train_steps': 20, 'eval_every_steps': 20})
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  state = rundir.load_latest(str(tmp_path / 'run'))
+  images = data_lib.load_dataset(config.data).test_images[:config.probe.num_examples]
+  eps = config.model.bn_epsilon
+  out, gamma, beta, var = _probe_reference(state['params'], images, eps)
+  assert out.mean() == pytest.approx(beta, abs=1e-9)
+  # gamma, up to BN's epsilon in the denominator.
+  assert out.std() == pytest.approx(abs(gamma) * np.sqrt(var / (var + eps)), rel=1e-9)
+  final = rundir.read_metrics(str(tmp_path / 'run'))[-1]
+  logged = [final[f'act_p{q:g}'] for q in qs]
+  np.testing.assert_allclose(logged, np.percentile(out, qs), rtol=1e-4, atol=1e-5)
+  # At step 0 (gamma 1, beta 0) the median of a standardised unit is near 0.
+  assert abs(rundir.read_metrics(str(tmp_path / 'run'))[0]['act_p50']) < 0.3
+
+
+def test_population_probe_uses_algorithm_2_statistics(tmp_path):
+  """probe.mode='inference' with eval.batch_stats='population': the probe normalises
+  with the population statistics of Algorithm 2 (computed here in float64 from the
+  first N training batches), not with the moving averages nor the probe batch's own."""
+  from bn_research import data as data_lib
+  from bn_research import inputs, rundir, train
+  n_batches, qs = 5, (10.0, 50.0, 90.0)
+  config = helpers.tiny_mlp_config(**{
+      'eval.batch_stats': 'population', 'eval.population_batches': n_batches,
+      'probe.mode': 'inference', 'probe.percentiles': qs, 'num_train_steps': 20,
+      'eval_every_steps': 20})
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  state = rundir.load_latest(str(tmp_path / 'run'))
+  ds = data_lib.load_dataset(config.data)
+  source = inputs.InMemoryInput(ds.train_images, ds.train_labels,
+                                batch_size=config.batch_size, seed=config.seed)
+  eps, m = config.model.bn_epsilon, config.batch_size
+  stats = []
+  for layer in range(2):
+    pres = [_pre_bn(state['params'], ds.train_images[b], layer, eps)
+            for b in source.example_indices(0, n_batches)]
+    stats.append((np.mean([z.mean(0) for z in pres], 0),
+                  m / (m - 1) * np.mean([z.var(0) for z in pres], 0)))
+  images = ds.test_images[:config.probe.num_examples]
+  final = rundir.read_metrics(str(tmp_path / 'run'))[-1]
+  logged = [final[f'act_p{q:g}'] for q in qs]
+  expected = np.percentile(_probe_reference(state['params'], images, eps, stats)[0], qs)
+  np.testing.assert_allclose(logged, expected, rtol=1e-4, atol=1e-5)
+  own = np.percentile(_probe_reference(state['params'], images, eps)[0], qs)
+  assert np.max(np.abs(np.asarray(logged) - own)) > 1e-3  # not the batch's own moments

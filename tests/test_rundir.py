@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 
 from absl import logging as absl_logging
 import numpy as np
@@ -34,23 +31,11 @@ def warnings_logged(monkeypatch):
 # ---------------------------------------------------------------- the lock
 
 
-def _hold_lock_in_child(workdir) -> subprocess.Popen:
-  """Another process that takes the workdir's lock and keeps it until killed."""
-  code = ('import sys, time\nfrom bn_research import rundir\n'
-          f'lock = rundir.WorkdirLock({str(workdir)!r}).acquire()\n'
-          'print("held", flush=True)\ntime.sleep(120)\n')
-  env = dict(os.environ, PYTHONPATH=helpers.REPO)
-  proc = subprocess.Popen([sys.executable, '-c', code], env=env, cwd=helpers.REPO,
-                          stdout=subprocess.PIPE, text=True)
-  assert proc.stdout.readline().strip() == 'held'
-  return proc
-
-
 def test_a_second_holder_is_refused_and_a_killed_holders_lock_is_taken_over(
     tmp_path, warnings_logged):
   workdir = tmp_path / 'run'
-  proc = _hold_lock_in_child(workdir)
-  try:
+  # The holder ends with SIGKILL (helpers.lock_holder), which runs no cleanup.
+  with helpers.lock_holder(workdir) as proc:
     with pytest.raises(rundir.RunDirError) as refused:
       rundir.WorkdirLock(str(workdir)).acquire()
     message = str(refused.value)
@@ -62,9 +47,6 @@ def test_a_second_holder_is_refused_and_a_killed_holders_lock_is_taken_over(
     with pytest.raises(rundir.RunDirError, match=f'process {proc.pid}'):
       rundir.move_aside(str(workdir))
     assert (workdir / rundir.CONFIG_FILE).exists()
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
   # SIGKILL runs no cleanup: the lock file stays, naming a pid that no longer runs.
   assert json.loads((workdir / rundir.LOCK_FILE).read_text())['pid'] == proc.pid
   with rundir.WorkdirLock(str(workdir)) as lock:

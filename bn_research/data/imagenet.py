@@ -1,8 +1,10 @@
 """ImageNet (ILSVRC 2012) input pipeline for the Inception experiments (paper Section 4.2).
 
 Reads TFDS `imagenet2012` through `tfds.data_source` style random access (ArrayRecord
-files, no TensorFlow at training time), decodes and augments with PIL + NumPy in a
-thread pool, and keeps a few batches ready in a background thread.
+files, no TensorFlow at training time) with grain: JPEG bytes are decoded, cropped,
+resized and flipped in uint8 on the host, in grain worker processes; the photometric
+distortions and the normalisation run on the device (`bn_research.data.augment`).
+This module imports neither JAX nor TensorFlow (grain's workers import it).
 
 Preparing ImageNet (once; the only step that needs TensorFlow)
 --------------------------------------------------------------
@@ -40,10 +42,13 @@ Design
   host p takes positions s*G + p*B .. s*G + (p+1)*B - 1 (B = batch_size, this host's
   share). Hosts therefore read disjoint examples that together cover every epoch,
   batches may straddle an epoch boundary, nothing is dropped, for a given global
-  batch the stream does not depend on the number of hosts, and a run resumed at step k sees exactly the
-  batches of the uninterrupted run. The same layout as `bn_research.inputs`.
-* Per-example augmentation randomness is seeded by (seed, stream position), so it
-  too is independent of thread scheduling, host count and resumption.
+  batch the stream does not depend on the number of hosts, and a run resumed at step
+  k sees exactly the batches of the uninterrupted run: the step is the stream's whole
+  state. The same layout as `bn_research.inputs`.
+* Per-example augmentation randomness is seeded by (seed, stream position): the host
+  draws the crop, the flip and a uint32 seed from which the device draws the
+  photometric distortions; so it too is independent of worker scheduling, host count
+  and resumption.
 * Shuffling (`shuffle`), per epoch, from (seed, epoch):
     - 'thorough': one global permutation of all N indices. (The paper, 4.2.1:
       "shuffle training examples more thoroughly".)
@@ -60,9 +65,9 @@ Design
 * Training preprocessing (Inception recipe): random crop covering 8%-100% of the
   image area with aspect ratio (w/h) in [3/4, 4/3] (log-uniform), up to
   `crop_max_attempts` (10) tries, else the evaluation centre crop; resize to
-  `image_size` (bilinear, antialiased); horizontal flip with probability 1/2; then
-  photometric distortions in a random order per example, clipping to [0, 1] after
-  each:
+  `image_size` (bilinear, antialiased); horizontal flip with probability 1/2 (all on
+  the host, in uint8); then, on the device, photometric distortions in a random order
+  per example, clipping to [0, 1] after each:
 
       distortions   brightness delta   contrast factor   saturation factor   hue delta
       'full'        +-32/255           [0.5, 1.5]        [0.5, 1.5]          +-0.2
@@ -78,27 +83,28 @@ Design
   the central 224x224"; cropping first is cheaper and avoids one resampling). No
   randomness. The whole split is returned: the last batch is padded with zeros and
   its `mask` (float32, 1 = real example) marks the padding.
-* Output: images float32 (B, H, W, 3), labels int32 (B,). `normalization='inception'`
-  (default) maps [0, 1] to [-1, 1] as the Inception models do; 'mean_std' subtracts
-  the ImageNet RGB mean (0.485, 0.456, 0.406) and divides by the std (0.229, 0.224,
-  0.225).
-* Decoding: TFDS decodes JPEG bytes (PIL; OpenCV if installed) inside `source[i]`; that call, the crop,
-  resize and distortions run in a `concurrent.futures` thread pool (`num_workers`;
-  PIL and large NumPy operations release the GIL). A background thread keeps
-  `prefetch` batches ready and, given a sharding, puts them on device (multi-host:
-  as global arrays built from each host's share).
+* Host output: images uint8 (B, H, W, 3), labels int32 (B,), and per training example
+  a uint32 `seed`; float32 images are made on the device and never cross the bus.
+  There, `normalization='inception'` (default) maps [0, 1] to [-1, 1] as the
+  Inception models do; 'mean_std' subtracts the ImageNet RGB mean (0.485, 0.456,
+  0.406) and divides by the std (0.229, 0.224, 0.225).
+* Decoding: PIL decodes the JPEG bytes straight to uint8, at a reduced DCT scale when
+  the crop is at least twice the output size (`_crop_resize`). grain runs the
+  examples: `num_workers` worker processes (0: in this process), each keeping
+  `prefetch` batches ready; the stream is a `grain.MapDataset` indexed by step, so
+  opening it at step s is the whole of resuming.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import atexit
 import dataclasses
+import functools
 import io
 import math
 import os
-import queue
-import threading
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+import weakref
+from typing import Any, Iterator, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -146,6 +152,16 @@ DISTORTION_STRENGTHS: dict[str, Optional[ColorJitter]] = {
 }
 
 
+def color_parameters(u: Any, jitter: ColorJitter) -> Any:
+  """(brightness delta, contrast factor, saturation factor, hue delta) from four
+  uniforms in [0, 1) (the last axis of `u`; NumPy or jnp, float32 stays float32)."""
+  lo = np.asarray([-jitter.brightness, jitter.contrast[0], jitter.saturation[0],
+                   -jitter.hue], np.float32)
+  hi = np.asarray([jitter.brightness, jitter.contrast[1], jitter.saturation[1],
+                   jitter.hue], np.float32)
+  return lo + u * (hi - lo)
+
+
 # ---------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------
@@ -173,8 +189,9 @@ def imagenet_data_config(**overrides: Any) -> ml_collections.ConfigDict:
   c.random_flip = True
   c.eval_crop_fraction = EVAL_CROP_FRACTION
   c.normalization = 'inception'        # [-1, 1]; or 'mean_std'
-  c.num_workers = 8                    # decode/augment threads; 0: in the caller
-  c.prefetch = 2                       # batches kept ready; 0: no background thread
+  c.num_workers = 8                    # grain worker processes; 0: in this process
+  c.prefetch = 2                       # batches each worker keeps ready (0 workers:
+                                       # a thread this far ahead; 0: none)
   # Shared schema with the in-memory datasets; ImageNet uses its official splits,
   # so this pipeline does not read it.
   c.split_seed = 0
@@ -207,8 +224,8 @@ IMAGENET_KEYS = {
     'data.random_flip': checks.Bool(),
     'data.eval_crop_fraction': checks.Float(0.0, 1.0, low_open=True),
     'data.normalization': checks.Choice(NORMALIZATIONS),
-    'data.num_workers': checks.Int(0, note='0: decode in the caller'),
-    'data.prefetch': checks.Int(0, note='0: no background thread'),
+    'data.num_workers': checks.Int(0, note='grain worker processes; 0: in this process'),
+    'data.prefetch': checks.Int(0, note='batches each worker keeps ready'),
     'data.split_seed': checks.Int(0, checks.SEED_LIMIT - 1, note='not read for ImageNet'),
 }
 
@@ -248,12 +265,22 @@ def open_tfds_split(name: str, split: str, data_dir: str) -> Sequence[dict]:
   """Random-access view of one prepared TFDS split: `len(src)`, `src[i] -> dict`.
 
   Uses `tfds.builder(...).as_data_source` (no TensorFlow; needs ArrayRecord files).
-  Never downloads or prepares anything.
+  Images come as their encoded bytes: the pipeline decodes them itself, straight to
+  the size it needs (see `_crop_resize`). Never downloads or prepares anything.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(name, data_dir=data_dir)
   try:
-    return builder.as_data_source(split=split)
+    source = builder.as_data_source(
+        split=split, decoders={'image': tfds.decode.SkipDecoding()})
+    if len(source):
+      try:
+        source[0]
+      except ModuleNotFoundError:
+        # A source that encodes on read (TFDS's mock data) needs TensorFlow for
+        # bytes; its decoded images serve as well.
+        source = builder.as_data_source(split=split)
+    return source
   except Exception as e:  # pylint: disable=broad-except
     if not builder.is_prepared():
       raise FileNotFoundError(
@@ -349,170 +376,91 @@ def random_crop_box(rng: np.random.Generator, height: int, width: int, *,
   return central_crop_box(height, width, fallback_fraction)
 
 
-def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-  """(..., 3) RGB in [0, 1] to HSV, all channels in [0, 1]."""
-  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-  maxc = np.maximum(np.maximum(r, g), b)
-  minc = np.minimum(np.minimum(r, g), b)
-  delta = maxc - minc
-  safe = np.where(delta > 0, delta, 1.0)
-  s = np.where(maxc > 0, delta / np.where(maxc > 0, maxc, 1.0), 0.0)
-  rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-  h = np.where(r == maxc, bc - gc, np.where(g == maxc, 2.0 + rc - bc, 4.0 + gc - rc))
-  h = np.where(delta > 0, (h / 6.0) % 1.0, 0.0)
-  return np.stack([h, s, maxc], axis=-1).astype(rgb.dtype, copy=False)
-
-
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-  """Inverse of `rgb_to_hsv`."""
-  h, s, v = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
-  n = np.array([5.0, 3.0, 1.0], hsv.dtype)            # R, G, B
-  k = (n + h * 6.0) % 6.0
-  return v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
-
-
-# The four distortions below act on channel planes (3, H, W), float32 in [0, 1]
-# (planes keep the per-pixel arithmetic on contiguous memory). Saturation and hue are
-# closed forms of "convert to HSV, change S (clipped to [0, 1]) or H, convert back":
-# V (the max channel) and the chroma C = max - min determine every channel once the
-# hue is known, and scaling S by f scales each channel's distance below V by
-# min(f, V / C). `rgb_to_hsv` / `hsv_to_rgb` above are the reference the tests hold
-# them to.
-
-def _max_min(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  r, g, b = planes
-  return np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
-
-
-def _adjust_brightness(planes: np.ndarray, delta: np.float32) -> np.ndarray:
-  return planes + delta
-
-
-def _adjust_contrast(planes: np.ndarray, factor: np.float32) -> np.ndarray:
-  mean = planes.reshape(3, -1).mean(axis=1, dtype=np.float32)[:, None, None]
-  return planes * factor + mean * (np.float32(1) - factor)
-
-
-def _adjust_saturation(planes: np.ndarray, factor: np.float32) -> np.ndarray:
-  v, m = _max_min(planes)
-  scale = np.minimum(factor, v / np.maximum(v - m, np.float32(1e-12)))
-  return v + (planes - v) * scale
-
-
-def _adjust_hue(planes: np.ndarray, delta: np.float32) -> np.ndarray:
-  r, g, b = planes
-  v, m = _max_min(planes)
-  chroma = v - m
-  safe = np.where(chroma > 0, chroma, np.float32(1))
-  hue6 = np.where(r == v, (g - b) / safe,
-                  np.where(g == v, (b - r) / safe + np.float32(2), (r - g) / safe + np.float32(4)))
-  hue6 += np.float32(6) * delta
-  hue6 -= np.float32(6) * np.floor(hue6 * np.float32(1 / 6))   # into [0, 6)
-  out = np.empty_like(planes)
-  for channel, n in enumerate((5.0, 3.0, 1.0)):
-    k = hue6 + np.float32(n)                                     # [n, n + 6)
-    k -= np.float32(6) * (k >= 6)                                # mod 6
-    out[channel] = v - chroma * np.clip(np.minimum(k, np.float32(4) - k), 0, 1)
-  return out
-
-
-def distort_color(image: np.ndarray, rng: np.random.Generator,
-                  jitter: Optional[ColorJitter]) -> np.ndarray:
-  """Brightness, contrast, saturation and hue jitter in a random order.
-
-  `image` is float32 (H, W, 3) in [0, 1]; so is the result (clipped after each op).
-  The random draws are the same for every `jitter` (one order, four uniforms), so
-  two strengths applied with equal generators differ only in the sizes of the
-  changes.
-  """
-  if jitter is None:
-    return image
-  order = rng.permutation(4)
-  u = rng.random(4)
-  params = (
-      (2 * u[0] - 1) * jitter.brightness,
-      jitter.contrast[0] + u[1] * (jitter.contrast[1] - jitter.contrast[0]),
-      jitter.saturation[0] + u[2] * (jitter.saturation[1] - jitter.saturation[0]),
-      (2 * u[3] - 1) * jitter.hue,
-  )
-  ops = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
-  planes = np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=np.float32)
-  for i in order:
-    planes = ops[i](planes, np.float32(params[i]))
-    np.clip(planes, 0.0, 1.0, out=planes)
-  return np.moveaxis(planes, 0, -1)
-
-
-def normalize(image01: np.ndarray, normalization: str = 'inception') -> np.ndarray:
-  """[0, 1] float to the network's input range."""
-  if normalization == 'inception':
-    return image01 * np.float32(2.0) - np.float32(1.0)
-  if normalization == 'mean_std':
-    return (image01 - IMAGENET_MEAN) / IMAGENET_STD
-  raise ValueError(f'normalization={normalization!r}; allowed: {", ".join(NORMALIZATIONS)}.')
-
-
-def to_pil_rgb(image: Any) -> Image.Image:
-  """An RGB PIL image from encoded bytes or a uint8 (H, W[, C]) array (C in 1, 3, 4)."""
+def open_image(image: Any) -> Image.Image:
+  """A PIL image from encoded bytes (opened, not yet decoded, so that the decoder can
+  be told the size needed) or a uint8 (H, W[, C]) array (C in 1, 3, 4)."""
   if isinstance(image, (bytes, bytearray, memoryview)):
-    img = Image.open(io.BytesIO(bytes(image)))
-    return img if img.mode == 'RGB' else img.convert('RGB')
+    return Image.open(io.BytesIO(bytes(image)))
   if isinstance(image, Image.Image):
-    return image if image.mode == 'RGB' else image.convert('RGB')
+    return image
   arr = np.asarray(image)
   if arr.dtype != np.uint8:
     raise TypeError(f'expected a uint8 image, got dtype {arr.dtype}')
-  if arr.ndim == 2:
-    arr = arr[..., None]
-  if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+  if arr.ndim == 3 and arr.shape[-1] == 1:
+    arr = arr[..., 0]
+  if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
     raise ValueError(f'expected an (H, W, 1|3|4) image, got shape {arr.shape}')
-  if arr.shape[-1] == 1:
-    arr = np.repeat(arr, 3, axis=-1)
-  elif arr.shape[-1] == 4:
-    arr = arr[..., :3]
-  return Image.fromarray(np.ascontiguousarray(arr))
+  return Image.fromarray(np.ascontiguousarray(arr[..., :3] if arr.ndim == 3 else arr))
+
+
+# The reduced-scale decode keeps the crop at least this many times the output size, so
+# that the bilinear antialiasing filter, not the decoder's DCT scaling, still does most
+# of the reduction (PIL's `thumbnail` uses the same margin, its `reducing_gap`).
+_DRAFT_GAP = 2
 
 
 def _crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+  """uint8 (size, size, 3): the box (top, left, h, w) of `img`, resized bilinearly.
+
+  A JPEG not yet decoded is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
+  keeps the box at least `_DRAFT_GAP` x `size` pixels on each side (`Image.draft`):
+  the decoder then drops detail the resize would have filtered away anyway, so the
+  result stays within resampling tolerance of a full decode (tests/test_grain_input.py
+  bounds the difference) at a fraction of the decoding work. Crops smaller than
+  that (most 224-pixel crops of ImageNet-sized photos) are decoded in full.
+  """
   top, left, h, w = box
-  out = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+  height, width = img.height, img.width
+  if img.format == 'JPEG':                 # a no-op once decoded
+    scale = _DRAFT_GAP * size
+    img.draft('RGB', (math.ceil(width * scale / w), math.ceil(height * scale / h)))
+  if img.mode not in ('RGB', 'L'):
+    img = img.convert('RGB')               # CMYK, palette: convert before resampling
+  sx, sy = img.width / width, img.height / height
+  out = img.resize((size, size), Image.Resampling.BILINEAR,
+                   box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+  if out.mode != 'RGB':
+    out = out.convert('RGB')               # grayscale: after resizing, on fewer pixels
   return np.asarray(out, dtype=np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessOptions:
+  """The host-side (uint8) preprocessing options of a data config."""
   image_size: int = 224
-  distortions: str = 'full'
   crop_area_range: tuple[float, float] = (0.08, 1.0)
   crop_aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
   crop_max_attempts: int = 10
   random_flip: bool = True
   eval_crop_fraction: float = EVAL_CROP_FRACTION
-  normalization: str = 'inception'
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> 'PreprocessOptions':
     d = cls()
     return cls(
         image_size=int(cfg.image_size),
-        distortions=str(cfg.distortions),
         crop_area_range=tuple(float(v) for v in cfg.get('crop_area_range', d.crop_area_range)),
         crop_aspect_ratio_range=tuple(
             float(v) for v in cfg.get('crop_aspect_ratio_range', d.crop_aspect_ratio_range)),
         crop_max_attempts=int(cfg.get('crop_max_attempts', d.crop_max_attempts)),
         random_flip=bool(cfg.get('random_flip', d.random_flip)),
-        eval_crop_fraction=float(cfg.get('eval_crop_fraction', d.eval_crop_fraction)),
-        normalization=str(cfg.get('normalization', d.normalization)))
+        eval_crop_fraction=float(cfg.get('eval_crop_fraction', d.eval_crop_fraction)))
+
+
+def augmentation_rng(seed: int, position: int) -> np.random.Generator:
+  """The generator of the example at global stream `position`: its crop, its flip and
+  its device-side colour seed, in that order."""
+  return np.random.default_rng([seed, _AUGMENT_STREAM, position])
 
 
 def preprocess_train(image: Any, rng: np.random.Generator,
                      opts: PreprocessOptions = PreprocessOptions()) -> np.ndarray:
-  """Random crop, resize, flip, photometric distortions, normalisation -> float32.
+  """Random crop, resize, flip -> uint8 (size, size, 3). Draws the crop, then the flip.
 
-  Draw order: crop, flip, then colour; so for equal generators, crops and flips do
-  not depend on `opts.distortions`.
+  The photometric distortions and normalisation run on the device
+  (`bn_research.data.augment`), from a seed drawn after these.
   """
-  img = to_pil_rgb(image)
+  img = open_image(image)
   box = random_crop_box(rng, img.height, img.width, area_range=opts.crop_area_range,
                         aspect_ratio_range=opts.crop_aspect_ratio_range,
                         max_attempts=opts.crop_max_attempts,
@@ -520,93 +468,65 @@ def preprocess_train(image: Any, rng: np.random.Generator,
   pixels = _crop_resize(img, box, opts.image_size)
   if opts.random_flip and rng.random() < 0.5:
     pixels = pixels[:, ::-1]
-  x = pixels.astype(np.float32) * np.float32(1 / 255)
-  x = distort_color(x, rng, DISTORTION_STRENGTHS[opts.distortions])
-  return np.ascontiguousarray(normalize(x, opts.normalization), dtype=np.float32)
+  return np.ascontiguousarray(pixels)
 
 
 def preprocess_eval(image: Any, opts: PreprocessOptions = PreprocessOptions()) -> np.ndarray:
-  """Central crop (0.875 of the shorter side), resize, normalisation -> float32."""
-  img = to_pil_rgb(image)
+  """Central crop (0.875 of the shorter side), resize -> uint8 (size, size, 3)."""
+  img = open_image(image)
   box = central_crop_box(img.height, img.width, opts.eval_crop_fraction)
-  x = _crop_resize(img, box, opts.image_size).astype(np.float32) * np.float32(1 / 255)
-  return np.ascontiguousarray(normalize(x, opts.normalization), dtype=np.float32)
+  return _crop_resize(img, box, opts.image_size)
 
 
-# ---------------------------------------------------------------------------------
-# Background prefetch
-# ---------------------------------------------------------------------------------
-
-_ITEM, _END, _ERROR = 'item', 'end', 'error'
-
-
-def prefetch_in_background(items: Iterable[Any], depth: int,
-                           transform: Callable[[Any], Any] = lambda x: x,
-                           name: str = 'imagenet-prefetch') -> Iterator[Any]:
-  """Iterates `items` (and applies `transform`) in a daemon thread, `depth` ahead.
-
-  Errors in the thread are re-raised in the consumer. Closing or dropping the
-  returned generator stops the thread after the item it is working on.
-  """
-  if depth <= 0:
-    for item in items:
-      yield transform(item)
-    return
-  q: queue.Queue = queue.Queue(maxsize=depth)
-  stop = threading.Event()
-
-  def put(entry) -> bool:
-    while not stop.is_set():
-      try:
-        q.put(entry, timeout=0.05)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def work():
-    try:
-      for item in items:
-        if stop.is_set() or not put((_ITEM, transform(item))):
-          return
-      put((_END, None))
-    except BaseException as e:  # pylint: disable=broad-except
-      put((_ERROR, e))
-
-  thread = threading.Thread(target=work, name=name, daemon=True)
-  thread.start()
-  try:
-    while True:
-      kind, value = q.get()
-      if kind == _END:
-        return
-      if kind == _ERROR:
-        raise value
-      yield value
-  finally:
-    stop.set()
-
-
-def _placer(sharding: Any, process_count: int) -> Callable[[dict], dict]:
-  """Host batch -> device arrays laid out by `sharding` (None: stay on the host)."""
-  if sharding is None:
-    return lambda batch: batch
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1:
-    return lambda batch: jax.device_put(batch, sharding)
-
-  def place(batch):
-    return {k: jax.make_array_from_process_local_data(
-        sharding, v, (v.shape[0] * process_count,) + v.shape[1:]) for k, v in batch.items()}
-  return place
+def color_seed(rng: np.random.Generator) -> np.uint32:
+  """The uint32 the device derives an example's photometric draws from."""
+  return np.uint32(rng.integers(0, 2**32, dtype=np.uint64))
 
 
 # ---------------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------------
 
+def _define_grain_profiling_flag() -> None:
+  """Gives grain's worker-profiling flag its value, unless absl parsed flags.
+
+  grain 0.2.18 reads that absl flag when it starts workers in a process that imported
+  JAX, and absl refuses to read flags before parsing (google/grain#1355, fixed after
+  0.2.18); a program that does not parse absl flags would fail there.
+  """
+  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  import grain  # defines the flag
+  # pylint: enable=g-import-not-at-top
+  del grain
+  name = 'grain_enable_multiprocess_worker_profiling'
+  if not flags.FLAGS.is_parsed() and name in flags.FLAGS and not flags.FLAGS[name].present:
+    flags.FLAGS[name].parse(flags.FLAGS[name].default)   # as if given: readable
+
+
+# Iterators with worker processes not yet closed: closed at exit, before the
+# interpreter tears down the modules their finalizers need.
+_OPEN_WORKER_ITERATORS: 'weakref.WeakSet[Any]' = weakref.WeakSet()
+
+
+@atexit.register
+def _close_worker_iterators() -> None:
+  for iterator in list(_OPEN_WORKER_ITERATORS):
+    iterator.close()
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """Runs first in each grain worker process."""
+  del worker_index, worker_count
+  _define_grain_profiling_flag()
+
+
 class ImageNetPipeline:
-  """ImageNet training and evaluation batches for one host.
+  """ImageNet training and evaluation batches for one host, read by grain.
+
+  Batches are uint8 images; the device turns them into the network's float32 input
+  (`bn_research.data.augment`): training batches carry a per-example uint32 `seed`
+  for the photometric distortions.
 
   Args:
     config: a data config (`imagenet_data_config()`), validated here.
@@ -617,7 +537,7 @@ class ImageNetPipeline:
       `jax.process_index()` / `jax.process_count()`.
     train_source, eval_source: random-access sequences of {'image': uint8 array or
       encoded bytes, 'label': int}; default: the TFDS splits under
-      `config.data_dir`. (Injected in tests.)
+      `config.data_dir`. (Injected in tests; must pickle for grain workers.)
 
   Attributes:
     num_train_examples, num_eval_examples, num_classes (1000), global_batch_size,
@@ -637,7 +557,8 @@ class ImageNetPipeline:
     if not checks.is_int(seed) or seed < 0:
       raise ValueError(f'seed={seed!r} must be an integer >= 0.')
     if process_index is None or process_count is None:
-      # Imported here, not at the top: preparing the data uses this module, not JAX.
+      # Imported here, not at the top: preparing the data and grain's worker
+      # processes use this module, not JAX.
       import jax  # pylint: disable=g-import-not-at-top
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
@@ -645,10 +566,11 @@ class ImageNetPipeline:
     if not 0 <= self.process_index < self.process_count:
       raise ValueError(f'process_index={self.process_index} is not in '
                        f'[0, process_count={self.process_count}).')
-    self.config = config
     self.batch_size = int(batch_size)
     self.seed = int(seed)
     self.options = PreprocessOptions.from_config(config)
+    self.distortions = str(config.distortions)
+    self.normalization = str(config.get('normalization', 'inception'))
     self.shuffle = str(config.shuffle)
     self.shuffle_shard_size = int(config.get('shuffle_shard_size', 1024))
     self.num_workers = int(config.num_workers)
@@ -663,8 +585,10 @@ class ImageNetPipeline:
     if self.num_train_examples == 0:
       raise ValueError(f'the training split of {name!r} is empty.')
     self._orders: dict[int, np.ndarray] = {}
-    self._lock = threading.Lock()
-    self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+  def __getstate__(self) -> dict:
+    # Workers rebuild the epoch orders they need rather than receive them.
+    return {**self.__dict__, '_orders': {}}
 
   # -- bookkeeping ----------------------------------------------------------------
 
@@ -676,42 +600,17 @@ class ImageNetPipeline:
   def steps_per_epoch(self) -> float:
     return self.num_train_examples / self.global_batch_size
 
-  def close(self) -> None:
-    """Shuts the worker pool down; a later batch starts a new one."""
-    with self._lock:
-      pool, self._pool = self._pool, None
-    if pool is not None:
-      pool.shutdown(wait=False, cancel_futures=True)
-
-  def __enter__(self) -> 'ImageNetPipeline':
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-  def _map(self, fn: Callable, items: Sequence) -> list:
-    if self.num_workers == 0 or len(items) <= 1:
-      return [fn(x) for x in items]
-    with self._lock:
-      if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.num_workers, thread_name_prefix='imagenet-worker')
-      pool = self._pool
-    return list(pool.map(fn, items))
-
   # -- order ------------------------------------------------------------------------
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """Training example indices of `epoch` in visiting order (cached, two epochs)."""
-    with self._lock:
-      order = self._orders.get(epoch)
+    order = self._orders.get(epoch)
     if order is None:
       order = epoch_order(self.num_train_examples, seed=self.seed, epoch=epoch,
                           shuffle=self.shuffle, shard_size=self.shuffle_shard_size)
-      with self._lock:
-        self._orders[epoch] = order
-        while len(self._orders) > 2:
-          self._orders.pop(min(self._orders))
+      self._orders[epoch] = order
+      while len(self._orders) > 2:
+        self._orders.pop(min(self._orders))
     return order
 
   def train_positions(self, step: int) -> np.ndarray:
@@ -721,83 +620,108 @@ class ImageNetPipeline:
 
   def train_indices(self, step: int) -> np.ndarray:
     """Training-split indices of this host's examples at `step`, shape (B,)."""
-    positions = self.train_positions(step)
-    epochs, offsets = np.divmod(positions, self.num_train_examples)
-    out = np.empty(self.batch_size, np.int64)
-    for e in np.unique(epochs):
-      sel = epochs == e
-      out[sel] = self.epoch_order(int(e))[offsets[sel]]
-    return out
+    epochs, offsets = np.divmod(self.train_positions(step), self.num_train_examples)
+    return np.asarray([self.epoch_order(int(e))[o] for e, o in zip(epochs, offsets)],
+                      np.int64)
+
+  # -- examples (what grain's workers run) ----------------------------------------------
+
+  def train_example(self, k: int) -> dict:
+    """This host's k-th training example of the stream (step k // B, slot k % B):
+    {'image': uint8 (S, S, 3), 'label': int32, 'seed': uint32}."""
+    step, slot = divmod(int(k), self.batch_size)
+    position = step * self.global_batch_size + self.process_index * self.batch_size + slot
+    epoch, offset = divmod(position, self.num_train_examples)
+    example = self.train_source[int(self.epoch_order(epoch)[offset])]
+    rng = augmentation_rng(self.seed, position)
+    image = preprocess_train(example['image'], rng, self.options)
+    return {'image': image, 'label': np.int32(example['label']), 'seed': color_seed(rng)}
+
+  def eval_example(self, k: int, per_host: int) -> dict:
+    """This host's k-th evaluation example (batch k // per_host), masked past the end."""
+    index, slot = divmod(int(k), per_host)
+    position = (index * self.process_count + self.process_index) * per_host + slot
+    if position >= self.num_eval_examples:
+      size = self.options.image_size
+      return {'image': np.zeros((size, size, 3), np.uint8), 'label': np.int32(0),
+              'mask': np.float32(0)}
+    example = self.eval_source[position]
+    return {'image': preprocess_eval(example['image'], self.options),
+            'label': np.int32(example['label']), 'mask': np.float32(1)}
 
   # -- batches ------------------------------------------------------------------------
 
-  def _train_example(self, item: tuple[int, int]) -> tuple[np.ndarray, int]:
-    index, position = item
-    example = self.train_source[index]
-    rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, position])
-    return preprocess_train(example['image'], rng, self.options), int(example['label'])
+  def _iterate(self, dataset: Any) -> Iterator[dict]:
+    """Runs a grain MapDataset of batches: in `num_workers` processes, each with
+    `prefetch` batches ready, or in this process (a thread `prefetch` batches ahead)."""
+    import grain  # pylint: disable=g-import-not-at-top
+    # No reader threads: a worker process is the unit of parallelism (PIL holds the
+    # GIL for parts of decoding), and grain's default read-ahead of 500 elements
+    # would hold hundreds of batches.
+    ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if self.num_workers > 0:
+      _define_grain_profiling_flag()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.num_workers, per_worker_buffer_size=max(self.prefetch, 1)),
+                          worker_init_fn=_init_worker)
+    elif self.prefetch > 0:
+      ds = grain.experimental.ThreadPrefetchIterDataset(
+          ds, prefetch_buffer_size=self.prefetch)
+    iterator = iter(ds)
+    if self.num_workers > 0:
+      _OPEN_WORKER_ITERATORS.add(iterator)
+    return iterator
 
-  def _eval_example(self, index: int) -> tuple[np.ndarray, int]:
-    example = self.eval_source[index]
-    return preprocess_eval(example['image'], self.options), int(example['label'])
-
-  def train_batch(self, step: int) -> dict:
-    """This host's batch for `step` (computed now, no prefetching)."""
-    items = list(zip(self.train_indices(step).tolist(), self.train_positions(step).tolist()))
-    results = self._map(self._train_example, items)
-    return {'image': np.stack([r[0] for r in results]),
-            'label': np.asarray([r[1] for r in results], np.int32)}
-
-  def train_batches(self, start_step: int = 0, *, num_steps: Optional[int] = None,
-                    sharding: Any = None) -> Iterator[dict]:
-    """Batches {'image': (B, H, W, 3) float32, 'label': (B,) int32} for steps
-    start_step, start_step + 1, ... (endless unless `num_steps`), prefetched in the
-    background; with `sharding`, as device arrays (global arrays on several hosts)."""
+  def train_dataset(self, start_step: int = 0,
+                    num_steps: Optional[int] = None) -> Any:
+    """grain.MapDataset whose element i is this host's batch of step start_step + i."""
+    import grain  # pylint: disable=g-import-not-at-top
     if not checks.is_int(start_step) or start_step < 0:
       raise ValueError(f'start_step={start_step!r} must be an integer >= 0.')
-    stop = None if num_steps is None else start_step + num_steps
+    # "Endless" is a length no run reaches: MapDataset is lazy, nothing is allocated.
+    stop = start_step + num_steps if num_steps is not None else 2**48
+    b = self.batch_size
+    return (grain.MapDataset.range(start_step * b, stop * b)
+            .map(self.train_example).batch(b))
 
-    def batches():
-      step = start_step
-      while stop is None or step < stop:
-        yield self.train_batch(step)
-        step += 1
+  def train_batch(self, step: int) -> dict:
+    """This host's batch for `step`, computed now in this process."""
+    return self.train_dataset(step, 1)[0]
 
-    return prefetch_in_background(batches(), self.prefetch,
-                                  _placer(sharding, self.process_count),
-                                  name='imagenet-train-prefetch')
+  def train_batches(self, start_step: int = 0, *,
+                    num_steps: Optional[int] = None) -> Iterator[dict]:
+    """Batches {'image': (B, S, S, 3) uint8, 'label': (B,) int32, 'seed': (B,) uint32}
+    of steps start_step, start_step + 1, ... (endless unless `num_steps`).
+
+    The stream opened at step s yields exactly the batches the stream opened at 0
+    yields from s on, whatever `num_workers`: the step is the iterator's state.
+    """
+    return self._iterate(self.train_dataset(start_step, num_steps))
 
   def num_eval_batches(self, batch_size: Optional[int] = None) -> int:
     per_host = self.batch_size if batch_size is None else int(batch_size)
     return -(-self.num_eval_examples // (per_host * self.process_count))
 
-  def eval_batch(self, index: int, batch_size: Optional[int] = None) -> dict:
-    """This host's share of evaluation batch `index`, padded, with a float32 mask."""
-    per_host = self.batch_size if batch_size is None else int(batch_size)
-    first = index * per_host * self.process_count + self.process_index * per_host
-    positions = first + np.arange(per_host)
-    valid = positions < self.num_eval_examples
-    results = self._map(self._eval_example, positions[valid].tolist())
-    size = self.options.image_size
-    image = np.zeros((per_host, size, size, 3), np.float32)
-    label = np.zeros(per_host, np.int32)
-    if results:
-      image[valid] = np.stack([r[0] for r in results])
-      label[valid] = [r[1] for r in results]
-    return {'image': image, 'label': label, 'mask': valid.astype(np.float32)}
-
-  def eval_batches(self, batch_size: Optional[int] = None, *,
-                   sharding: Any = None) -> Iterator[dict]:
-    """The whole evaluation split, in order, as this host's share of each global
-    batch of batch_size * process_count (default batch_size: the training one).
-    Every host yields the same number of batches; padding has mask 0."""
+  def eval_dataset(self, batch_size: Optional[int] = None) -> Any:
+    """grain.MapDataset of this host's share of each evaluation batch, padded."""
+    import grain  # pylint: disable=g-import-not-at-top
     per_host = self.batch_size if batch_size is None else batch_size
     if not checks.is_int(per_host) or per_host <= 0:
       raise ValueError(f'batch_size={per_host!r} must be a positive integer.')
-    batches = (self.eval_batch(i, per_host) for i in range(self.num_eval_batches(per_host)))
-    return prefetch_in_background(batches, self.prefetch,
-                                  _placer(sharding, self.process_count),
-                                  name='imagenet-eval-prefetch')
+    per_host = int(per_host)
+    return (grain.MapDataset.range(self.num_eval_batches(per_host) * per_host)
+            .map(functools.partial(self.eval_example, per_host=per_host)).batch(per_host))
+
+  def eval_batch(self, index: int, batch_size: Optional[int] = None) -> dict:
+    """This host's share of evaluation batch `index`, padded, with a float32 mask."""
+    return self.eval_dataset(batch_size)[index]
+
+  def eval_batches(self, batch_size: Optional[int] = None) -> Iterator[dict]:
+    """The whole evaluation split, in order, as this host's share of each global
+    batch of batch_size * process_count (default batch_size: the training one):
+    {'image': uint8, 'label': int32, 'mask': float32 (1 = real example)}. Every host
+    yields the same number of batches; padding has mask 0."""
+    return self._iterate(self.eval_dataset(batch_size))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

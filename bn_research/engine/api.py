@@ -22,6 +22,7 @@ import numpy as np
 from bn_research import config as config_lib
 from bn_research import inputs as inputs_lib
 from bn_research import rundir
+from bn_research.engine import distributed
 from bn_research.engine import loop
 from bn_research.engine import programs
 from bn_research.engine import resume
@@ -77,29 +78,34 @@ class RunDirSink:
   def __init__(self, workdir: str, *, is_writer: bool):
     self.name = workdir
     self.files = rundir.RunFiles(workdir, is_writer=is_writer)
-    self.checkpointer = rundir.Checkpointer(workdir)
+    # Only the writer checkpoints (the state it saves is every process's same host
+    # copy): no process ever waits for another inside a checkpoint save.
+    self.checkpointer = rundir.Checkpointer(workdir) if is_writer else None
 
   def write_metrics(self, step: int, row: dict) -> None:
     self.files.write_metrics(step, row)
 
   def save(self, step: int, state: Any) -> None:
-    if self.checkpointer.latest_step() == step:
+    if self.checkpointer is None or self.checkpointer.latest_step() == step:
       return  # (a resumed run's final step, or step 0 of a re-started member)
     self.checkpointer.save(step, state)
 
   def mark_running(self) -> None:
-    # Never a checkpoint still being written asynchronously.
-    self.files.write_status('running', self.checkpointer.latest_complete_step() or 0)
+    if self.checkpointer is not None:
+      # Never a checkpoint still being written asynchronously.
+      self.files.write_status('running', self.checkpointer.latest_complete_step() or 0)
 
   def finish(self, status: str, step: int, **extra: Any) -> None:
-    self.checkpointer.wait()
-    if status != 'failed':
-      self.checkpointer.close()
+    if self.checkpointer is not None:
+      self.checkpointer.wait()
+      if status != 'failed':
+        self.checkpointer.close()
     self.files.write_status(status, step, **extra)
     self.files.close()
 
   def wait(self) -> None:
-    self.checkpointer.wait()
+    if self.checkpointer is not None:
+      self.checkpointer.wait()
 
 
 class _Member:
@@ -173,16 +179,11 @@ class _KillHook:
 
 def _devices(config: ml_collections.ConfigDict) -> list:
   if config.distributed:
-    # TPU pods, SLURM and Open MPI are detected by JAX itself. Elsewhere, set
-    # JAX_COORDINATOR_ADDRESS (read by JAX) and these two, per process.
-    kwargs = {key: int(os.environ[env]) for key, env in (
-        ('num_processes', 'BN_RESEARCH_NUM_PROCESSES'),
-        ('process_id', 'BN_RESEARCH_PROCESS_ID')) if os.environ.get(env)}
+    # The environment was validated by the caller (distributed.read_environment).
     if not _has_accelerator():
       # CPU collectives across processes need an implementation (gloo ships with jaxlib).
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    if not jax.distributed.is_initialized():
-      jax.distributed.initialize(**kwargs)
+    distributed.initialize(distributed.read_environment())
   if config.num_devices:
     if config.num_devices > jax.device_count():
       raise ValueError(f'num_devices={config.num_devices} but only {jax.device_count()} '
@@ -355,15 +356,29 @@ def train_members(base: ml_collections.ConfigDict,
     check_sweepable(base, keys)
   configs = [member_config(base, p) for _, p in points]
   workdirs = [str(w) for w, _ in points]
-  for c in configs:
-    config_lib.validate_config(c)
+  if base.distributed:
+    distributed.read_environment()  # a malformed variable: one line, before any start-up
+  refusal = None
+  try:
+    for c in configs:
+      config_lib.validate_config(c)
+  except ValueError as e:
+    if not base.distributed:
+      raise
+    refusal = e  # told to the other processes once they are all there
   devices = _devices(base)
-  with _locked(workdirs):
-    todo, done = _prepare(configs, workdirs, overwrite)
-    if jax.process_count() > 1:
-      # Every process decided from the same files before any is written.
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices('bn_research: workdirs checked')
+  distributed.agree('config checked', refusal)
+  with contextlib.ExitStack() as held:
+    # Every process learns of a refusal (a locked or foreign workdir) before the first
+    # collective: none is left waiting at a barrier for a process that has left.
+    try:
+      held.enter_context(_locked(workdirs))
+      todo, done = _prepare(configs, workdirs, overwrite)
+    except ValueError as e:
+      refusal = e
+    # Also the barrier after which files are written: every process decided from the
+    # same files before any is written.
+    distributed.agree('workdirs checked', refusal)
     results: list = [done.get(i) for i in range(len(points))]
     if not todo:
       return results

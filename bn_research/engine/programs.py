@@ -112,11 +112,17 @@ def member_vmap(fn: Callable, in_axes: tuple, mesh: jax.sharding.Mesh, *,
                        axis_names={'members'})
 
 
+# The eval step's sums, in the order `_eval_rows` reads them.
+EVAL_SUMS = ('loss_sum', 'correct', 'correct_top5', 'count')
+
+
 def _eval_rows(totals: np.ndarray) -> list[dict]:
-  """(3, K) sums of loss, correct, count -> one row per member."""
-  count = np.maximum(totals[2], 1.0)
+  """(4, K) sums of loss, top-1 and top-5 hits, count -> one row per member."""
+  count = np.maximum(totals[3], 1.0)
   return [{'eval_loss': float(totals[0, k] / count[k]),
-           'eval_accuracy': float(totals[1, k] / count[k])} for k in range(totals.shape[1])]
+           'eval_accuracy': float(totals[1, k] / count[k]),
+           'eval_top5_accuracy': float(totals[2, k] / count[k])}
+          for k in range(totals.shape[1])]
 
 
 def _probe_rows(values: np.ndarray, percentiles: Sequence[float]) -> list[dict]:
@@ -174,7 +180,7 @@ class JitProgram(Program):
     shared_chunk = (3,) if convolutional and not own_data else ()
     init_fn = steps.make_init(builder)
     run_chunk = steps.make_chunk_fn(steps.make_train_step(builder), source.materialize)
-    eval_step = steps.make_eval_step(builder)
+    eval_step = steps.make_eval_step(builder, source.materialize_eval)
     probe_fn = steps.make_probe_fn(builder) if data.probe_images is not None else None
     if vmapped:
       chunk_axes = (0, 0, None, 0 if own_data else None)
@@ -316,12 +322,12 @@ class JitProgram(Program):
     return stats
 
   def evaluate(self, state) -> list[dict]:
-    totals = np.zeros((3, self.num_members))
+    totals = np.zeros((len(EVAL_SUMS), self.num_members))
     stats = self._inference_statistics(state)
     for b in self._placed_eval_batches():
       out = self._eval(self._hp, state.params, stats, b)
       totals += np.stack([np.asarray(out[k], np.float64).reshape(-1)
-                          for k in ('loss_sum', 'correct', 'count')])
+                          for k in EVAL_SUMS])
     return _eval_rows(totals)
 
   def measure(self, state, step: int) -> Optional[list[dict]]:
@@ -365,7 +371,7 @@ class PmapProgram(Program):
     self._init_fn = steps.make_init(plain)
     self._run_chunk = jax.pmap(lambda s, r, c: run_chunk({}, s, r, c), axis_name=PMAP_AXIS,
                                devices=devices, donate_argnums=(0,))
-    self._eval = jax.jit(steps.make_eval_step(plain))
+    self._eval = jax.jit(steps.make_eval_step(plain, data.source.materialize_eval))
     self._probe = (jax.jit(steps.make_probe_fn(plain))
                    if data.probe_images is not None else None)
     # pmap runs on jit + shard_map: a leading device axis sharded over a 1-D mesh is
@@ -409,10 +415,10 @@ class PmapProgram(Program):
 
   def evaluate(self, state):
     (s,) = self.split(state)
-    totals = np.zeros((3, 1))
+    totals = np.zeros((len(EVAL_SUMS), 1))
     for b in self.data.eval_batches():
       out = self._eval({}, s.params, s.batch_stats, b)
-      totals += np.asarray([[float(out[k])] for k in ('loss_sum', 'correct', 'count')])
+      totals += np.asarray([[float(out[k])] for k in EVAL_SUMS])
     return _eval_rows(totals)
 
   def probe(self, state):

@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from bn_research import measure
+from bn_research import metrics
 from bn_research import models
 from bn_research import normalization
 from bn_research import optim
@@ -159,18 +160,26 @@ def make_chunk_fn(train_step: Callable, materialize: Callable) -> Callable:
   return run_chunk
 
 
-def make_eval_step(builder: Builder) -> Callable:
-  """eval_step(hparams, params, batch_stats, batch) -> masked sums of loss and correct."""
+def make_eval_step(builder: Builder, materialize: Callable = lambda batch: batch
+                   ) -> Callable:
+  """eval_step(hparams, params, batch_stats, batch) -> masked sums of loss, top-1 and
+  top-5 hits (`metrics.top_k_correct`), and the example count.
+
+  `materialize` turns the host's evaluation batch into the network's (the source's
+  `materialize_eval`: ImageNet's uint8 images are normalised on the device).
+  """
 
   def eval_step(hparams, params, batch_stats, batch):
+    batch = materialize(batch)
     logits = builder.model(hparams).apply(model_variables(params, batch_stats),
                                           batch['image'], train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), batch['label'])
     correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
     mask = batch['mask']
+    top5 = metrics.top_k_correct(logits, batch['label'], 5)
     return {'loss_sum': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
-            'count': jnp.sum(mask)}
+            'correct_top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
 
   return eval_step
 

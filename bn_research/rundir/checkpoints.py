@@ -139,14 +139,20 @@ class Checkpointer:
     self._primary = jax.process_index() == 0
     self._unsealed: list[int] = []
     path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    # Across processes orbax synchronises on barriers named by step; a member sweep
-    # saves K managers' checkpoints of the same step at once, so each needs its own.
+    # A manager of this process alone, even in a multi-process run: the engine gives
+    # every process the same host copy of the state and lets one process (0) write,
+    # checkpoints included. A manager spanning the processes would meet the others at
+    # orbax's barriers (several per save, some in its background threads, keyed by
+    # names that repeat from save to save); with K members' managers saving at once,
+    # those barriers were where a multi-process sweep hung.
+    me = jax.process_index()
     prefix = hashlib.sha1(path.encode()).hexdigest()[:12]
+    os.makedirs(path, exist_ok=True)  # (orbax creates it only for managers of all processes)
     self._manager = ocp.CheckpointManager(
         path, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+            max_to_keep=max_to_keep, create=False, enable_async_checkpointing=True,
             multiprocessing_options=ocp.options.MultiprocessingOptions(
-                barrier_sync_key_prefix=prefix)))
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=prefix)))
 
   def latest_step(self) -> Optional[int]:
     """The newest step saved, including one whose asynchronous write is in progress."""

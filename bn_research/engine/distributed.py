@@ -1,0 +1,213 @@
+"""Multi-process start-up: the environment read like config keys, a bounded wait for every
+process, and refusals every process learns of before the first collective.
+
+A run spans several processes with `--config.distributed=true`. On TPU pods, SLURM and
+Open MPI, JAX finds the processes itself; elsewhere each process is told by the
+environment:
+
+  JAX_COORDINATOR_ADDRESS        host:port of process 0 (the coordinator), the same for all
+  BN_RESEARCH_NUM_PROCESSES      how many processes take part (an integer >= 1)
+  BN_RESEARCH_PROCESS_ID         this process: 0 .. NUM_PROCESSES - 1
+  BN_RESEARCH_START_TIMEOUT      seconds every process waits for the others at start-up
+                                 (default 300)
+  BN_RESEARCH_PEER_TIMEOUT       seconds of silence after which a process counts as dead
+                                 (default 100)
+
+Each is checked before anything starts; a bad value is one line naming the variable, the
+value and what is allowed. A process that does not arrive within the start-up wait ends
+every waiting process with one line naming it and the coordinator's address (JAX itself
+would end them with a C++ stack trace). Refusals found after start-up (a workdir locked
+by another run, a workdir of another config) are exchanged through the coordinator's
+key-value store, which needs no collective: every process raises the same error instead
+of one process leaving while the others wait at a barrier for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import threading
+from typing import Mapping, Optional
+
+import jax
+
+COORDINATOR = 'JAX_COORDINATOR_ADDRESS'
+NUM_PROCESSES = 'BN_RESEARCH_NUM_PROCESSES'
+PROCESS_ID = 'BN_RESEARCH_PROCESS_ID'
+START_TIMEOUT = 'BN_RESEARCH_START_TIMEOUT'
+PEER_TIMEOUT = 'BN_RESEARCH_PEER_TIMEOUT'
+
+DEFAULT_START_TIMEOUT = 300
+DEFAULT_PEER_TIMEOUT = 100
+# Exit status of a process that gave up waiting for the others at start-up: nothing was
+# compiled or written, as for any refusal of bad input.
+EXIT_START_TIMEOUT = 2
+
+
+class DistributedError(ValueError):
+  """A multi-process setting that cannot work, or a refusal of another process."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The multi-process environment, validated. None: left to JAX's cluster detection."""
+  coordinator: Optional[str]
+  num_processes: Optional[int]
+  process_id: Optional[int]
+  start_timeout: int
+  peer_timeout: int
+
+
+def _integer(environ: Mapping[str, str], name: str, *, minimum: int,
+             default: Optional[int], allowed: str) -> Optional[int]:
+  text = environ.get(name, '').strip()
+  if not text:
+    return default
+  try:
+    value = int(text, 10)
+  except ValueError:
+    value = None
+  if value is None or value < minimum:
+    raise DistributedError(f'{name}={environ[name]!r}: allowed: {allowed}.')
+  return value
+
+
+def read_environment(environ: Mapping[str, str] = os.environ) -> Settings:
+  """The multi-process settings of this process's environment.
+
+  Raises:
+    DistributedError: a malformed or inconsistent variable (one line naming it).
+  """
+  num = _integer(environ, NUM_PROCESSES, minimum=1, default=None,
+                 allowed='an integer >= 1, the number of processes')
+  pid = _integer(environ, PROCESS_ID, minimum=0, default=None,
+                 allowed=f'an integer from 0 to {NUM_PROCESSES} - 1')
+  start = _integer(environ, START_TIMEOUT, minimum=1, default=DEFAULT_START_TIMEOUT,
+                   allowed='a whole number of seconds >= 1')
+  peer = _integer(environ, PEER_TIMEOUT, minimum=1, default=DEFAULT_PEER_TIMEOUT,
+                  allowed='a whole number of seconds >= 1')
+  if (num is None) != (pid is None):
+    given, missing = (NUM_PROCESSES, PROCESS_ID) if pid is None else (PROCESS_ID,
+                                                                      NUM_PROCESSES)
+    raise DistributedError(f'{given} is set but {missing} is not: set both (or neither, '
+                           'to let JAX detect a TPU pod, SLURM or Open MPI job).')
+  if num is not None and pid >= num:
+    raise DistributedError(f'{PROCESS_ID}={environ[PROCESS_ID]!r}: allowed: an integer '
+                           f'from 0 to {num - 1} ({NUM_PROCESSES}={num}).')
+  coordinator = environ.get(COORDINATOR, '').strip() or None
+  if coordinator is not None:
+    host, _, port = coordinator.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise DistributedError(f'{COORDINATOR}={environ[COORDINATOR]!r}: allowed: '
+                             'HOST:PORT of process 0, e.g. 10.0.0.1:1234.')
+  elif num is not None:
+    raise DistributedError(f'{NUM_PROCESSES} is set but {COORDINATOR} is not: set it to '
+                           'HOST:PORT of process 0 in every process.')
+  return Settings(coordinator, num, pid, start, peer)
+
+
+def _coordinator_reachable(address: str) -> bool:
+  host, _, port = address.rpartition(':')
+  try:
+    with socket.create_connection((host.strip('[]'), int(port)), timeout=2):
+      return True
+  except OSError:
+    return False
+
+
+def _missing_message(settings: Settings) -> str:
+  """One line: who did not arrive, where this process waited, and what to change."""
+  n, i, address = settings.num_processes, settings.process_id, settings.coordinator
+  if i is None or n is None:
+    who = 'not every process of the job'
+  elif i != 0 and address and not _coordinator_reachable(address):
+    who = 'process 0 (the coordinator) did not answer'
+  else:
+    others = [p for p in range(n) if p != i and (i == 0 or p != 0)]
+    if len(others) == 1:
+      who = f'process {others[0]} did not arrive'
+    else:
+      who = f'not every one of processes {", ".join(map(str, others))} arrived'
+  return (f'distributed start-up: process {i} of {n}: {who} at the coordinator '
+          f'{address} within {settings.start_timeout} s ({START_TIMEOUT}); start every '
+          'process with the same address, or raise the wait.')
+
+
+def initialize(settings: Settings) -> None:
+  """`jax.distributed.initialize`, waiting at most `settings.start_timeout` seconds.
+
+  A process that gives up prints one line (see `_missing_message`) and exits with status
+  EXIT_START_TIMEOUT: JAX would otherwise abort it with a stack trace, and only after its
+  own, longer, timeout.
+  """
+  if jax.distributed.is_initialized():
+    return
+
+  def give_up() -> None:
+    print(_missing_message(settings), file=sys.stderr, flush=True)
+    os._exit(EXIT_START_TIMEOUT)  # the main thread is blocked inside JAX's C++ client
+
+  timer = threading.Timer(settings.start_timeout, give_up)
+  timer.daemon = True
+  timer.start()
+  try:
+    # JAX's own wait is longer than ours, so that the line above is what a user sees.
+    jax.distributed.initialize(
+        coordinator_address=settings.coordinator, num_processes=settings.num_processes,
+        process_id=settings.process_id, initialization_timeout=settings.start_timeout + 60,
+        heartbeat_timeout_seconds=settings.peer_timeout,
+        shutdown_timeout_seconds=settings.peer_timeout)
+  finally:
+    timer.cancel()
+
+
+_agreements = [0]  # how many `agree` calls this process made: part of each key
+
+
+def agree(what: str, error: Optional[BaseException],
+          timeout: Optional[int] = None) -> None:
+  """Every process reports whether it may go on; all raise if any one may not.
+
+  Uses the coordinator's key-value store (no collective, so a process that stops here
+  never leaves another waiting at a device barrier). In a single process, raises `error`
+  if there is one.
+
+  Args:
+    what: what was checked (in the error message).
+    error: this process's refusal, or None.
+    timeout: seconds to wait for each other process's answer (default: the peer
+      timeout of the environment).
+
+  Raises:
+    `error` itself in the process that refused; in the others, DistributedError naming
+    the refusing process and its message.
+  """
+  if not jax.distributed.is_initialized() or jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  _agreements[0] += 1
+  key = f'bn_research/agree/{_agreements[0]}'
+  me = jax.process_index()
+  message = '' if error is None else (str(error).strip().splitlines() or ['refused'])[0]
+  client.key_value_set(f'{key}/{me}', 'ok' if error is None else 'refused: ' + message)
+  timeout = timeout or read_environment().peer_timeout
+  refusals = []
+  for p in range(jax.process_count()):
+    if p == me:
+      continue
+    try:
+      answer = client.blocking_key_value_get(f'{key}/{p}', timeout * 1000)
+    except Exception:  # pylint: disable=broad-except  (JAX raises its runtime error)
+      answer = f'refused: no answer within {timeout} s ({PEER_TIMEOUT})'
+    if answer != 'ok':
+      refusals.append((p, answer.removeprefix('refused: ')))
+  if error is not None:
+    raise error
+  if refusals:
+    p, reason = refusals[0]
+    raise DistributedError(f'{what}: process {p} refused: {reason}')

@@ -1,0 +1,567 @@
+r"""The paper's evaluation of finished runs: top-1 and top-5, multi-crop, ensembles.
+
+    python -m bn_research.evaluate --workdir=runs/a [--workdir=runs/b ...] \
+        [--crops=center,flip,multi:16] [--batch_stats=run|moving_average|population] \
+        [--population_batches=N] [--num_eval_examples=N] [--ensemble] \
+        [--out=DIR] [--name=evaluation] [--note=TEXT]
+
+Each run directory's latest checkpoint is restored and its network rebuilt from its
+config.json (the engine's `steps.Builder`), then evaluated on its held-out set:
+
+* top-1 and top-5 accuracy and the mean negative log-likelihood of the prediction,
+  which is the class probabilities (softmax) averaged over the crop scheme's views;
+* crop schemes (`--crops`, a list: each gets its rows; the views they share are
+  computed once): `center` (the image as the run evaluates it), `flip` (it and its
+  mirror image), `multi:N` (N crops, each with its mirror: 2N views; the first crop is
+  the whole image, then the centre and four corners at scales 0.875, 0.75 and 0.625
+  of the side, each resized back to the network's input size with bilinear weights;
+  N <= 16). GoogLeNet's 144-crop inference, which the paper's ensemble used, takes
+  crops of the photograph at four resizings; here the crops are of the evaluation
+  image the run's pipeline produces (on ImageNet the centre crop of its resize);
+* BN's inference statistics (`--batch_stats`): the run's own choice (`run`, default),
+  the moving averages, or Algorithm 2's population statistics from the first
+  `--population_batches` training batches of the run's data order (the engine's
+  `steps.make_population_fn`, streamed data included);
+* `--ensemble`: the members' crop-averaged class probabilities averaged, as the
+  paper's ensemble (Section 4.2.3) does, with rows for every member and for the
+  ensemble.
+
+It writes DIR/NAME.json and DIR/NAME.md (DIR: `--out`, default the directory holding
+the runs; NAME: `--name`, default `evaluation`). Bad input (a workdir that is not a
+finished run or has no checkpoint, a crop scheme that does not fit the images, an
+ensemble of runs of different networks or data) is one line and exit code 2, before
+anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import sys
+from typing import Any, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_WORKDIR = flags.DEFINE_multi_string('workdir', [], 'A finished run directory (repeatable).')
+_CROPS = flags.DEFINE_list('crops', ['center'], 'Crop schemes: center, flip, multi:N '
+                           '(N crops and their mirror images; N <= 16).')
+_BATCH_STATS = flags.DEFINE_enum('batch_stats', 'run', ['run', 'moving_average', 'population'],
+                                 "BN's inference statistics: the run's eval.batch_stats, "
+                                 'the moving averages, or Algorithm 2 population statistics.')
+_POPULATION_BATCHES = flags.DEFINE_integer('population_batches', None, 'Training batches of '
+                                           "the population estimate (default: the run's "
+                                           'eval.population_batches).')
+_NUM_EVAL = flags.DEFINE_integer('num_eval_examples', None, 'Held-out examples (0: all; '
+                                 "default: the run's num_eval_examples).")
+_ENSEMBLE = flags.DEFINE_bool('ensemble', False, "Also evaluate the average of the runs' "
+                              'class probabilities (2 or more runs).')
+_OUT = flags.DEFINE_string('out', None, 'Directory for the results (default: the one '
+                           'holding the runs).')
+_NAME = flags.DEFINE_string('name', 'evaluation', 'File name of the results, without '
+                            '.json / .md.')
+_NOTE = flags.DEFINE_string('note', '', 'Text recorded with the results (e.g. how the runs '
+                            'were trained).')
+
+TOP_K = 5
+
+# ---------------------------------------------------------------- crop views
+
+SCALES = (0.875, 0.75, 0.625)
+POSITIONS = ('center', 'top_left', 'top_right', 'bottom_left', 'bottom_right')
+MAX_CROPS = 1 + len(SCALES) * len(POSITIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """One view of an image: the window at `scale` of the side, at `position`, resized
+  back to the image's size, mirrored left-right if `flip`."""
+  scale: float = 1.0
+  position: str = 'center'
+  flip: bool = False
+
+  @property
+  def name(self) -> str:
+    return (f'{self.position}@{self.scale:g}' + (',flip' if self.flip else ''))
+
+
+def _crops(n: int) -> list[View]:
+  """The first n crops: the whole image, then each scale's centre and corners."""
+  windows = [View()] + [View(s, p) for s in SCALES for p in POSITIONS]
+  return windows[:n]
+
+
+def parse_scheme(text: str) -> list[View]:
+  """The views of a crop scheme: 'center', 'flip' or 'multi:N'.
+
+  Raises:
+    ValueError: one line naming the scheme and what is allowed.
+  """
+  allowed = f'center, flip, or multi:N with N in [1, {MAX_CROPS}]'
+  if text == 'center':
+    return [View()]
+  if text == 'flip':
+    return [View(), View(flip=True)]
+  kind, _, count = text.partition(':')
+  if kind != 'multi' or not count.isdigit() or not 1 <= int(count) <= MAX_CROPS:
+    raise ValueError(f'--crops={text!r}; allowed: {allowed}.')
+  return [dataclasses.replace(v, flip=f) for v in _crops(int(count)) for f in (False, True)]
+
+
+def window(view: View, height: int, width: int) -> tuple[int, int, int, int]:
+  """(top, left, crop height, crop width) of the view's window in an image."""
+  ch, cw = round(view.scale * height), round(view.scale * width)
+  rows = {'center': (height - ch) // 2, 'top_left': 0, 'top_right': 0,
+          'bottom_left': height - ch, 'bottom_right': height - ch}
+  cols = {'center': (width - cw) // 2, 'top_left': 0, 'bottom_left': 0,
+          'top_right': width - cw, 'bottom_right': width - cw}
+  return rows[view.position], cols[view.position], ch, cw
+
+
+def check_scheme_fits(text: str, views: Sequence[View], height: int, width: int) -> None:
+  """Every crop of a scheme must be a window of at least 2 pixels a side that is not
+  the whole image (else it is the whole image again, or not an image).
+
+  Raises:
+    ValueError: one line naming the scheme, the image size and the largest that fits.
+  """
+  def fits(view):
+    _, _, ch, cw = window(view, height, width)
+    return view.scale == 1.0 or (2 <= ch < height and 2 <= cw < width)
+  if all(fits(v) for v in views):
+    return
+  largest = max((n for n in range(1, MAX_CROPS + 1) if all(map(fits, _crops(n)))))
+  raise ValueError(f'--crops={text!r} does not fit the {height}x{width} images (a crop would '
+                   'be the whole image or under 2 pixels); allowed for them: center, flip, '
+                   f'multi:N with N <= {largest}.')
+
+
+def interpolation_matrix(out_size: int, start: int, length: int, in_size: int):
+  """(out_size, in_size) bilinear weights that resize pixels [start, start + length) of
+  a row to out_size pixels (half-pixel centres; edge pixels repeat past the ends)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  a = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    src = min(max((i + 0.5) * length / out_size - 0.5, 0.0), length - 1.0)
+    lo = int(math.floor(src))
+    hi = min(lo + 1, length - 1)
+    frac = src - lo
+    a[i, start + lo] += 1.0 - frac
+    a[i, start + hi] += frac
+  return a
+
+
+def view_matrices(view: View, height: int, width: int):
+  """(rows (H, H), cols (W, W)) float32: view = rows @ image @ cols.T per channel."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  top, left, ch, cw = window(view, height, width)
+  rows = interpolation_matrix(height, top, ch, height)
+  cols = interpolation_matrix(width, left, cw, width)
+  if view.flip:
+    cols = cols[::-1]
+  return rows.astype(np.float32), np.ascontiguousarray(cols).astype(np.float32)
+
+
+def apply_view(images, rows, cols):
+  """(N, H, W, C) images -> the view (N, H, W, C): a crop, resize and flip in one."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jnp.einsum('oh,nhwc,pw->nopc', rows, images, cols,
+                    precision='highest').astype(images.dtype)
+
+
+# ---------------------------------------------------------------- the runs
+
+# Data keys that change training only (its order, augmentation, speed, where the files
+# are), not the held-out set an ensemble's members must share.
+TRAINING_ONLY_DATA_KEYS = ('shuffle', 'distortions', 'num_workers', 'prefetch', 'data_dir',
+                           'download_url', 'download_timeout')
+
+
+def _tuples(value: Any) -> Any:
+  """JSON's lists back to the tuples config files hold."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def config_from_json(config: dict):
+  """A run's config.json as a ConfigDict the engine's builders read."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(_tuples(config))
+
+
+@dataclasses.dataclass
+class RunToEvaluate:
+  """A finished run: its directory, config and status."""
+  workdir: str
+  config: Any
+  status: dict
+
+
+def check_run(workdir: str) -> RunToEvaluate:
+  """The run at `workdir`, or a one-line ValueError saying why it cannot be evaluated."""
+  from bn_research import rundir  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    raise ValueError(f'--workdir={workdir!r} is not a directory; allowed: a run directory.')
+  config = rundir.read_config(workdir)
+  if config is None:
+    raise ValueError(f'--workdir={workdir!r} has no {rundir.CONFIG_FILE}: not a run '
+                     'directory (a sweep directory holds one per run).')
+  if not rundir.checkpoint_steps(workdir):
+    raise ValueError(f'--workdir={workdir!r} has no checkpoint in '
+                     f'{rundir.CHECKPOINT_DIR}/; allowed: a run that trained and saved one.')
+  status = rundir.read_status(workdir) or {}
+  if status.get('status') not in rundir.FINISHED_STATUSES:
+    raise ValueError(f'--workdir={workdir!r} is not finished (status '
+                     f'{status.get("status", "missing")!r}); allowed: '
+                     f'{" or ".join(rundir.FINISHED_STATUSES)} (re-run its command to finish it).')
+  return RunToEvaluate(workdir, config_from_json(config), status)
+
+
+def _eval_set(config) -> dict:
+  data = {k: v for k, v in config.data.to_dict().items() if k not in TRAINING_ONLY_DATA_KEYS}
+  return {'data': data, 'num_eval_examples': config.num_eval_examples}
+
+
+def check_ensemble(runs: Sequence[RunToEvaluate]) -> None:
+  """An ensemble's members must be the same network on the same held-out set.
+
+  Their hyperparameters may differ (the paper's ensemble members differ in initial
+  weights, dropout and BN variant), not the model, the data or its classes.
+
+  Raises:
+    ValueError: one line naming the two runs and the first key that differs.
+  """
+  if len(runs) < 2:
+    raise ValueError(f'--ensemble needs 2 or more --workdir, got {len(runs)}.')
+  first = runs[0]
+  for run in runs[1:]:
+    if run.config.model.name != first.config.model.name:
+      raise ValueError(f'--ensemble: {run.workdir!r} is model.name={run.config.model.name!r}, '
+                       f'{first.workdir!r} is {first.config.model.name!r}; allowed: the same '
+                       'network in every member.')
+    a, b = _eval_set(first.config), _eval_set(run.config)
+    from bn_research import rundir  # pylint: disable=g-import-not-at-top
+    a, b = rundir.flatten(a), rundir.flatten(b)
+    for key in sorted(set(a) | set(b)):
+      if a.get(key) != b.get(key):
+        raise ValueError(f'--ensemble: {run.workdir!r} has {key}={b.get(key)!r}, '
+                         f'{first.workdir!r} has {a.get(key)!r}; allowed: members evaluated '
+                         'on the same data, classes and held-out set.')
+
+
+@dataclasses.dataclass
+class Plan:
+  """What to evaluate, checked: runs, crop schemes and their views, statistics."""
+  runs: list[RunToEvaluate]
+  schemes: dict[str, list[View]]
+  batch_stats: str
+  population_batches: Optional[int]
+  num_eval_examples: Optional[int]
+  ensemble: bool
+
+
+def make_plan(workdirs: Sequence[str], *, crops: Sequence[str], batch_stats: str = 'run',
+              population_batches: Optional[int] = None,
+              num_eval_examples: Optional[int] = None, ensemble: bool = False) -> Plan:
+  """Checks everything that can be checked without compiling; ValueError on bad input."""
+  if not workdirs:
+    raise ValueError('--workdir is required: give one or more finished run directories.')
+  if len(set(map(os.path.abspath, workdirs))) < len(workdirs):
+    raise ValueError(f'--workdir: a run is given twice in {list(workdirs)}.')
+  if population_batches is not None and population_batches < 1:
+    raise ValueError(f'--population_batches={population_batches}; allowed: an integer >= 1.')
+  if num_eval_examples is not None and num_eval_examples < 0:
+    raise ValueError(f'--num_eval_examples={num_eval_examples}; allowed: 0 (all) or more.')
+  if not crops:
+    raise ValueError('--crops is empty; allowed: center, flip, multi:N.')
+  runs = [check_run(w) for w in workdirs]
+  if ensemble:
+    check_ensemble(runs)
+  schemes = {text: parse_scheme(text) for text in crops}
+  return Plan(runs, schemes, batch_stats, population_batches, num_eval_examples, ensemble)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _inference_statistics(run: RunToEvaluate, plan: Plan, builder, data, params,
+                          batch_stats) -> tuple[Any, str]:
+  """BN's statistics for inference and what they are ('moving_average'/'population')."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bn_research import normalization  # pylint: disable=g-import-not-at-top
+  from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
+  kind = run.config.eval.batch_stats if plan.batch_stats == 'run' else plan.batch_stats
+  if (kind != 'population'
+      or run.config.model.normalizer not in normalization.MOVING_AVERAGE_NORMALIZERS):
+    return batch_stats, 'moving_average' if batch_stats else 'none'
+  n = plan.population_batches or run.config.eval.population_batches
+  population = jax.jit(steps.make_population_fn(builder, data.source.materialize))
+  return population({}, params, batch_stats, data.source.resident,
+                    data.source.chunk(0, n)), 'population'
+
+
+def _member_logits_fn(builder):
+  """logits(params, stats, images, rows, cols) of one view, jitted."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
+  model = builder.model({}, dropout=False)
+
+  def logits(params, batch_stats, images, rows, cols):
+    return model.apply(steps.model_variables(params, batch_stats),
+                       apply_view(images, rows, cols), train=False)
+  return jax.jit(logits)
+
+
+def _row(name: str, scheme: str, views: int, totals: dict) -> dict:
+  count = max(totals['count'], 1.0)
+  return {'name': name, 'crops': scheme, 'views': views,
+          'top1_accuracy': totals['correct'] / count,
+          f'top{TOP_K}_accuracy': totals[f'correct_top{TOP_K}'] / count,
+          'nll': totals['nll_sum'] / count, 'count': int(totals['count'])}
+
+
+@dataclasses.dataclass
+class _Member:
+  """A restored run ready to evaluate: its variables, jitted view logits and data."""
+  name: str
+  params: Any
+  batch_stats: Any
+  logits: Any
+  eval_batches: list
+  matrices: list
+  to_input: Any = None  # the source's `materialize_eval`: host batch -> network input
+
+
+def _accumulate(totals: dict, key: tuple, out: dict) -> None:
+  acc = totals.setdefault(key, {k: 0.0 for k in out})
+  for k, v in out.items():
+    acc[k] += float(v)
+
+
+def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[View],
+                       ensemble: bool, totals: dict) -> None:
+  """One pass over the first member's held-out batches, every member on each batch
+  (all members share the held-out set when `ensemble`: `check_ensemble`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bn_research import metrics  # pylint: disable=g-import-not-at-top
+  index = {v: i for i, v in enumerate(views)}
+  batch_metrics = jax.jit(metrics.probability_metrics, static_argnames='top_k')
+  to_input = members[0].to_input or (lambda b: b)
+  for batch in members[0].eval_batches:
+    # Streamed ImageNet sends uint8 images; they are normalised on the device.
+    images = jnp.asarray(to_input({'image': jnp.asarray(batch['image'])})['image'])
+    member_probs = {scheme: [] for scheme in plan.schemes}
+    for m in members:
+      logits = jnp.stack([m.logits(m.params, m.batch_stats, images, *mats)
+                          for mats in m.matrices])
+      for scheme, scheme_views in plan.schemes.items():
+        probs = metrics.mean_softmax(logits[np.asarray([index[v] for v in scheme_views])])
+        _accumulate(totals, (m.name, scheme),
+                    batch_metrics(probs, batch['label'], batch['mask'], top_k=TOP_K))
+        member_probs[scheme].append(probs)
+    if ensemble:
+      for scheme, probs in member_probs.items():
+        _accumulate(totals, ('ensemble', scheme),
+                    batch_metrics(jnp.mean(jnp.stack(probs), axis=0), batch['label'],
+                                  batch['mask'], top_k=TOP_K))
+
+
+def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
+  """Each run's data (`inputs.RunData`) and restored checkpoint, after checking the crop
+  schemes fit its images.
+
+  Raises:
+    ValueError: one line (a scheme that does not fit the images, no checkpoint that
+      restores, or the data's own refusal), before anything is compiled.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bn_research import inputs  # pylint: disable=g-import-not-at-top
+  from bn_research import rundir  # pylint: disable=g-import-not-at-top
+  loaded = []
+  for run in plan.runs:
+    if plan.num_eval_examples is not None:
+      run.config.num_eval_examples = plan.num_eval_examples
+    data = inputs.load_run_data(run.config)
+    height, width = np.shape(data.sample_image)[1:3]
+    for text, views in plan.schemes.items():
+      check_scheme_fits(text, views, height, width)
+    state = rundir.load_latest(run.workdir)
+    if state is None:
+      raise ValueError(f'--workdir={run.workdir!r}: no checkpoint in '
+                       f'{rundir.CHECKPOINT_DIR}/ can be restored; allowed: a run with one.')
+    loaded.append((data, state))
+  return loaded
+
+
+def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) -> dict:
+  """Evaluates the plan's runs (and their ensemble); returns the record to write.
+
+  Args:
+    plan: from `make_plan`.
+    loaded: the runs' data and checkpoints from `load_runs(plan)` (loaded here if None).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
+
+  loaded = load_runs(plan) if loaded is None else loaded
+  views = sorted({v for vs in plan.schemes.values() for v in vs},
+                 key=lambda v: (-v.scale, POSITIONS.index(v.position), v.flip))
+  members, descriptions = [], []
+  for run, (data, state) in zip(plan.runs, loaded):
+    config = run.config
+    builder = steps.Builder(config, data.num_classes)
+    stats, kind = _inference_statistics(run, plan, builder, data, state['params'],
+                                        state.get('batch_stats') or {})
+    height, width = (int(n) for n in np.shape(data.sample_image)[1:3])
+    members.append(_Member(
+        run.workdir, state['params'], stats, _member_logits_fn(builder),
+        data.eval_batches(),
+        [tuple(jnp.asarray(m) for m in view_matrices(v, height, width)) for v in views],
+        data.source.materialize_eval))
+    descriptions.append({
+        'workdir': run.workdir, 'step': int(state['step']), 'status': run.status.get('status'),
+        'model': config.model.name, 'normalizer': config.model.normalizer,
+        'seed': config.seed, 'learning_rate': config.optimizer.learning_rate,
+        'batch_size': config.batch_size, 'dataset': data.description.get('dataset'),
+        'num_classes': data.num_classes, 'batch_stats': kind,
+        'image_size': [height, width]})
+  totals: dict = {}
+  if plan.ensemble:
+    _evaluate_together(members, plan, views, True, totals)
+  else:
+    for member in members:  # each on its own held-out set
+      _evaluate_together([member], plan, views, False, totals)
+  names = [m.name for m in members] + (['ensemble'] if plan.ensemble else [])
+  rows = [_row(name, scheme, len(plan.schemes[scheme]), totals[(name, scheme)])
+          for name in names for scheme in plan.schemes]
+  record = {'runs': descriptions, 'rows': rows, 'top_k': TOP_K,
+            'crop_schemes': {s: [v.name for v in vs] for s, vs in plan.schemes.items()},
+            'ensemble': plan.ensemble}
+  if plan.ensemble:
+    record['ensemble_vs_best_single'] = ensemble_vs_best_single(rows)
+  return record
+
+
+def ensemble_vs_best_single(rows: Sequence[dict]) -> list[dict]:
+  """Per crop scheme: the ensemble's top-1 and top-5 next to its best member's (the
+  member with the highest top-1 under that scheme)."""
+  out = []
+  for scheme in dict.fromkeys(r['crops'] for r in rows):
+    members = [r for r in rows if r['crops'] == scheme and r['name'] != 'ensemble']
+    (ensemble,) = [r for r in rows if r['crops'] == scheme and r['name'] == 'ensemble']
+    best = max(members, key=lambda r: r['top1_accuracy'])
+    out.append({'crops': scheme, 'best_single': best['name'],
+                **{f'{who}_{metric}': r[metric]
+                   for who, r in (('best_single', best), ('ensemble', ensemble))
+                   for metric in ('top1_accuracy', f'top{TOP_K}_accuracy')}})
+  return out
+
+
+# ---------------------------------------------------------------- files
+
+
+def default_out(workdirs: Sequence[str]) -> str:
+  """The directory holding the runs (their parents' common directory)."""
+  parents = [os.path.dirname(os.path.abspath(w)) for w in workdirs]
+  return os.path.commonpath(parents)
+
+
+def markdown(record: dict) -> str:
+  """The record as a Markdown table, one row per run (or ensemble) and crop scheme."""
+  k = record['top_k']
+  base = os.path.commonpath([os.path.abspath(r['workdir']) for r in record['runs']])
+  lines = [f'| run | step | crops | views | top-1 acc | top-{k} acc | top-1 err | '
+           f'top-{k} err | NLL | examples |',
+           '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
+  steps = {r['workdir']: r['step'] for r in record['runs']}
+  for row in record['rows']:
+    name = (row['name'] if row['name'] == 'ensemble'
+            else os.path.relpath(os.path.abspath(row['name']), os.path.dirname(base)))
+    top1, topk = row['top1_accuracy'], row[f'top{k}_accuracy']
+    lines.append(f'| {name} | {steps.get(row["name"], "")} | {row["crops"]} | {row["views"]} '
+                 f'| {top1:.4f} | {topk:.4f} | {1 - top1:.2%} | {1 - topk:.2%} | '
+                 f'{row["nll"]:.4f} | {row["count"]} |')
+  if record.get('ensemble_vs_best_single'):
+    lines += ['', f'| crops | best single run | its top-1 err | ensemble top-1 err | '
+              f'its top-{k} err | ensemble top-{k} err |', '|---|---|---:|---:|---:|---:|']
+    for c in record['ensemble_vs_best_single']:
+      name = os.path.relpath(os.path.abspath(c['best_single']), os.path.dirname(base))
+      lines.append(f'| {c["crops"]} | {name} | {1 - c["best_single_top1_accuracy"]:.2%} | '
+                   f'{1 - c["ensemble_top1_accuracy"]:.2%} | '
+                   f'{1 - c[f"best_single_top{k}_accuracy"]:.2%} | '
+                   f'{1 - c[f"ensemble_top{k}_accuracy"]:.2%} |')
+  stats = sorted({r['batch_stats'] for r in record['runs']})
+  if record.get('note'):
+    lines += ['', record['note']]
+  lines += ['', f'BN statistics at inference: {", ".join(stats)}.',
+            f'Command: `{record["command"]}`', f'Date: {record["date"]}; machine: '
+            f'{record["machine"]}.']
+  return '\n'.join(lines) + '\n'
+
+
+def write(record: dict, out: str, name: str) -> tuple[str, str]:
+  """Writes OUT/NAME.json and OUT/NAME.md (each atomically); returns their paths."""
+  from bn_research import rundir  # pylint: disable=g-import-not-at-top
+  os.makedirs(out, exist_ok=True)
+  json_path, md_path = os.path.join(out, name + '.json'), os.path.join(out, name + '.md')
+  rundir.write_json(json_path, record, sort_keys=False)
+  tmp = md_path + f'.{os.getpid()}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(markdown(record))
+  os.replace(tmp, md_path)
+  return json_path, md_path
+
+
+def check_out(out: str, name: str) -> None:
+  """ValueError unless OUT can hold the results (checked before anything runs)."""
+  if not name or os.sep in name or name.startswith('.'):
+    raise ValueError(f'--name={name!r}; allowed: a plain file name without .json / .md.')
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out={out!r} is a file; allowed: a directory (made if missing).')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    out = _OUT.value or (default_out(_WORKDIR.value) if _WORKDIR.value else '.')
+    check_out(out, _NAME.value)
+    plan = make_plan(_WORKDIR.value, crops=_CROPS.value, batch_stats=_BATCH_STATS.value,
+                     population_batches=_POPULATION_BATCHES.value,
+                     num_eval_examples=_NUM_EVAL.value, ensemble=_ENSEMBLE.value)
+    from bn_research import log_filter  # pylint: disable=g-import-not-at-top
+    log_filter.quiet_library_logs()
+    # The data loaders' progress lines stay out of a refusal's one line.
+    logging.set_verbosity(logging.WARNING)
+    loaded = load_runs(plan)
+  except ValueError as e:
+    print(f'bn_research.evaluate: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  logging.set_verbosity(logging.INFO)
+  record = evaluate(plan, loaded)
+  import jax  # pylint: disable=g-import-not-at-top
+  record['command'] = ' '.join(['python -m bn_research.evaluate'] + sys.argv[1:])
+  if _NOTE.value:
+    record['note'] = _NOTE.value
+  record['date'] = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+  record['machine'] = (f'{platform.machine()}, {os.cpu_count()} CPU cores, JAX devices: '
+                       f'{jax.devices()[0].device_kind} x {jax.device_count()}')
+  for path in write(record, out, _NAME.value):
+    print(path)
+  for row in record['rows']:
+    print(f'{row["name"]} [{row["crops"]}]: top-1 {row["top1_accuracy"]:.4f}, '
+          f'top-{TOP_K} {row[f"top{TOP_K}_accuracy"]:.4f}')
+
+
+if __name__ == '__main__':
+  app.run(main)

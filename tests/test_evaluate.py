@@ -1,0 +1,298 @@
+"""`python -m bn_research.evaluate`: top-k, crops, ensembles and BN statistics of
+finished runs, each against an independent reference.
+
+References: top-k from a NumPy argsort, crops as NumPy slicing plus a per-pixel
+bilinear resize in float64, the ensemble as NumPy softmax averages of logits the
+network gives on those NumPy views, and the training engine's own evaluation (which
+shares none of the evaluation command's code path) for the moving-average and the
+Algorithm 2 population statistics.
+"""
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from tests import helpers
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def _np_top_k(scores, labels, k):
+  order = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+  return np.any(order == labels[:, None], axis=1).astype(np.float64)
+
+
+@pytest.mark.parametrize('k', [1, 3, 5, 10, 12])
+def test_top_k_matches_numpy(k):
+  from bn_research import metrics
+  rng = np.random.default_rng(k)
+  scores = rng.normal(size=(200, 10)).astype(np.float32)
+  labels = rng.integers(0, 10, size=200)
+  got = np.asarray(metrics.top_k_correct(scores, labels, k))
+  np.testing.assert_array_equal(got, _np_top_k(scores, labels, k))
+  assert 0 < got.mean() <= 1
+
+
+def test_probability_metrics_are_masked_sums():
+  from bn_research import metrics
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 50, 10))
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  mean = probs.mean(0)
+  np.testing.assert_allclose(np.asarray(metrics.mean_softmax(logits.astype(np.float32))),
+                             mean, rtol=1e-5)
+  labels = rng.integers(0, 10, size=50)
+  mask = (np.arange(50) < 37).astype(np.float32)  # the last 13 are padding
+  out = metrics.probability_metrics(mean.astype(np.float32), labels, mask, top_k=5)
+  own = mean[np.arange(50), labels]
+  assert float(out['count']) == 37
+  assert float(out['nll_sum']) == pytest.approx(np.sum(-np.log(own)[:37]), rel=1e-5)
+  assert float(out['correct']) == np.sum(_np_top_k(mean, labels, 1)[:37])
+  assert float(out['correct_top5']) == np.sum(_np_top_k(mean, labels, 5)[:37])
+
+
+def _np_bilinear(x, out_h, out_w):
+  """float64 bilinear resize, half-pixel centres, edges repeated: pixel by pixel."""
+  h, w = x.shape[:2]
+  out = np.zeros((out_h, out_w) + x.shape[2:])
+  for i in range(out_h):
+    sy = min(max((i + 0.5) * h / out_h - 0.5, 0), h - 1)
+    y0 = int(np.floor(sy)); y1 = min(y0 + 1, h - 1); fy = sy - y0
+    for j in range(out_w):
+      sx = min(max((j + 0.5) * w / out_w - 0.5, 0), w - 1)
+      x0 = int(np.floor(sx)); x1 = min(x0 + 1, w - 1); fx = sx - x0
+      out[i, j] = ((1 - fy) * (1 - fx) * x[y0, x0] + (1 - fy) * fx * x[y0, x1]
+                   + fy * (1 - fx) * x[y1, x0] + fy * fx * x[y1, x1])
+  return out
+
+
+def _np_view(img, scale, position, flip):
+  """The view as documented: a window at `scale` of each side, centred or in a corner,
+  resized back to the image size, mirrored left-right if asked."""
+  h, w = img.shape[:2]
+  ch, cw = round(scale * h), round(scale * w)
+  top = {'center': (h - ch) // 2, 'top_left': 0, 'top_right': 0,
+         'bottom_left': h - ch, 'bottom_right': h - ch}[position]
+  left = {'center': (w - cw) // 2, 'top_left': 0, 'bottom_left': 0,
+          'top_right': w - cw, 'bottom_right': w - cw}[position]
+  out = _np_bilinear(img[top:top + ch, left:left + cw], h, w)
+  return out[:, ::-1] if flip else out
+
+
+def test_views_match_a_numpy_crop_resize_and_flip():
+  from bn_research import evaluate as ev
+  rng = np.random.default_rng(1)
+  images = rng.normal(size=(2, 8, 10, 3)).astype(np.float32)
+  views = ev.parse_scheme(f'multi:{ev.MAX_CROPS}')
+  assert len(views) == 2 * ev.MAX_CROPS and len(set(views)) == len(views)
+  for view in views:
+    rows, cols = ev.view_matrices(view, 8, 10)
+    got = np.asarray(ev.apply_view(images, rows, cols))
+    want = np.stack([_np_view(im.astype(np.float64), view.scale, view.position, view.flip)
+                     for im in images])
+    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=view.name)
+  rows, cols = ev.view_matrices(ev.View(), 8, 10)  # the whole image is the image
+  np.testing.assert_allclose(np.asarray(ev.apply_view(images, rows, cols)), images, atol=1e-6)
+  assert ev.parse_scheme('center') == [ev.View()]
+  assert ev.parse_scheme('flip') == [ev.View(), ev.View(flip=True)]
+  assert len(ev.parse_scheme('multi:3')) == 6
+
+
+# ---------------------------------------------------------------- finished runs
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Three tiny MLP runs: A and B are the same training (seed 0), A evaluated with the
+  moving averages and B with population statistics from 3 batches; C is seed 1."""
+  from bn_research import train
+  root = tmp_path_factory.mktemp('runs')
+  settings = {'a': {}, 'b': {'eval.batch_stats': 'population', 'eval.population_batches': 3},
+              'c': {'seed': 1}}
+  for name, extra in settings.items():
+    c = helpers.tiny_mlp_config(**extra)
+    c.probe.enabled = False
+    assert train.train_and_evaluate(c, str(root / name))['status'] == 'done'
+  return root
+
+
+def _last_eval(workdir):
+  return [r for r in helpers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+          if 'eval_accuracy' in r][-1]
+
+
+def _plan(workdirs, **kw):
+  from bn_research import evaluate as ev
+  return ev.make_plan([str(w) for w in workdirs], **{'crops': ['center'], **kw})
+
+
+def _row(record, name, crops='center'):
+  (row,) = [r for r in record['rows'] if r['name'] == str(name) and r['crops'] == crops]
+  return row
+
+
+def test_centre_crop_is_the_engines_evaluation_with_either_statistics(runs):
+  """The engine evaluated A with the moving averages and B (the same weights) with
+  population statistics: the command reproduces each, from either run."""
+  from bn_research import evaluate as ev
+  a, b = runs / 'a', runs / 'b'
+  engine_ma, engine_pop = _last_eval(a), _last_eval(b)
+  assert engine_ma['eval_accuracy'] != engine_pop['eval_accuracy']  # the paths differ
+  for workdir, stats, want in [(a, 'run', engine_ma), (b, 'run', engine_pop),
+                               (a, 'population', engine_pop), (b, 'moving_average', engine_ma)]:
+    record = ev.evaluate(_plan([workdir], batch_stats=stats, population_batches=3))
+    row = _row(record, workdir)
+    assert row['top1_accuracy'] == pytest.approx(want['eval_accuracy'], abs=1e-6), stats
+    assert row['nll'] == pytest.approx(want['eval_loss'], rel=1e-4), stats
+    assert row['count'] == 128
+  assert record['runs'][0]['batch_stats'] == 'moving_average'
+
+
+def test_multi_crop_ensemble_matches_numpy(runs):
+  """Top-1/top-5 of each member and of the ensemble over flips and 2 crops: NumPy views
+  through each network, NumPy softmax averages over views, then over members."""
+  import jax
+  from bn_research import evaluate as ev
+  from bn_research import inputs, rundir
+  from bn_research.engine import steps
+  members = [runs / 'a', runs / 'c']
+  record = ev.evaluate(_plan(members, crops=['center', 'multi:2'], ensemble=True))
+  config = ev.config_from_json(rundir.read_config(str(members[0])))
+  data = inputs.load_run_data(config)
+  images = np.concatenate([b['image'][b['mask'] > 0] for b in data.eval_batches()])
+  labels = np.concatenate([b['label'][b['mask'] > 0] for b in data.eval_batches()])
+  views = [(1.0, 'center', False), (1.0, 'center', True),
+           (0.875, 'center', False), (0.875, 'center', True)]
+  view_images = [np.stack([_np_view(im.astype(np.float64), *v) for im in images])
+                 for v in views]
+  member_probs = []
+  for workdir in members:
+    state = rundir.load_latest(str(workdir))
+    model = steps.Builder(ev.config_from_json(rundir.read_config(str(workdir))),
+                          10).model({}, dropout=False)
+    variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+    probs = []
+    for v in view_images:
+      logits = np.asarray(jax.jit(lambda x: model.apply(variables, x, train=False))(
+          v.astype(np.float32)), np.float64)
+      probs.append(np.exp(logits - logits.max(1, keepdims=True)))
+      probs[-1] /= probs[-1].sum(1, keepdims=True)
+    member_probs.append(np.mean(probs, axis=0))
+    row = _row(record, workdir, 'multi:2')
+    assert row['views'] == 4
+    assert row['top1_accuracy'] == pytest.approx(_np_top_k(member_probs[-1], labels, 1).mean())
+    assert row['top5_accuracy'] == pytest.approx(_np_top_k(member_probs[-1], labels, 5).mean())
+    centre = _row(record, workdir)
+    assert centre['top1_accuracy'] == pytest.approx(_np_top_k(probs[0], labels, 1).mean())
+    # The training engine logs top-5 too: the same numbers on the centre view.
+    assert _last_eval(workdir)['eval_top5_accuracy'] == pytest.approx(
+        _np_top_k(probs[0], labels, 5).mean())
+  ensemble = np.mean(member_probs, axis=0)
+  row = _row(record, 'ensemble', 'multi:2')
+  assert row['top1_accuracy'] == pytest.approx(_np_top_k(ensemble, labels, 1).mean())
+  assert row['top5_accuracy'] == pytest.approx(_np_top_k(ensemble, labels, 5).mean())
+  assert row['nll'] == pytest.approx(
+      -np.mean(np.log(ensemble[np.arange(len(labels)), labels])), rel=1e-4)
+  # The summary pairs the ensemble with its member of the highest top-1.
+  (summary,) = [c for c in record['ensemble_vs_best_single'] if c['crops'] == 'multi:2']
+  best = max(members, key=lambda w: _row(record, w, 'multi:2')['top1_accuracy'])
+  assert summary['best_single'] == str(best)
+  assert summary['ensemble_top5_accuracy'] == row['top5_accuracy']
+
+
+def test_command_writes_json_and_markdown(runs, tmp_path):
+  out = tmp_path / 'out'
+  proc = helpers.run_module('bn_research.evaluate',
+                            [f'--workdir={runs / "a"}', f'--workdir={runs / "c"}',
+                             '--crops=center,flip', '--ensemble', f'--out={out}',
+                             '--name=ens'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  record = helpers.read_json(out / 'ens.json')
+  assert [(r['name'], r['crops']) for r in record['rows']] == [
+      (str(runs / 'a'), 'center'), (str(runs / 'a'), 'flip'),
+      (str(runs / 'c'), 'center'), (str(runs / 'c'), 'flip'),
+      ('ensemble', 'center'), ('ensemble', 'flip')]
+  assert _row(record, runs / 'a')['top1_accuracy'] == pytest.approx(
+      _last_eval(runs / 'a')['eval_accuracy'], abs=1e-6)
+  text = (out / 'ens.md').read_text()
+  assert '| ensemble |' in text and 'python -m bn_research.evaluate' in text
+  assert math.isfinite(record['rows'][-1]['nll'])
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _copy_run(src, dst, **config_changes):
+  """A copy of a run directory with some config.json keys changed."""
+  import shutil
+  shutil.copytree(src, dst)
+  config = helpers.read_json(dst / 'config.json')
+  for key, value in config_changes.items():
+    *path, last = key.split('.')
+    node = config
+    for p in path:
+      node = node[p]
+    node[last] = value
+  from bn_research import rundir
+  rundir.write_json(str(dst / 'config.json'), config)
+  return dst
+
+
+def _refuse(args, *words):
+  proc = helpers.run_module('bn_research.evaluate', args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
+
+
+def test_refusals_are_one_line_and_write_nothing(runs, tmp_path):
+  import shutil
+  a = str(runs / 'a')
+  no_ckpt = tmp_path / 'no_ckpt'
+  shutil.copytree(runs / 'a', no_ckpt)
+  shutil.rmtree(no_ckpt / 'checkpoints')
+  running = _copy_run(runs / 'a', tmp_path / 'running')
+  (running / 'status.json').write_text('{"status": "running", "step": 20}')
+  tiny = _copy_run(runs / 'a', tmp_path / 'tiny', **{'data.image_size': 4})
+  other_data = _copy_run(runs / 'a', tmp_path / 'other_data', **{'data.num_test': 100})
+  other_model = _copy_run(runs / 'a', tmp_path / 'other_model', **{'model.name': 'small_cnn'})
+  before = sorted(p for p in tmp_path.rglob('*'))
+  before_runs = sorted(p for p in runs.rglob('*'))
+  _refuse([f'--workdir={no_ckpt}'], 'no_ckpt', 'no checkpoint')
+  _refuse([f'--workdir={tmp_path / "missing"}'], 'missing', 'not a directory')
+  _refuse([f'--workdir={tmp_path}'], 'config.json')
+  _refuse([f'--workdir={running}'], 'not finished', "'running'")
+  _refuse([f'--workdir={a}', '--crops=multi:17'], 'multi:17', 'N in [1, 16]')
+  _refuse([f'--workdir={a}', '--crops=corner'], "'corner'", 'center, flip')
+  _refuse([f'--workdir={tiny}', '--crops=multi:2'], 'multi:2', '4x4', 'N <= 1')
+  _refuse([f'--workdir={a}', f'--workdir={other_data}', '--ensemble'],
+          'data.num_test=100', 'same data')
+  _refuse([f'--workdir={a}', f'--workdir={other_model}', '--ensemble'],
+          "model.name='small_cnn'", 'same network')
+  _refuse([f'--workdir={a}', '--ensemble'], '2 or more')
+  _refuse([f'--workdir={a}', f'--workdir={a}'], 'given twice')
+  _refuse([], '--workdir is required')
+  assert sorted(p for p in tmp_path.rglob('*')) == before
+  assert sorted(p for p in runs.rglob('*')) == before_runs
+  # The 4x4 images still take the schemes that fit them.
+  from bn_research import evaluate as ev
+  ev.check_scheme_fits('flip', ev.parse_scheme('flip'), 4, 4)
+
+
+def test_committed_ensemble_results_md_is_written_from_its_json():
+  """experiments/results/ensemble_small.md is the command's table of its JSON, and the
+  JSON's summary is the best member per scheme, recomputed from its rows."""
+  from bn_research import evaluate as ev
+  path = os.path.join(helpers.REPO, 'experiments', 'results', 'ensemble_small')
+  record = helpers.read_json(path + '.json')
+  with open(path + '.md') as f:
+    assert f.read() == ev.markdown(record)
+  for summary in record['ensemble_vs_best_single']:
+    members = [r for r in record['rows']
+               if r['crops'] == summary['crops'] and r['name'] != 'ensemble']
+    assert summary['best_single_top1_accuracy'] == max(r['top1_accuracy'] for r in members)
+  assert {r['batch_stats'] for r in record['runs']} == {'population'}
+  assert all(r['count'] == 2000 for r in record['rows'])
