@@ -72,10 +72,12 @@ from bn_research import plan as plan_lib
 from bn_research import rundir
 from bn_research import sweep as sweep_lib
 
-# One colour per network across every figure (BN is always blue).
+# One colour per network across every figure: BN always blue, no normalizer always
+# orange (Figure 1's pair), each other normalizer its own.
 COLORS = {'bn': 'tab:blue', 'batch_norm': 'tab:blue', 'baseline': 'tab:orange',
-          'none': 'tab:orange', 'layer_norm': 'tab:green', 'group_norm': 'tab:red',
-          'ghost_batch_norm': 'tab:purple', 'virtual_batch_norm': 'tab:brown'}
+          'none': 'tab:orange', 'noisy_bn': 'tab:olive', 'noisy_batch_norm': 'tab:olive',
+          'batch_renorm': 'tab:green', 'layer_norm': 'tab:purple', 'group_norm': 'tab:red',
+          'virtual_batch_norm': 'tab:cyan'}
 
 _KINDS = {int: 'an integer', float: 'a number', str: 'text', bool: 'true or false',
           'ints': 'integers separated by commas', 'floats': 'numbers separated by commas',
@@ -347,7 +349,8 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
   t0 = time.time()
   with one_line_errors(program):
     record_sweeps(runs)
-    os.makedirs(args.workdir, exist_ok=True)
+    if args.how != 'print':
+      os.makedirs(args.workdir, exist_ok=True)
     outcomes = plan_lib.run_plan(
         runs, args.how, parallel=args.parallel, pin_cores=args.pin_cores,
         overwrite=args.overwrite, progress=plan_lib.print_progress)

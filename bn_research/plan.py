@@ -314,7 +314,7 @@ def progress_line(runs: Sequence[Run]) -> str:
       rows = []
     step = rows[-1]['step'] if rows else 0
     acc = [r['eval_accuracy'] for r in rows if 'eval_accuracy' in r]
-    parts.append(f'{run.name}: step {step}/{run.config.num_train_steps}'
+    parts.append(f'{label(run, runs)}: step {step}/{run.config.num_train_steps}'
                  + (f', test accuracy {acc[-1]:.4f}' if acc else ''))
   return ' | '.join(parts)
 
@@ -360,30 +360,40 @@ def run_plan(runs: Sequence[Run], how: str = 'inline', *, parallel: int = 1,
   if how == 'print':
     for run in todo:
       out(shlex.join(command(run, python, overwrite=overwrite)))
-  elif how == 'processes':
+  else:
+    # The plan owns its layout: a sweep's or a job's directory above each run.
+    for run in todo:
+      os.makedirs(os.path.dirname(os.path.abspath(run.workdir)), exist_ok=True)
+  if how == 'processes':
     codes = _run_processes(todo, parallel, pin_cores, python, overwrite, progress)
-  elif todo:
+  elif how in ('inline', 'vmap') and todo:
     _run_in_process(todo, vmapped=how == 'vmap', overwrite=overwrite)
   return [Outcome(run.name, status_of(run), skipped=s in rundir.FINISHED_STATUSES,
-                  returncode=codes.get(run.name, 0))
+                  returncode=codes.get(run.workdir, 0))
           for run, s in zip(runs, states)]
+
+
+def label(run: Run, runs: Sequence[Run]) -> str:
+  """The run's name, or `<directory>/<name>` where runs of other directories share it."""
+  if sum(r.name == run.name for r in runs) == 1:
+    return run.name
+  return f'{os.path.basename(os.path.dirname(os.path.abspath(run.workdir)))}/{run.name}'
 
 
 def _run_processes(todo: Sequence[Run], parallel: int, pin_cores: bool, python: str,
                    overwrite: bool, progress) -> dict[str, int]:
-  jobs = [launch.Job(run.name, command(run, python, overwrite=overwrite), log=log_path(run))
-          for run in todo]
-  for run in todo:
-    os.makedirs(os.path.dirname(log_path(run)), exist_ok=True)
-  running = {run.name: run for run in todo}
+  """{workdir: exit code} of the runs, each in its own `bn_research.main` process."""
+  by_label = {label(run, todo): run for run in todo}
+  jobs = [launch.Job(name, command(run, python, overwrite=overwrite), log=log_path(run))
+          for name, run in by_label.items()]
 
   def on_poll(names: Sequence[str]) -> None:
     if progress is not None:
-      progress([running[n] for n in names])
+      progress([by_label[n] for n in names])
 
   results = launch.run_jobs(jobs, parallel=parallel, pin_cores=pin_cores and parallel > 1,
                             single_thread=parallel > 1, on_poll=on_poll)
-  return {r.name: r.returncode for r in results}
+  return {by_label[r.name].workdir: r.returncode for r in results}
 
 
 def _run_in_process(todo: Sequence[Run], *, vmapped: bool, overwrite: bool) -> None:

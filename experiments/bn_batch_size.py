@@ -34,6 +34,7 @@ import os
 import time
 from typing import Sequence
 
+from bn_research.experiment import COLORS  # one colour per normalizer in every figure
 from experiments import normalizer_runs as nr
 
 GHOST_SIZES = (2, 4, 8, 16, 32, 64)
@@ -51,8 +52,6 @@ DEFAULT_STEPS = {'mlp': 10_000, 'inception': 300}
 RENORM_START, RENORM_END = 0.05, 0.5
 LABELS = {'batch_norm': 'BN', 'batch_renorm': 'Batch Renorm', 'group_norm': 'GN (G=4)',
           'layer_norm': 'LN', 'none': 'no normalization'}
-COLORS = {'batch_norm': 'tab:blue', 'batch_renorm': 'tab:green', 'group_norm': 'tab:red',
-          'layer_norm': 'tab:purple', 'none': 'gray'}
 
 
 def plan(model: str, steps: int, data: str, ghost_sizes: Sequence[int],

@@ -201,7 +201,7 @@ def plot(summary: dict, path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-  colors = {'bn': 'tab:blue', 'baseline': 'tab:orange'}
+  from bn_research.experiment import COLORS as colors  # pylint: disable=g-import-not-at-top
   names = {'bn': 'BN', 'baseline': 'no BN'}
   for ax, what in zip(axes, ('loss', 'accuracy')):
     for net in NETWORKS:

@@ -105,12 +105,28 @@ def launch_command(model: str, root: str) -> list[str]:
   return cmd + [f'--config.{kv}' for kv in _SET.value]
 
 
+def print_progress(root: str, models: list[str]) -> None:
+  """One console line: each training model's furthest step (its output is in a log)."""
+  parts = []
+  for model in models:
+    steps = [0]
+    for seed in range(num_seeds()):
+      try:
+        rows = rundir.read_metrics(seed_dir(root, model, seed))
+      except (rundir.RunDirError, OSError):
+        rows = []
+      steps.append(rows[-1]['step'] if rows else 0)
+    parts.append(f'{model}: step {max(steps)}')
+  print(' | '.join(parts), flush=True)
+
+
 def train_models(root: str, models: list[str]) -> list[str]:
   """Trains the models, `--parallel` at a time; returns those whose process failed."""
   jobs = [launch.Job(m, launch_command(m, root), log=os.path.join(root, f'{m}.log'))
           for m in models]
   results = launch.run_jobs(jobs, parallel=_PARALLEL.value, pin_cores=_PARALLEL.value > 1,
-                            single_thread=_PARALLEL.value > 1, poll_seconds=1.0)
+                            single_thread=_PARALLEL.value > 1, poll_seconds=1.0,
+                            on_poll=lambda names: print_progress(root, names))
   return [r.name for r in results if r.returncode != 0]
 
 
@@ -282,8 +298,11 @@ def plot_figure2(table: dict, path: str, title: str) -> None:
 
 
 def main(argv):
-  del argv
-  launch.exit_on_bad_flags('inception_ablation', check_flags)
+  def check():
+    if len(argv) > 1:
+      raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}')
+    check_flags()
+  launch.exit_on_bad_flags('inception_ablation', check)
   root = _WORKDIR.value
   if _PRINT.value:
     for model in _MODELS.value:
@@ -292,7 +311,9 @@ def main(argv):
   os.makedirs(root, exist_ok=True)
   t0 = time.time()
   models = list(_MODELS.value)
-  failed = train_models(root, models)
+  from bn_research.experiment import one_line_errors  # pylint: disable=g-import-not-at-top
+  with one_line_errors('inception_ablation'):  # a signal: one line, 128 + signum
+    failed = train_models(root, models)
   table = figure3(root, models, num_seeds(), NUM_CLASSES[_PRESET.value])
   some_run = next((seed_dir(root, m, 0) for m in table['models']), None)
   data = (rundir.read_description(some_run) if some_run else None) or {}

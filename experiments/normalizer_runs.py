@@ -1,9 +1,9 @@
 """What the normalizer experiments (`bn_batch_size`, `bn_only`) share.
 
-* the two networks as config specs plus overrides, so every run is exactly
-  `python -m bn_research.main --config=SPEC OVERRIDES...` (`RunSpec.command`);
-* `train_all`: trains the runs one after the other in this process through
-  `train.train_and_evaluate`, which skips finished runs and resumes unfinished ones;
+* the two networks as config specs plus overrides, turned into typed `plan.Run`s
+  (`plan_runs`), so every run is exactly `plan.command(run)`;
+* `train_all`: trains the runs one after the other in this process (`plan.run_plan`,
+  how='inline'), which skips finished runs and resumes unfinished ones;
   `write_summary` and `run_job`: the summary files and the command line's ending;
 * `read_result`: the one place these experiments read a run directory;
 * `ArgumentParser`: flags whose errors are one line and exit code 2.
@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import shlex
-import sys
 import time
 from typing import Callable, Sequence
 
@@ -122,46 +121,38 @@ class RunSpec:
   spec: str
   overrides: list[str]
 
-  def command(self, workdir: str) -> list[str]:
-    """The equivalent command line."""
-    return [sys.executable, '-m', 'bn_research.main', f'--config={self.spec}',
-            f'--workdir={workdir}', *(f'--config.{kv}' for kv in self.overrides)]
 
-
-def load_configs(runs: Sequence[RunSpec]) -> list:
-  """Every run's resolved and validated config, before anything is trained or written
-  (ValueError naming the first bad one)."""
-  from bn_research import config as config_lib, config_files
-  configs = []
-  for run in runs:
-    config = config_files.load_config(os.path.join(REPO, run.spec),
-                                      [f'--config.{kv}' for kv in run.overrides])
-    try:
-      config_lib.validate_config(config)
-    except ValueError as e:
-      raise ValueError(f'run {run.name}: {e}') from None
-    configs.append(config)
-  return configs
+def plan_runs(root: str, planned: dict[str, Sequence[RunSpec]]) -> list:
+  """Every run as a `plan.Run` in root/<model>/<name>: resolved and validated before
+  anything is trained or written (ValueError naming the run and the bad value)."""
+  from bn_research import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from bn_research import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  runs = []
+  for model, specs in planned.items():
+    for run in specs:
+      overrides = [(k, sweep_lib.parse_value(v))
+                   for k, _, v in (kv.partition('=') for kv in run.overrides)]
+      try:
+        runs.append(plan_lib.make_run(run.name, os.path.join(root, model, run.name),
+                                      os.path.join(REPO, run.spec), overrides))
+      except ValueError as e:
+        raise ValueError(f'run {run.name}: {e}') from None
+  return runs
 
 
 def train_all(root: str, planned: dict[str, Sequence[RunSpec]]) -> None:
-  """Trains every network's runs into root/<model>/<name>, one after the other.
-
-  All configs are resolved and validated first, so a bad one stops the job before
-  anything is trained or written; finished runs are skipped by the engine (a re-run
-  only resumes what is unfinished).
-  """
-  from bn_research import train
-  configs = {m: load_configs(runs) for m, runs in planned.items()}
-  for model, runs in planned.items():
-    os.makedirs(os.path.join(root, model), exist_ok=True)
-    for i, (run, config) in enumerate(zip(runs, configs[model])):
-      workdir = os.path.join(root, model, run.name)
-      t0 = time.time()
-      result = train.train_and_evaluate(config, workdir)
-      logging.info('[%s %d/%d] %s: %s at step %s (%.0f s): %s', model, i + 1, len(runs),
-                   run.name, result.get('status'), result.get('step'), time.time() - t0,
-                   shlex.join(run.command(workdir)))
+  """Trains every network's runs into root/<model>/<name>, one after the other in this
+  process (`plan.run_plan`, how='inline'): all are validated first, and finished runs
+  are skipped (a re-run only resumes what is unfinished)."""
+  from bn_research import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  runs = plan_runs(root, planned)
+  t0 = time.time()
+  for outcome in plan_lib.run_plan(runs, 'inline'):
+    logging.info('%s: %s%s', outcome.name, outcome.status,
+                 ' (already finished)' if outcome.skipped else '')
+  if runs:
+    logging.info('%d runs in %.0f s; each as a command: %s', len(runs), time.time() - t0,
+                 shlex.join(plan_lib.command(runs[0])))
 
 
 def write_summary(root: str, name: str, summary: dict, markdown: Callable[[dict], str],

@@ -177,7 +177,7 @@ def plot(summary: dict, path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   networks = [n for n in NETWORKS if n in summary]
-  colors = {'bn': 'tab:blue', 'noisy_bn': 'tab:green', 'baseline': 'tab:orange'}
+  from bn_research.experiment import COLORS as colors  # pylint: disable=g-import-not-at-top
   labels = {'bn': 'BN', 'noisy_bn': 'noisy BN', 'baseline': 'no BN'}
   fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
   ax = axes[0, 0]

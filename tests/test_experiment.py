@@ -89,3 +89,30 @@ def test_every_job_has_help():
     # absl's --help exits with code 1 after printing the flags.
     assert '--workdir' in proc.stdout and 'Traceback' not in proc.stderr, (path.stem,
                                                                          proc.stderr)
+
+
+def test_sigterm_stops_every_run_of_a_job_and_exits_143_in_one_line(tmp_path, docstring_job):
+  import signal
+  import subprocess
+  import sys
+  import time
+  workdir = tmp_path / 'job'
+  args = [f'--workdir={workdir}', '--steps=400000', '--set=checkpoint_every_steps=100000',
+          *[a for a in TINY if not a.startswith('--steps')]]
+  env = dict(os.environ, **docstring_job)
+  proc = subprocess.Popen([sys.executable, '-m', 'lr_pair', *args], cwd=helpers.REPO,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = [workdir / f'lr={lr}' / 'metrics.jsonl' for lr in (0.1, 0.5)]
+  deadline = time.time() + 300
+  while time.time() < deadline and not all(
+      m.exists() and 'train_loss' in m.read_text() for m in metrics):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 143, stderr[-3000:]
+  assert 'Traceback' not in stderr
+  assert stderr.strip().splitlines()[-1].startswith('lr_pair: interrupted by signal 15')
+  for lr in (0.1, 0.5):
+    status = helpers.read_json(workdir / f'lr={lr}' / 'status.json')
+    assert status['status'] == 'interrupted' and status['signal'] == signal.SIGTERM

@@ -96,6 +96,16 @@ def test_a_non_positive_parallelism_is_refused_before_anything_starts(tmp_path, 
     ('experiments.inception_lr_calibration', '--parallel=0'),
     ('experiments.mnist_lr_sweep', '--steps=0'),
     ('experiments.mnist_lr_sweep', '--lrs=1,1.0'),
+    # A stray positional argument is refused by every job, not ignored.
+    ('experiments.mnist_figure1', 'stray'),
+    ('experiments.mnist_lr_sweep', 'stray'),
+    ('experiments.inception_ablation', 'stray'),
+    ('experiments.inception_lr_calibration', 'stray'),
+    ('experiments.why_bn', 'stray'),
+    ('experiments.conv_bn_regularization', 'stray'),
+    ('experiments.input_normalization', 'stray'),
+    ('experiments.bn_only', 'stray'),
+    ('experiments.bn_batch_size', 'stray'),
 ])
 def test_the_jobs_flags_are_one_line_errors_with_exit_code_2(tmp_path, module, flag):
   workdir = tmp_path / 'job'
