@@ -137,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Divergence as the paper means it ("machine infinity"): besides a non-finite loss or
   # parameter, a mean training loss over a log interval above max_loss (0: no such
   # test). 20 nats is 9x the chance loss of 10 classes (ln 10) and 3x that of 1000;
-  # see README "Divergence" for the runs it was chosen from.
+  # see docs/engine.md "Divergence" for the runs it was chosen from.
   c.divergence = ml_collections.ConfigDict()
   c.divergence.max_loss = 20.0
 
