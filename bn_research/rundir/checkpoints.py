@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from absl import logging
 
+from bn_research.data.download import sha256_of
 from bn_research.rundir.files import (CHECKPOINT_DIR, DAMAGED_CHECKPOINT_DIR, RunDirError,
                                       read_json, write_json)
 
@@ -50,14 +51,6 @@ def step_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, CHECKPOINT_DIR, str(step))
 
 
-def _digest(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _checkpoint_files(directory: str) -> list[str]:
   """Every file of a checkpoint directory (relative paths), its own record excluded."""
   out = []
@@ -73,7 +66,7 @@ def _checkpoint_files(directory: str) -> list[str]:
 def seal(directory: str) -> None:
   """Writes a finalised checkpoint's integrity record: each file's size and sha256."""
   files = {rel: {'size': os.path.getsize(os.path.join(directory, rel)),
-                 'sha256': _digest(os.path.join(directory, rel))}
+                 'sha256': sha256_of(os.path.join(directory, rel))}
            for rel in _checkpoint_files(directory)}
   write_json(os.path.join(directory, INTEGRITY_FILE), {'files': files})
 
@@ -100,7 +93,7 @@ def verify(directory: str) -> Optional[str]:
     size = os.path.getsize(path)
     if size != expected.get('size'):
       return f'{rel} has {size} bytes, not {expected.get("size")} (truncated or replaced)'
-    if _digest(path) != expected.get('sha256'):
+    if sha256_of(path) != expected.get('sha256'):
       return f'{rel} does not match its sha256 (damaged)'
   return None
 
