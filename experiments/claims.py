@@ -115,6 +115,12 @@ def main(argv: Sequence[str]) -> None:
   claim = [a for a in argv[1:] if a.startswith('--claim=')]
   rest = [a for a in argv[1:] if not a.startswith('--claim=')]
   name = claim[-1].split('=', 1)[1] if claim else None
+  if name is None and any(a in ('--help', '-h', '--helpshort', '--helpfull') for a in rest):
+    print(__doc__)
+    print(f'--claim: one of {", ".join(CLAIMS)}. Every other flag (--workdir=DIR, '
+          '--steps, --seeds, --set=KEY=VALUE, ...) is the job\'s: '
+          'python -m experiments.<job> --help lists them.')
+    sys.exit(0)
   if name not in CLAIMS:
     print(f'claims: error: --claim={name!r} is invalid: must be one of '
           f'{", ".join(CLAIMS)}.', file=sys.stderr)
