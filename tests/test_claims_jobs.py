@@ -1,7 +1,6 @@
 """The claims jobs (experiments/claims.py and its five job modules): bad input, the claim
 rules on hand-made runs, and each MLP job end to end at tiny scale on synthetic data."""
 
-import json
 import os
 import sys
 
@@ -71,15 +70,6 @@ def test_stats_gradient_rules():
   assert verdicts(_sg(status='diverged at step 300', final=0.1)) == ['holds', 'holds']
 
 
-def _write_run(path, rows, status='done'):
-  os.makedirs(path)
-  with open(os.path.join(path, 'metrics.jsonl'), 'w') as f:
-    for row in rows:
-      f.write(json.dumps(row) + '\n')
-  with open(os.path.join(path, 'status.json'), 'w') as f:
-    json.dump({'status': status}, f)
-
-
 def _load(root, names):
   """The driver's records of hand-made run directories."""
   from bn_research import experiment
@@ -93,7 +83,7 @@ def test_jacobian_summary_and_rules_from_run_directories(tmp_path):
     rows = [{'step': 10 * i, 'eval_accuracy': 0.5,
              **{f'jacobian_sv_{s}/{layer}': v for s in jacobians.STATS
                 for layer in ('hidden_0', 'hidden_1')}} for i, v in enumerate(values)]
-    _write_run(tmp_path / f'{network}_seed0', rows)
+    helpers.write_run(tmp_path / f'{network}_seed0', rows)
   s = jacobians.summarize(_load(tmp_path, ['bn_seed0', 'baseline_seed0']),
                           _args(jacobians))
   assert s['networks']['bn']['layers'] == ['hidden_0', 'hidden_1']
@@ -116,7 +106,7 @@ def test_saturation_summary_rule_and_histogram_moments(tmp_path):
         row[f'saturation_4/{layer}'] = end * i / 8
         row.update({f'input_hist/{layer}/{b}': float(j == i) for j, b in enumerate(bins)})
       rows.append(row)
-    _write_run(tmp_path / f'mnist_{network}', rows)
+    helpers.write_run(tmp_path / f'mnist_{network}', rows)
   s = saturation.summarize(_load(tmp_path, ['mnist_bn', 'mnist_baseline']),
                            _args(saturation, data='mnist'))
   base = s['datasets']['mnist']['baseline']

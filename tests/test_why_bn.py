@@ -1,6 +1,5 @@
 """The why-BN experiment: its configs, and its summary of measurement rows."""
 
-import json
 import os
 
 import numpy as np
@@ -8,15 +7,6 @@ import pytest
 
 from experiments import why_bn
 from tests import helpers
-
-
-def _write_run(path, rows, status='done'):
-  os.makedirs(path)
-  with open(os.path.join(path, 'metrics.jsonl'), 'w') as f:
-    for row in rows:
-      f.write(json.dumps(row) + '\n')
-  with open(os.path.join(path, 'status.json'), 'w') as f:
-    json.dump({'status': status}, f)
 
 
 def _rows(scale, seed):
@@ -38,8 +28,8 @@ def _rows(scale, seed):
 
 def test_summary_means_and_comparison_from_run_directories(tmp_path):
   bn_rows, base_rows = _rows(0.1, 0), _rows(10.0, 1)
-  _write_run(tmp_path / 'bn', bn_rows)
-  _write_run(tmp_path / 'baseline', base_rows)
+  helpers.write_run(tmp_path / 'bn', bn_rows)
+  helpers.write_run(tmp_path / 'baseline', base_rows)
   summary = why_bn.summarize(str(tmp_path), ['bn', 'baseline'])
   bn = summary['bn']
   assert bn['layers'] == ['hidden_0', 'hidden_1', 'logits']
