@@ -77,7 +77,8 @@ from bn_research import sweep as sweep_lib
 COLORS = {'bn': 'tab:blue', 'batch_norm': 'tab:blue', 'baseline': 'tab:orange',
           'none': 'tab:orange', 'noisy_bn': 'tab:olive', 'noisy_batch_norm': 'tab:olive',
           'batch_renorm': 'tab:green', 'layer_norm': 'tab:purple', 'group_norm': 'tab:red',
-          'virtual_batch_norm': 'tab:cyan'}
+          'virtual_batch_norm': 'tab:cyan', 'stop_gradient': 'tab:brown',
+          'stop_gradient_batch_norm': 'tab:brown'}
 
 _KINDS = {int: 'an integer', float: 'a number', str: 'text', bool: 'true or false',
           'ints': 'integers separated by commas', 'floats': 'numbers separated by commas',

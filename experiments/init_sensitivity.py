@@ -107,7 +107,8 @@ def plot(summary: dict):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
-  for network, color in zip(NETWORKS, ('C0', 'C3')):
+  for network in NETWORKS:
+    color = experiment.COLORS[network]
     rows = summary['networks'][network]
     ax0.plot([r['stddev'] for r in rows], [r['final_accuracy'] for r in rows], 'o-',
              color=color, label=network)

@@ -96,7 +96,8 @@ def plot(summary: dict):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for (network, s), color in zip(summary['networks'].items(), ('C0', 'C3')):
+  for network, s in summary['networks'].items():
+    color = experiment.COLORS[network]
     for layer, style in zip(s['layers'], ('-', '--', ':', '-.')):
       for ax, stat in zip(axes, ('mean', 'log_spread')):
         if s[stat][layer]:

@@ -107,7 +107,8 @@ def plot(summary: dict):
   fig, axes = plt.subplots(len(datasets), 4, figsize=(17, 3.6 * len(datasets)), squeeze=False)
   for row, data in zip(axes, datasets):
     per = summary['datasets'][data]
-    for (network, s), color in zip(per.items(), ('C0', 'C3')):
+    for network, s in per.items():
+      color = experiment.COLORS[network]
       for layer, style in zip(s['layers'], ('-', '--', ':')):
         if s['saturation_2'][layer]:
           x, y = zip(*s['saturation_2'][layer])

@@ -119,7 +119,8 @@ def plot(summary: dict):
   panels = (('bias_norm', 'pre-normalisation bias norm'), ('kernel_norm', 'kernel norm'),
             ('train_loss', 'training loss'), ('eval_accuracy', 'held-out accuracy'))
   for ax, (key, title) in zip(axes, panels):
-    for (network, s), color in zip(summary['networks'].items(), ('C0', 'C3')):
+    for network, s in summary['networks'].items():
+      color = experiment.COLORS[network]
       if s[key]:
         x, y = zip(*s[key])
         ax.plot(x, y, color=color, label=network)
