@@ -226,16 +226,21 @@ def np_batch_norm(x, gamma, beta, axes, eps):
 
 
 def train_few_steps(model, x, labels, *, steps: int = 3, learning_rate: float = 0.05,
-                    **apply_kwargs):
+                    variables=None, **apply_kwargs):
   """Trains a Flax classifier on one fixed batch for a few plain gradient steps (train
   mode, batch statistics updated, dropout rng given); returns (losses before each step,
   final variables). On a fixed batch with a small step the loss must fall: a network
-  that only builds, or whose gradients are wrong, does not pass that."""
+  that only builds, or whose gradients are wrong, does not pass that.
+
+  `variables` (e.g. filled in with NumPy) replaces `model.init`, whose random
+  initialisers can cost more to compile than the training step.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  variables = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)},
-                         x, train=False, **apply_kwargs)
+  if variables is None:
+    variables = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)},
+                           x, train=False, **apply_kwargs)
   params, state = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
 
   @jax.jit
@@ -256,6 +261,26 @@ def train_few_steps(model, x, labels, *, steps: int = 3, learning_rate: float = 
     params, state, loss = step(params, state)
     losses.append(float(loss))
   return losses, {'params': params, **state}
+
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[list[str]]:
+  """Within the block, the names of the functions JAX hands to XLA to compile (one entry
+  per executable requested, whether XLA builds it or the persistent cache supplies it);
+  the list is filled in as the block runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  names: list[str] = []
+
+  def listener(event: str, duration: float, **kwargs) -> None:
+    del duration
+    if event == '/jax/core/compile/backend_compile_duration':
+      names.append(str(kwargs.get('fun_name', '?')))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def write_run(path, rows: list[dict], status: str = 'done') -> None:
