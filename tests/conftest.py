@@ -1,6 +1,43 @@
-"""Shared fixtures."""
+"""Shared fixtures, the session's compilation cache and the `slow` marker."""
+
+import os
+import shutil
+import sys
+import tempfile
 
 import pytest
+
+# ------------------------------------------------------------- compilation cache
+#
+# One persistent JAX compilation cache for the whole session, in a new temporary
+# directory (removed at the end): a program compiled by one test (the tiny MLP's
+# training chunk, its evaluation, an Inception step) is loaded from disk by every later
+# test and by every process the tests start, instead of compiled again. The cache is
+# empty when a session starts, so a fresh clone compiles everything itself; its keys
+# cover the program, the compile options (XLA's optimisation level included), the
+# devices and the JAX version, so a program is never taken for another. Set here, at
+# import, because JAX reads these variables when it is imported (the test modules
+# import it after this file); processes the tests start inherit them.
+_CACHE_DIR = tempfile.mkdtemp(prefix='bn_research_tests_jax_cache_')
+_CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': _CACHE_DIR,
+              # Every program, however quick to compile: the small ones add up.
+              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+              'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+_ENV_BEFORE = {k: os.environ.get(k) for k in _CACHE_ENV}
+os.environ.update(_CACHE_ENV)
+if 'jax' in sys.modules:  # imported first by a plugin: its config already read the env
+  from bn_research import compile_cache  # pylint: disable=g-import-not-at-top
+  compile_cache.enable(_CACHE_DIR)
+
+
+def pytest_unconfigure(config):
+  del config
+  for key, value in _ENV_BEFORE.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')
@@ -13,20 +50,6 @@ def fast_compiles():
   jax.config.update('jax_disable_most_optimizations', True)
   yield
   jax.config.update('jax_disable_most_optimizations', before)
-
-
-@pytest.fixture(scope='session', autouse=True)
-def _private_compilation_cache(tmp_path_factory):
-  """Runs launched by the tests use a compilation cache of their own, not the user's
-  ~/.cache (bn_research.main turns the cache on by default)."""
-  import os
-  before = os.environ.get('JAX_COMPILATION_CACHE_DIR')
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
-  yield
-  if before is None:
-    os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)
-  else:
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = before
 
 
 # ---------------------------------------------------------------- the `slow` marker
