@@ -21,6 +21,7 @@ import numpy as np
 
 from bn_research import config as config_lib
 from bn_research import inputs as inputs_lib
+from bn_research import models
 from bn_research import rundir
 from bn_research.engine import distributed
 from bn_research.engine import loop
@@ -61,9 +62,10 @@ def check_sweepable(config: ml_collections.ConfigDict, keys: Sequence[str]) -> N
         f'--vmap cannot sweep {", ".join(repr(k) for k in bad)}: it changes the '
         f'program\'s structure; keys that can be vmapped: {", ".join(state_lib.SWEEPABLE)}. '
         'Sweep it without --vmap.')
-  if 'model.init_stddev' in keys and config.model.name != 'mlp':
-    raise SweepError(f'model.init_stddev is read only by the MLP, not by '
-                     f'model.name={config.model.name!r}: nothing to sweep.')
+  ignored = [k for k in keys if k.startswith('model.') and not models.reads(config.model, k)]
+  if ignored:
+    raise SweepError(f'{ignored[0]} is not read by model.name={config.model.name!r}: '
+                     'nothing to sweep.')
   if config.parallelism != 'jit':
     raise SweepError(f'--vmap builds a jit program on a members x data mesh: needs '
                      f'parallelism=jit, got {config.parallelism!r}.')

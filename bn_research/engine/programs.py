@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bn_research import inputs as inputs_lib
+from bn_research import models
 from bn_research import normalization
 from bn_research.engine import state as state_lib
 from bn_research.engine import steps
@@ -269,7 +270,8 @@ class JitProgram(Program):
 
     source = data.source
     self._resident = jax.device_put(source.resident, self._replicated)
-    convolutional = config.model.name != 'mlp'
+    # Image models need the shared input broadcast to the member axis (`member_vmap`).
+    convolutional = models.entry_for(config.model).images
     shared_chunk = (3,) if convolutional and not own_data else ()
     init_fn = steps.make_init(builder)
     run_chunk = _outputs_pair(
