@@ -277,12 +277,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   """
   checks.check_keys(config, key_specs(config))
   parse_compiler_options(config.compiler_options)
-  if num_devices is not None:
-    for key in ('batch_size', 'eval_batch_size'):
-      if config[key] % num_devices:
-        raise ValueError(
-            f'{key}={config[key]} is not divisible by the {num_devices} devices it is '
-            'split over; use a multiple of the device count (or set num_devices).')
   if config.optimizer.trainable == 'batch_norm' and config.model.normalizer == 'none':
     raise ValueError("optimizer.trainable='batch_norm' trains only the normalizers' gamma and "
                      "beta, but model.normalizer='none'; allowed: any other normalizer.")
@@ -294,12 +288,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   if m.virtual_batch_size and m.normalizer in ('layer_norm', 'group_norm'):
     raise ValueError(f'model.virtual_batch_size={m.virtual_batch_size!r} does not apply to '
                      f'model.normalizer={m.normalizer!r} (per-example statistics); allowed: 0.')
-  if m.virtual_batch_size and m.normalizer != 'none':
-    per_device = config.batch_size // (num_devices or 1)
-    if per_device % m.virtual_batch_size:
-      raise ValueError(
-          f'model.virtual_batch_size={m.virtual_batch_size} does not divide the per-device '
-          f'batch of {per_device} (batch_size={config.batch_size} over {num_devices or 1} devices).')
+  check_devices(config, num_devices or 1)
   models.validate_model_config(m)
 
   if _is_imagenet(config):
@@ -339,6 +328,24 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     raise ValueError(f'measure.every_steps={measure.every_steps}: the measurements run on '
                      'in-memory data under parallelism=jit (not pmap, not the streamed '
                      'imagenet2012); set measure.every_steps=0.')
+
+
+def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """The checks of `validate_config` that depend on the device count: the batches and
+  BN's ghost batches must split over `num_devices`. For a config already validated
+  without knowing the devices (the engine learns them after start-up)."""
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % num_devices:
+      raise ValueError(
+          f'{key}={config[key]} is not divisible by the {num_devices} devices it is '
+          'split over; use a multiple of the device count (or set num_devices).')
+  m = config.model
+  if m.virtual_batch_size and m.normalizer != 'none':
+    per_device = config.batch_size // num_devices
+    if per_device % m.virtual_batch_size:
+      raise ValueError(
+          f'model.virtual_batch_size={m.virtual_batch_size} does not divide the per-device '
+          f'batch of {per_device} (batch_size={config.batch_size} over {num_devices} devices).')
 
 
 def _validate_probe(config: ml_collections.ConfigDict) -> None:

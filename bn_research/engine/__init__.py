@@ -5,4 +5,12 @@
   programs.py  layouts (jit over a mesh, vmapped members on members x data, pmap) -> Program
   loop.py      the only training loop: chunk ends, divergence, cadence, periodic actions
   api.py       train_and_evaluate (a plain run), train_members (a member sweep)
+
+`SweepError` lives here, without JAX, so that the run plan (`bn_research.plan`), which
+raises it too, shares the class without importing the engine.
 """
+
+
+class SweepError(ValueError):
+  """A plan, sweep or sweep value that cannot run; the message is one line."""
+
