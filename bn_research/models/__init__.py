@@ -50,8 +50,7 @@ class ModelEntry:
     keys: {'model.key': (spec, default)} for the keys it reads beyond `SHARED_KEYS`. Two
       models may declare the same key only with the same spec and default.
     activations: the values of `model.activation` it accepts.
-    normalized_widths: m -> the widths of the layers a normalizer follows (each width
-      at least once).
+    normalized_widths: m -> the width of every layer a normalizer follows.
     hidden_widths: m -> the widths of its hidden layers, whose nonlinearity inputs it
       sows as `intermediates['hidden_{i}']` (the probe of Figure 1 and the Jacobian and
       saturation measurements read them); None: it has none.

@@ -89,12 +89,12 @@ def scaled_width(width: int, multiplier: float) -> int:
 def normalized_widths(width_multiplier: float = 1.0, table: str = 'paper') -> list[int]:
   """The width of every convolution unit (each followed by the normalizer), in order.
 
-  The stem's units and every branch of every module; what a normalizer that splits
-  channels (group_norm's groups) must divide.
+  The stem's units and every unit of every module (the double-3x3 branch has two of
+  one width); what a normalizer that splits channels (group_norm's groups) must divide.
   """
   w = lambda d: scaled_width(d, width_multiplier)
   widths = [w(STEM_WIDTHS[k]) for k in ('conv1', 'conv2_reduce', 'conv2')]
   for s in module_table(table):
     widths += [w(d) for d in (s.conv1x1, s.reduce3x3, s.conv3x3, s.reduce_double3x3,
-                              s.double3x3, s.pool_proj) if d]
+                              s.double3x3, s.double3x3, s.pool_proj) if d]
   return widths
