@@ -23,7 +23,7 @@ from bn_research import config as config_lib
 from bn_research import inputs as inputs_lib
 from bn_research import models
 from bn_research import rundir
-from bn_research.engine import SweepError  # pylint: disable=unused-import
+from bn_research.engine import SweepError
 from bn_research.engine import distributed
 from bn_research.engine import loop
 from bn_research.engine import programs
