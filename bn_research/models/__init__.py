@@ -67,6 +67,8 @@ class ModelEntry:
 
   def build(self, m: ml_collections.ConfigDict, *, num_classes: int,
             norm_kwargs: Mapping[str, Any]) -> Any:
+    """The Flax module for the config's `model` part `m` (importing the builder's
+    module on first use)."""
     builder = self.builder
     if isinstance(builder, str):
       module, _, function = builder.partition(':')
