@@ -65,7 +65,8 @@ Design
 * Training preprocessing (Inception recipe): random crop covering 8%-100% of the
   image area with aspect ratio (w/h) in [3/4, 4/3] (log-uniform), up to
   `crop_max_attempts` (10) tries, else the evaluation centre crop; resize to
-  `image_size` (bilinear, antialiased); horizontal flip with probability 1/2 (all on
+  `image_size` (bilinear without antialiasing, as TF-slim's; the JPEG decoder's DCT
+  scaling does the large reductions); horizontal flip with probability 1/2 (all on
   the host, in uint8); then, on the device, photometric distortions in a random order
   per example, clipping to [0, 1] after each:
 
@@ -89,9 +90,9 @@ Design
   Inception models do; 'mean_std' subtracts the ImageNet RGB mean (0.485, 0.456,
   0.406) and divides by the std (0.229, 0.224, 0.225).
 * Decoding: PIL decodes the JPEG bytes straight to uint8, at a reduced DCT scale when
-  the crop is at least twice the output size (`_crop_resize`). grain runs the
-  examples: `num_workers` worker processes (0: in this process), each keeping
-  `prefetch` batches ready; the stream is a `grain.MapDataset` indexed by step, so
+  the crop is at least twice the output size; OpenCV resizes (`_crop_resize`).
+  grain runs the examples: `num_workers` worker processes (0: in this process), each
+  keeping `prefetch` batches ready; the stream is a `grain.MapDataset` indexed by step, so
   opening it at step s is the whole of resuming.
 """
 
@@ -106,6 +107,7 @@ import os
 import weakref
 from typing import Any, Iterator, Optional, Sequence
 
+import cv2
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -132,6 +134,10 @@ PREPARE_HELP = (
 # from unrelated random streams.
 _ORDER_STREAM = 0x0D0
 _AUGMENT_STREAM = 0xA06
+
+# One OpenCV thread: the host's unit of parallelism is a grain worker process, and
+# OpenCV's own thread pool in each of them would only compete for the same cores.
+cv2.setNumThreads(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,35 +399,40 @@ def open_image(image: Any) -> Image.Image:
   return Image.fromarray(np.ascontiguousarray(arr[..., :3] if arr.ndim == 3 else arr))
 
 
-# The reduced-scale decode keeps the crop at least this many times the output size, so
-# that the bilinear antialiasing filter, not the decoder's DCT scaling, still does most
-# of the reduction (PIL's `thumbnail` uses the same margin, its `reducing_gap`).
-_DRAFT_GAP = 2
-
-
 def _crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
   """uint8 (size, size, 3): the box (top, left, h, w) of `img`, resized bilinearly.
 
+  The resize is bilinear interpolation at half-pixel centres with the crop's edge
+  pixels repeated, without an antialiasing filter: what TF-slim's Inception
+  preprocessing does (`tf.image.resize_images`, bilinear), computed by OpenCV
+  (`cv2.INTER_LINEAR`, 11-bit fixed-point weights, so within one uint8 level of the
+  exact float result; tests/test_grain_input.py checks it against float64 NumPy).
+
   A JPEG not yet decoded is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
-  keeps the box at least `_DRAFT_GAP` x `size` pixels on each side (`Image.draft`):
-  the decoder then drops detail the resize would have filtered away anyway, so the
-  result stays within resampling tolerance of a full decode (tests/test_grain_input.py
-  bounds the difference) at a fraction of the decoding work. Crops smaller than
-  that (most 224-pixel crops of ImageNet-sized photos) are decoded in full.
+  keeps the box at least `size` pixels on each side (`Image.draft`): the decoder's
+  scaled inverse DCT is a low-pass filter, so the bilinear step then reduces by less
+  than 2 on the box's shorter side and skips no pixel there, and decoding costs a
+  fraction of a full decode. The box is mapped to the reduced image and rounded to
+  whole pixels there (a shift of at most half a reduced pixel).
   """
   top, left, h, w = box
   height, width = img.height, img.width
-  if img.format == 'JPEG':                 # a no-op once decoded
-    scale = _DRAFT_GAP * size
-    img.draft('RGB', (math.ceil(width * scale / w), math.ceil(height * scale / h)))
+  reduction = 1.0                          # the decoder's DCT scale: 1, 2, 4 or 8
+  if img.format == 'JPEG':
+    # None once decoded; else (mode, (0, 0, width / scale, height / scale)).
+    drafted = img.draft('RGB', (math.ceil(width * size / w), math.ceil(height * size / h)))
+    if drafted is not None:
+      reduction = width / drafted[1][2]
   if img.mode not in ('RGB', 'L'):
     img = img.convert('RGB')               # CMYK, palette: convert before resampling
-  sx, sy = img.width / width, img.height / height
-  out = img.resize((size, size), Image.Resampling.BILINEAR,
-                   box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
-  if out.mode != 'RGB':
-    out = out.convert('RGB')               # grayscale: after resizing, on fewer pixels
-  return np.asarray(out, dtype=np.uint8)
+  pixels = np.asarray(img, dtype=np.uint8)  # decodes
+  t, l = round(top / reduction), round(left / reduction)
+  crop = pixels[t:max(t + 1, round((top + h) / reduction)),
+                l:max(l + 1, round((left + w) / reduction))]
+  out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+  if out.ndim == 2:
+    out = np.repeat(out[:, :, None], 3, axis=2)  # grayscale: after resizing, on fewer pixels
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
