@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import os
 import platform
 import sys
@@ -49,109 +48,10 @@ from absl import logging
 
 TOP_K = 5
 
-# ---------------------------------------------------------------- crop views
-
-SCALES = (0.875, 0.75, 0.625)
-POSITIONS = ('center', 'top_left', 'top_right', 'bottom_left', 'bottom_right')
-MAX_CROPS = 1 + len(SCALES) * len(POSITIONS)
-
-
-@dataclasses.dataclass(frozen=True)
-class View:
-  """One view of an image: the window at `scale` of the side, at `position`, resized
-  back to the image's size, mirrored left-right if `flip`."""
-  scale: float = 1.0
-  position: str = 'center'
-  flip: bool = False
-
-  @property
-  def name(self) -> str:
-    return (f'{self.position}@{self.scale:g}' + (',flip' if self.flip else ''))
-
-
-def _crops(n: int) -> list[View]:
-  """The first n crops: the whole image, then each scale's centre and corners."""
-  windows = [View()] + [View(s, p) for s in SCALES for p in POSITIONS]
-  return windows[:n]
-
-
-def parse_scheme(text: str) -> list[View]:
-  """The views of a crop scheme: 'center', 'flip' or 'multi:N'.
-
-  Raises:
-    ValueError: one line naming the scheme and what is allowed.
-  """
-  allowed = f'center, flip, or multi:N with N in [1, {MAX_CROPS}]'
-  if text == 'center':
-    return [View()]
-  if text == 'flip':
-    return [View(), View(flip=True)]
-  kind, _, count = text.partition(':')
-  if kind != 'multi' or not count.isdigit() or not 1 <= int(count) <= MAX_CROPS:
-    raise ValueError(f'--crops={text!r}; allowed: {allowed}.')
-  return [dataclasses.replace(v, flip=f) for v in _crops(int(count)) for f in (False, True)]
-
-
-def window(view: View, height: int, width: int) -> tuple[int, int, int, int]:
-  """(top, left, crop height, crop width) of the view's window in an image."""
-  ch, cw = round(view.scale * height), round(view.scale * width)
-  rows = {'center': (height - ch) // 2, 'top_left': 0, 'top_right': 0,
-          'bottom_left': height - ch, 'bottom_right': height - ch}
-  cols = {'center': (width - cw) // 2, 'top_left': 0, 'bottom_left': 0,
-          'top_right': width - cw, 'bottom_right': width - cw}
-  return rows[view.position], cols[view.position], ch, cw
-
-
-def check_scheme_fits(text: str, views: Sequence[View], height: int, width: int) -> None:
-  """Every crop of a scheme must be a window of at least 2 pixels a side that is not
-  the whole image (else it is the whole image again, or not an image).
-
-  Raises:
-    ValueError: one line naming the scheme, the image size and the largest that fits.
-  """
-  def fits(view):
-    _, _, ch, cw = window(view, height, width)
-    return view.scale == 1.0 or (2 <= ch < height and 2 <= cw < width)
-  if all(fits(v) for v in views):
-    return
-  largest = max((n for n in range(1, MAX_CROPS + 1) if all(map(fits, _crops(n)))))
-  raise ValueError(f'--crops={text!r} does not fit the {height}x{width} images (a crop would '
-                   'be the whole image or under 2 pixels); allowed for them: center, flip, '
-                   f'multi:N with N <= {largest}.')
-
-
-def interpolation_matrix(out_size: int, start: int, length: int, in_size: int):
-  """(out_size, in_size) bilinear weights that resize pixels [start, start + length) of
-  a row to out_size pixels (half-pixel centres; edge pixels repeat past the ends)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  a = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    src = min(max((i + 0.5) * length / out_size - 0.5, 0.0), length - 1.0)
-    lo = int(math.floor(src))
-    hi = min(lo + 1, length - 1)
-    frac = src - lo
-    a[i, start + lo] += 1.0 - frac
-    a[i, start + hi] += frac
-  return a
-
-
-def view_matrices(view: View, height: int, width: int):
-  """(rows (H, H), cols (W, W)) float32: view = rows @ image @ cols.T per channel."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  top, left, ch, cw = window(view, height, width)
-  rows = interpolation_matrix(height, top, ch, height)
-  cols = interpolation_matrix(width, left, cw, width)
-  if view.flip:
-    cols = cols[::-1]
-  return rows.astype(np.float32), np.ascontiguousarray(cols).astype(np.float32)
-
-
-def apply_view(images, rows, cols):
-  """(N, H, W, C) images -> the view (N, H, W, C): a crop, resize and flip in one."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  return jnp.einsum('oh,nhwc,pw->nopc', rows, images, cols,
-                    precision='highest').astype(images.dtype)
-
+# The crop views live in bn_research.crops; their names stay importable from here.
+from bn_research.crops import (  # pylint: disable=g-import-not-at-top,unused-import
+    MAX_CROPS, POSITIONS, SCALES, View, apply_view, check_scheme_fits,
+    interpolation_matrix, parse_scheme, view_matrices, window)
 
 # ---------------------------------------------------------------- the runs
 
@@ -447,67 +347,9 @@ def ensemble_vs_best_single(rows: Sequence[dict]) -> list[dict]:
   return out
 
 
-# ---------------------------------------------------------------- files
-
-
-def default_out(workdirs: Sequence[str]) -> str:
-  """The directory holding the runs (their parents' common directory)."""
-  parents = [os.path.dirname(os.path.abspath(w)) for w in workdirs]
-  return os.path.commonpath(parents)
-
-
-def markdown(record: dict) -> str:
-  """The record as a Markdown table, one row per run (or ensemble) and crop scheme."""
-  k = record['top_k']
-  base = os.path.commonpath([os.path.abspath(r['workdir']) for r in record['runs']])
-  lines = [f'| run | step | crops | views | top-1 acc | top-{k} acc | top-1 err | '
-           f'top-{k} err | NLL | examples |',
-           '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
-  steps = {r['workdir']: r['step'] for r in record['runs']}
-  for row in record['rows']:
-    name = (row['name'] if row['name'] == 'ensemble'
-            else os.path.relpath(os.path.abspath(row['name']), os.path.dirname(base)))
-    top1, topk = row['top1_accuracy'], row[f'top{k}_accuracy']
-    lines.append(f'| {name} | {steps.get(row["name"], "")} | {row["crops"]} | {row["views"]} '
-                 f'| {top1:.4f} | {topk:.4f} | {1 - top1:.2%} | {1 - topk:.2%} | '
-                 f'{row["nll"]:.4f} | {row["count"]} |')
-  if record.get('ensemble_vs_best_single'):
-    lines += ['', f'| crops | best single run | its top-1 err | ensemble top-1 err | '
-              f'its top-{k} err | ensemble top-{k} err |', '|---|---|---:|---:|---:|---:|']
-    for c in record['ensemble_vs_best_single']:
-      name = os.path.relpath(os.path.abspath(c['best_single']), os.path.dirname(base))
-      lines.append(f'| {c["crops"]} | {name} | {1 - c["best_single_top1_accuracy"]:.2%} | '
-                   f'{1 - c["ensemble_top1_accuracy"]:.2%} | '
-                   f'{1 - c[f"best_single_top{k}_accuracy"]:.2%} | '
-                   f'{1 - c[f"ensemble_top{k}_accuracy"]:.2%} |')
-  stats = sorted({r['batch_stats'] for r in record['runs']})
-  if record.get('note'):
-    lines += ['', record['note']]
-  lines += ['', f'BN statistics at inference: {", ".join(stats)}.',
-            f'Command: `{record["command"]}`', f'Date: {record["date"]}; machine: '
-            f'{record["machine"]}.']
-  return '\n'.join(lines) + '\n'
-
-
-def write(record: dict, out: str, name: str) -> tuple[str, str]:
-  """Writes OUT/NAME.json and OUT/NAME.md (each atomically); returns their paths."""
-  from bn_research import rundir  # pylint: disable=g-import-not-at-top
-  os.makedirs(out, exist_ok=True)
-  json_path, md_path = os.path.join(out, name + '.json'), os.path.join(out, name + '.md')
-  rundir.write_json(json_path, record, sort_keys=False)
-  tmp = md_path + f'.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
-    f.write(markdown(record))
-  os.replace(tmp, md_path)
-  return json_path, md_path
-
-
-def check_out(out: str, name: str) -> None:
-  """ValueError unless OUT can hold the results (checked before anything runs)."""
-  if not name or os.sep in name or name.startswith('.'):
-    raise ValueError(f'--name={name!r}; allowed: a plain file name without .json / .md.')
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f'--out={out!r} is a file; allowed: a directory (made if missing).')
+# The result files live in bn_research.evaluation_files; their names stay importable.
+from bn_research.evaluation_files import (  # pylint: disable=g-import-not-at-top,unused-import
+    check_out, default_out, markdown, write)
 
 
 def _define_flags() -> None:
