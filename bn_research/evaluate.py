@@ -214,7 +214,7 @@ class _Member:
   params: Any
   batch_stats: Any
   logits: Any
-  eval_batches: list
+  eval_batches: Any  # the held-out batches, each sharded over the devices
   matrices: list
   to_input: Any = None  # the source's `materialize_eval`: host batch -> network input
 
@@ -238,7 +238,7 @@ def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[V
   to_input = members[0].to_input or (lambda b: b)
   for batch in members[0].eval_batches:
     # Streamed ImageNet sends uint8 images; they are normalised on the device.
-    images = jnp.asarray(to_input({'image': jnp.asarray(batch['image'])})['image'])
+    images = to_input({'image': batch['image']})['image']
     member_probs = {scheme: [] for scheme in plan.schemes}
     for m in members:
       logits = jnp.stack([m.logits(m.params, m.batch_stats, images, *mats)
@@ -263,6 +263,7 @@ def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
     ValueError: one line (a scheme that does not fit the images, no checkpoint that
       restores, or the data's own refusal), before anything is compiled.
   """
+  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bn_research import inputs  # pylint: disable=g-import-not-at-top
   from bn_research import rundir  # pylint: disable=g-import-not-at-top
@@ -274,6 +275,12 @@ def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
     height, width = np.shape(data.sample_image)[1:3]
     for text, views in plan.schemes.items():
       check_scheme_fits(text, views, height, width)
+    devices = jax.local_device_count()
+    if run.config.eval_batch_size % devices:
+      raise ValueError(f'--workdir={run.workdir!r}: eval_batch_size='
+                       f'{run.config.eval_batch_size} cannot be split over the {devices} '
+                       'devices here; allowed: a multiple of the device count (set '
+                       'JAX_PLATFORMS / CUDA_VISIBLE_DEVICES to use fewer).')
     state = rundir.load_latest(run.workdir)
     if state is None:
       raise ValueError(f'--workdir={run.workdir!r}: no checkpoint in '
@@ -289,8 +296,10 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
     plan: from `make_plan`.
     loaded: the runs' data and checkpoints from `load_runs(plan)` (loaded here if None).
   """
+  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from bn_research.engine import programs  # pylint: disable=g-import-not-at-top
   from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
 
   loaded = load_runs(plan) if loaded is None else loaded
@@ -303,9 +312,14 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
     stats, kind = _inference_statistics(run, plan, builder, data, state['params'],
                                         state.get('batch_stats') or {})
     height, width = (int(n) for n in np.shape(data.sample_image)[1:3])
+    # The engine's placement on every local device (a plain run's program, jit over a
+    # 1-D data mesh): the variables replicated, each held-out batch sharded.
+    program = programs.JitProgram(config, data, jax.local_devices(), hparams={},
+                                  num_members=1, vmapped=False)
+    variables = program.place([{'params': state['params'], 'batch_stats': stats}])
     members.append(_Member(
-        run.workdir, state['params'], stats, _member_logits_fn(builder),
-        data.eval_batches(),
+        run.workdir, variables['params'], variables['batch_stats'],
+        _member_logits_fn(builder), program._placed_eval_batches(),  # pylint: disable=protected-access
         [tuple(jnp.asarray(m) for m in view_matrices(v, height, width)) for v in views],
         data.source.materialize_eval))
     descriptions.append({
@@ -314,7 +328,7 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
         'seed': config.seed, 'learning_rate': config.optimizer.learning_rate,
         'batch_size': config.batch_size, 'dataset': data.description.get('dataset'),
         'num_classes': data.num_classes, 'batch_stats': kind,
-        'image_size': [height, width]})
+        'image_size': [height, width], 'devices': program.mesh['data']})
   totals: dict = {}
   if plan.ensemble:
     _evaluate_together(members, plan, views, True, totals)

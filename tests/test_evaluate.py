@@ -222,6 +222,38 @@ def test_command_writes_json_and_markdown(runs, tmp_path):
   assert math.isfinite(record['rows'][-1]['nll'])
 
 
+def test_two_devices_give_the_one_device_result(runs, tmp_path):
+  """Each held-out batch sharded over 2 (forced host) devices, the variables
+  replicated: every row (top-1, top-5, NLL, count) equals the 1-device evaluation's,
+  for single runs, multi-crop and the ensemble."""
+  records = {}
+  for devices in (1, 2):
+    out = tmp_path / f'devices{devices}'
+    proc = helpers.run_module('bn_research.evaluate',
+                              [f'--workdir={runs / "a"}', f'--workdir={runs / "c"}',
+                               '--crops=center,multi:3', '--ensemble', f'--out={out}'],
+                              devices=devices)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records[devices] = helpers.read_json(out / 'evaluation.json')
+  assert [r['devices'] for r in records[2]['runs']] == [2, 2]
+  assert len(records[1]['rows']) == len(records[2]['rows']) == 6
+  for one, two in zip(records[1]['rows'], records[2]['rows']):
+    assert (two['name'], two['crops'], two['count']) == (one['name'], one['crops'],
+                                                          one['count'])
+    for key in ('top1_accuracy', 'top5_accuracy', 'nll'):
+      assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (one['name'], key)
+
+
+def test_an_eval_batch_the_devices_cannot_split_is_refused(runs, tmp_path):
+  _copy_run(runs / 'a', tmp_path / 'odd', eval_batch_size=63)
+  proc = helpers.run_module('bn_research.evaluate', [f'--workdir={tmp_path / "odd"}',
+                                                     f'--out={tmp_path / "out"}'], devices=2)
+  assert proc.returncode == 2
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert 'eval_batch_size=63' in proc.stderr and '2 devices' in proc.stderr
+  assert not (tmp_path / 'out').exists()
+
+
 # ---------------------------------------------------------------- refusals
 
 
