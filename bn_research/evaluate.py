@@ -15,9 +15,9 @@ config.json (the engine's `steps.Builder`), then evaluated on its held-out set:
   mirror image), `multi:N` (N crops, each with its mirror: 2N views; the first crop is
   the whole image, then the centre and four corners at scales 0.875, 0.75 and 0.625
   of the side, each resized back to the network's input size with bilinear weights;
-  N <= 16). GoogLeNet's 144-crop inference, which the paper's ensemble used, takes
-  crops of the photograph at four resizings; here the crops are of the evaluation
-  image the run's pipeline produces (on ImageNet the centre crop of its resize);
+  N <= 16), and `multi:144`, GoogLeNet's 144 crops (`bn_research.crops`), which the
+  paper's ensemble used, of the stored images of in-memory datasets (streamed
+  ImageNet hands over centre crops, not photographs: refused there);
 * BN's inference statistics (`--batch_stats`): the run's own choice (`run`, default),
   the moving averages, or Algorithm 2's population statistics from the first
   `--population_batches` training batches of the run's data order (the engine's
@@ -275,6 +275,10 @@ def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
     height, width = np.shape(data.sample_image)[1:3]
     for text, views in plan.schemes.items():
       check_scheme_fits(text, views, height, width)
+      if not data.in_memory and any(v.side for v in views):
+        raise ValueError(f'--crops={text!r} needs the whole photographs, which the '
+                         'ImageNet pipeline does not hand over (it crops their centre); '
+                         'allowed for streamed data: center, flip, multi:N.')
     devices = jax.local_device_count()
     if run.config.eval_batch_size % devices:
       raise ValueError(f'--workdir={run.workdir!r}: eval_batch_size='
@@ -303,8 +307,7 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
   from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
 
   loaded = load_runs(plan) if loaded is None else loaded
-  views = sorted({v for vs in plan.schemes.values() for v in vs},
-                 key=lambda v: (-v.scale, POSITIONS.index(v.position), v.flip))
+  views = list(dict.fromkeys(v for vs in plan.schemes.values() for v in vs))
   members, descriptions = [], []
   for run, (data, state) in zip(plan.runs, loaded):
     config = run.config
@@ -371,7 +374,7 @@ def _define_flags() -> None:
   program that has its own --workdir) defines no flags."""
   flags.DEFINE_multi_string('workdir', [], 'A finished run directory (repeatable).')
   flags.DEFINE_list('crops', ['center'], 'Crop schemes: center, flip, multi:N '
-    '(N crops and their mirror images; N <= 16).')
+    '(N crops and their mirror images; N <= 16), multi:144 (GoogLeNet\'s crops).')
   flags.DEFINE_enum('batch_stats', 'run', ['run', 'moving_average', 'population'],
     "BN's inference statistics: the run's eval.batch_stats, "
     'the moving averages, or Algorithm 2 population statistics.')

@@ -101,6 +101,63 @@ def test_views_match_a_numpy_crop_resize_and_flip():
   assert len(ev.parse_scheme('multi:3')) == 6
 
 
+def _googlenet_boxes(height, width, size):
+  """GoogLeNet's 144 crops as Szegedy et al. (2014, Section 7) describe them, as
+  (top, left, h, w, mirrored) in the image's pixels: resize the shorter side to
+  size x (256, 288, 320, 352) / 224, take the 3 squares of the shorter side along
+  the longer one, from each the 4 corner and the centre size x size crops and the
+  square resized, each also mirrored."""
+  boxes = []
+  for side in (256, 288, 320, 352):
+    r = size * side / 224 / min(height, width)        # the resize factor
+    rh, rw = height * r, width * r
+    sq = min(rh, rw)
+    for q in range(3):
+      off = (max(rh, rw) - sq) * q / 2
+      st, sl = (off, 0) if rh > rw else (0, off)
+      m = sq - size
+      crops = [(st, sl, sq, sq)] + [(st + dy, sl + dx, size, size)
+                                    for dy, dx in ((0, 0), (0, m), (m, 0), (m, m),
+                                                   (m / 2, m / 2))]
+      for t, l, h, w in crops:
+        for mirrored in (False, True):
+          boxes.append((t / r, l / r, h / r, w / r, mirrored))
+  return boxes
+
+
+@pytest.mark.parametrize('height,width,size', [(300, 400, 224), (400, 300, 224),
+                                               (28, 28, 28), (50, 90, 32)])
+def test_googlenet_crops_match_an_independent_enumeration(height, width, size):
+  from bn_research import crops
+  views = crops.parse_scheme('multi:144')
+  assert len(views) == 144 == 4 * 3 * 6 * 2 and len(set(views)) == 144
+  got = sorted(tuple(round(x, 6) for x in crops.googlenet_window(v, height, width, size))
+               + (v.flip,) for v in views)
+  want = sorted(tuple(round(x, 6) for x in b[:4]) + (b[4],)
+                for b in _googlenet_boxes(height, width, size))
+  assert got == want
+  # On square images the three squares are the image: 4 sizes x 5 crops, and the
+  # image itself, each with its mirror, are the distinct windows.
+  if height == width:
+    assert len(set(got)) == (4 * 5 + 1) * 2
+
+
+def _np_window_resize(x, top, left, h, w, out):
+  """float64 bilinear resize of the (fractional) window to out x out, pixel by pixel:
+  half-pixel centres, positions past the window's edges held at them."""
+  height, width = x.shape[:2]
+  res = np.zeros((out, out) + x.shape[2:])
+  for i in range(out):
+    sy = top + min(max((i + 0.5) * h / out - 0.5, 0), h - 1)
+    y0 = int(np.floor(sy)); y1 = min(y0 + 1, height - 1); fy = sy - y0
+    for j in range(out):
+      sx = left + min(max((j + 0.5) * w / out - 0.5, 0), w - 1)
+      x0 = int(np.floor(sx)); x1 = min(x0 + 1, width - 1); fx = sx - x0
+      res[i, j] = ((1 - fy) * (1 - fx) * x[y0, x0] + (1 - fy) * fx * x[y0, x1]
+                   + fy * (1 - fx) * x[y1, x0] + fy * fx * x[y1, x1])
+  return res
+
+
 # ---------------------------------------------------------------- finished runs
 
 
@@ -201,6 +258,43 @@ def test_multi_crop_ensemble_matches_numpy(runs):
   best = max(members, key=lambda w: _row(record, w, 'multi:2')['top1_accuracy'])
   assert summary['best_single'] == str(best)
   assert summary['ensemble_top5_accuracy'] == row['top5_accuracy']
+
+
+def test_googlenet_144_crops_average_like_numpy(runs):
+  """multi:144 on a run's square images: the 144 NumPy views (the enumeration above,
+  resized pixel by pixel) through the network, NumPy softmax averaged."""
+  import jax
+  from bn_research import evaluate as ev
+  from bn_research import inputs, rundir
+  from bn_research.engine import steps
+  workdir = runs / 'a'
+  record = ev.evaluate(_plan([workdir], crops=['multi:144'], num_eval_examples=64))
+  config = ev.config_from_json(rundir.read_config(str(workdir)))
+  config.num_eval_examples = 64
+  data = inputs.load_run_data(config)
+  images = np.concatenate([b['image'][b['mask'] > 0] for b in data.eval_batches()])
+  labels = np.concatenate([b['label'][b['mask'] > 0] for b in data.eval_batches()])
+  n, size = len(images), images.shape[1]
+  assert images.shape[2] == size and n == 64
+  stacked = np.moveaxis(images.astype(np.float64), 0, 2)   # (H, W, N, C)
+  state = rundir.load_latest(str(workdir))
+  model = steps.Builder(config, 10).model({}, dropout=False)
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
+  probs = []
+  for top, left, h, w, mirrored in _googlenet_boxes(size, size, size):
+    view = np.moveaxis(_np_window_resize(stacked, top, left, h, w, size), 2, 0)
+    if mirrored:
+      view = view[:, :, ::-1]
+    logits = np.asarray(apply(view.astype(np.float32)), np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    probs.append(p / p.sum(1, keepdims=True))
+  mean = np.mean(probs, axis=0)
+  row = _row(record, workdir, 'multi:144')
+  assert row['views'] == 144 and row['count'] == 64
+  assert row['top1_accuracy'] == pytest.approx(_np_top_k(mean, labels, 1).mean())
+  assert row['top5_accuracy'] == pytest.approx(_np_top_k(mean, labels, 5).mean())
+  assert row['nll'] == pytest.approx(-np.mean(np.log(mean[np.arange(n), labels])), rel=1e-4)
 
 
 def test_command_writes_json_and_markdown(runs, tmp_path):
