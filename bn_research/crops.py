@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 SCALES = (0.875, 0.75, 0.625)
 POSITIONS = ('center', 'top_left', 'top_right', 'bottom_left', 'bottom_right')
@@ -153,19 +153,29 @@ def interpolation_matrix(out_size: int, start: float, length: float, in_size: in
   return a
 
 
-def view_matrices(view: View, height: int, width: int):
-  """(rows (H, H), cols (W, W)) float32: view = rows @ image @ cols.T per channel."""
+def view_matrices(view: View, height: int, width: int, out: Optional[int] = None):
+  """(rows (h, H), cols (w, W)) float32: view = rows @ image @ cols.T per channel.
+
+  The view is of an H x W image at its own size (h, w = H, W), or, with `out`, a
+  GoogLeNet view of a square at `out` pixels: the image is then one of the three
+  squares, resized to H = W pixels (`imagenet_images.preprocess_eval_squares`).
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  top, left, ch, cw = window(view, height, width)
-  rows = interpolation_matrix(height, top, ch, height)
-  cols = interpolation_matrix(width, left, cw, width)
+  if out is None:
+    top, left, ch, cw = window(view, height, width)
+    out_h, out_w = height, width
+  else:
+    top, left, ch, cw = googlenet_window(view, height, width, out)
+    out_h = out_w = out
+  rows = interpolation_matrix(out_h, top, ch, height)
+  cols = interpolation_matrix(out_w, left, cw, width)
   if view.flip:
     cols = cols[::-1]
   return rows.astype(np.float32), np.ascontiguousarray(cols).astype(np.float32)
 
 
 def apply_view(images, rows, cols):
-  """(N, H, W, C) images -> the view (N, H, W, C): a crop, resize and flip in one."""
+  """(N, H, W, C) images -> the view (N, h, w, C): a crop, resize and flip in one."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   return jnp.einsum('oh,nhwc,pw->nopc', rows, images, cols,
                     precision='highest').astype(images.dtype)

@@ -16,8 +16,8 @@ config.json (the engine's `steps.Builder`), then evaluated on its held-out set:
   the whole image, then the centre and four corners at scales 0.875, 0.75 and 0.625
   of the side, each resized back to the network's input size with bilinear weights;
   N <= 16), and `multi:144`, GoogLeNet's 144 crops (`bn_research.crops`), which the
-  paper's ensemble used, of the stored images of in-memory datasets (streamed
-  ImageNet hands over centre crops, not photographs: refused there);
+  paper's ensemble used (on streamed ImageNet the pipeline then hands over each
+  photograph's three squares instead of its central crop: `data.eval_views`);
 * BN's inference statistics (`--batch_stats`): the run's own choice (`run`, default),
   the moving averages, or Algorithm 2's population statistics from the first
   `--population_batches` training batches of the run's data order (the engine's
@@ -50,7 +50,7 @@ TOP_K = 5
 
 # The crop views live in bn_research.crops; their names stay importable from here.
 from bn_research.crops import (  # pylint: disable=g-import-not-at-top,unused-import
-    MAX_CROPS, POSITIONS, SCALES, View, apply_view, check_scheme_fits,
+    MAX_CROPS, POSITIONS, SCALES, SQUARES, View, apply_view, check_scheme_fits,
     interpolation_matrix, parse_scheme, view_matrices, window)
 
 # ---------------------------------------------------------------- the runs
@@ -216,6 +216,7 @@ class _Member:
   logits: Any
   eval_batches: Any  # the held-out batches, each sharded over the devices
   matrices: list
+  planes: list  # per view: which of the three squares it is of (streamed multi:144)
   to_input: Any = None  # the source's `materialize_eval`: host batch -> network input
 
 
@@ -241,8 +242,9 @@ def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[V
     images = to_input({'image': batch['image']})['image']
     member_probs = {scheme: [] for scheme in plan.schemes}
     for m in members:
-      logits = jnp.stack([m.logits(m.params, m.batch_stats, images, *mats)
-                          for mats in m.matrices])
+      logits = jnp.stack([
+          m.logits(m.params, m.batch_stats, images if p is None else images[:, p], *mats)
+          for mats, p in zip(m.matrices, m.planes)])
       for scheme, scheme_views in plan.schemes.items():
         probs = metrics.mean_softmax(logits[np.asarray([index[v] for v in scheme_views])])
         _accumulate(totals, (m.name, scheme),
@@ -271,14 +273,20 @@ def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
   for run in plan.runs:
     if plan.num_eval_examples is not None:
       run.config.num_eval_examples = plan.num_eval_examples
+    googlenet = [t for t, views in plan.schemes.items() if any(v.side for v in views)]
+    if googlenet and run.config.data.name == 'imagenet2012':
+      # Streamed photographs: the pipeline hands over their three squares instead of
+      # the central crop, so the other schemes' views cannot be taken here.
+      others = [t for t in plan.schemes if t not in googlenet]
+      if others:
+        raise ValueError(f'--crops={",".join(others)} with {googlenet[0]} on streamed '
+                         f'ImageNet ({run.workdir!r}); allowed: {googlenet[0]} alone (the '
+                         'others in an evaluation of their own).')
+      run.config.data.eval_views = 'squares'
     data = inputs.load_run_data(run.config)
     height, width = np.shape(data.sample_image)[1:3]
     for text, views in plan.schemes.items():
       check_scheme_fits(text, views, height, width)
-      if not data.in_memory and any(v.side for v in views):
-        raise ValueError(f'--crops={text!r} needs the whole photographs, which the '
-                         'ImageNet pipeline does not hand over (it crops their centre); '
-                         'allowed for streamed data: center, flip, multi:N.')
     devices = jax.local_device_count()
     if run.config.eval_batch_size % devices:
       raise ValueError(f'--workdir={run.workdir!r}: eval_batch_size='
@@ -320,10 +328,18 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
     program = programs.JitProgram(config, data, jax.local_devices(), hparams={},
                                   num_members=1, vmapped=False)
     variables = program.place([{'params': state['params'], 'batch_stats': stats}])
+    if run.config.data.get('eval_views') == 'squares':
+      from bn_research.data import imagenet_images  # pylint: disable=g-import-not-at-top
+      side = imagenet_images.squares_size(height)
+      matrices = [view_matrices(v, side, side, out=height) for v in views]
+      planes = [SQUARES.index(v.square) for v in views]
+    else:
+      matrices = [view_matrices(v, height, width) for v in views]
+      planes = [None] * len(views)
     members.append(_Member(
         run.workdir, variables['params'], variables['batch_stats'],
         _member_logits_fn(builder), program._placed_eval_batches(),  # pylint: disable=protected-access
-        [tuple(jnp.asarray(m) for m in view_matrices(v, height, width)) for v in views],
+        [tuple(jnp.asarray(m) for m in pair) for pair in matrices], planes,
         data.source.materialize_eval))
     descriptions.append({
         'workdir': run.workdir, 'step': int(state['step']), 'status': run.status.get('status'),

@@ -142,6 +142,32 @@ def test_googlenet_crops_match_an_independent_enumeration(height, width, size):
     assert len(set(got)) == (4 * 5 + 1) * 2
 
 
+@pytest.mark.parametrize('height,width', [(60, 90), (90, 60)])
+def test_googlenet_crops_of_the_three_squares_are_the_same_windows(height, width):
+  """Streamed ImageNet hands over the three squares resized to S = 352/224 of the
+  input: each view's window in its square, mapped back to the photograph, is the
+  enumerated crop."""
+  from bn_research import crops
+  from bn_research.data import imagenet_images
+  size = 32
+  side = imagenet_images.squares_size(size)
+  assert side == 50
+  short = min(height, width)
+  squares = imagenet_images.square_boxes(height, width)
+  got = []
+  for v in crops.parse_scheme('multi:144'):
+    top, left, h, w = crops.googlenet_window(v, side, side, size)
+    sq_top, sq_left, _, _ = squares[crops.SQUARES.index(v.square)]
+    k = short / side
+    got.append(tuple(round(x, 6) for x in (sq_top + top * k, sq_left + left * k, h * k, w * k))
+               + (v.flip,))
+  want = [tuple(round(x, 6) for x in b[:4]) + (b[4],)
+          for b in _googlenet_boxes(height, width, size)]
+  assert sorted(got) == sorted(want)
+  rows, cols = crops.view_matrices(crops.parse_scheme('multi:144')[0], side, side, out=size)
+  assert rows.shape == cols.shape == (size, side)
+
+
 def _np_window_resize(x, top, left, h, w, out):
   """float64 bilinear resize of the (fractional) window to out x out, pixel by pixel:
   half-pixel centres, positions past the window's edges held at them."""
@@ -295,6 +321,66 @@ def test_googlenet_144_crops_average_like_numpy(runs):
   assert row['top1_accuracy'] == pytest.approx(_np_top_k(mean, labels, 1).mean())
   assert row['top5_accuracy'] == pytest.approx(_np_top_k(mean, labels, 5).mean())
   assert row['nll'] == pytest.approx(-np.mean(np.log(mean[np.arange(n), labels])), rel=1e-4)
+
+
+def test_googlenet_144_crops_of_streamed_imagenet_average_like_numpy(tmp_path):
+  """On (mock) streamed ImageNet the pipeline hands over each photograph's three
+  squares; the 144 views of them (NumPy, pixel by pixel, from the enumeration) through
+  the network, softmax averaged in NumPy, give the command's NLL and top-k."""
+  import jax
+  import tensorflow_datasets as tfds
+  from bn_research import evaluate as ev
+  from bn_research import rundir, train
+  from bn_research.data import imagenet
+  from bn_research.engine import steps
+  from configs import imagenet_inception
+  workdir, data_dir = str(tmp_path / 'run'), tmp_path / 'tfds'
+  data_dir.mkdir()
+  c = imagenet_inception.get_config('model=bn_x30,steps=3')
+  c.batch_size = c.eval_batch_size = 8
+  c.model.name = 'mlp'
+  c.model.hidden_sizes = (16, 16)
+  c.model.virtual_batch_size = 0
+  c.data.image_size = 8
+  c.data.num_workers = c.data.prefetch = 0
+  c.data.data_dir = str(data_dir)
+  c.num_eval_examples = 0
+  c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 3
+  c.eval.batch_stats = 'moving_average'
+  c.probe.enabled = False
+  with tfds.testing.mock_data(num_examples=20):
+    assert train.train_and_evaluate(c, workdir)['status'] == 'done'
+    record = ev.evaluate(ev.make_plan([workdir], crops=['multi:144']))
+    config = ev.config_from_json(rundir.read_config(workdir))
+    config.data.eval_views = 'squares'
+    batches = list(imagenet.ImageNetPipeline(
+        config.data, batch_size=8, seed=0, process_index=0, process_count=1).eval_batches(8))
+  squares = np.concatenate([b['image'][b['mask'] > 0] for b in batches])
+  labels = np.concatenate([b['label'][b['mask'] > 0] for b in batches])
+  n, side = len(squares), squares.shape[2]
+  assert squares.shape == (20, 3, side, side, 3) and side == round(8 * 352 / 224)
+  planes = np.moveaxis(squares.astype(np.float64) / 255 * 2 - 1, 0, 3)  # (3, S, S, N, C)
+  state = rundir.load_latest(workdir)
+  model = steps.Builder(config, 1000).model({}, dropout=False)
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
+  probs = []
+  # The enumeration on an S x S image is each square's windows; its order is
+  # size, square, crop, mirror: box i is of square (i // 12) % 3.
+  for i, (top, left, h, w, mirrored) in enumerate(_googlenet_boxes(side, side, 8)):
+    view = np.moveaxis(_np_window_resize(planes[(i // 12) % 3], top, left, h, w, 8), 2, 0)
+    if mirrored:
+      view = view[:, :, ::-1]
+    logits = np.asarray(apply(view.astype(np.float32)), np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    probs.append(p / p.sum(1, keepdims=True))
+  mean = np.mean(probs, axis=0)
+  (row,) = record['rows']
+  assert row['views'] == 144 and row['count'] == 20
+  assert row['nll'] == pytest.approx(-np.mean(np.log(mean[np.arange(n), labels])), rel=1e-6)
+  assert row['top5_accuracy'] == pytest.approx(_np_top_k(mean, labels, 5).mean())
+  centre = -np.mean(np.log(probs[0][np.arange(n), labels]))  # one view is not the average
+  assert abs(row['nll'] - centre) > 1e-5
 
 
 def test_command_writes_json_and_markdown(runs, tmp_path):

@@ -396,6 +396,32 @@ def test_crop_resize_matches_a_float64_bilinear_reference(box, size, gray):
       np.abs(out - _np_bilinear(full[top:top + h, left:left + w], size)), RESIZE_TOLERANCE)
 
 
+@pytest.mark.parametrize('height,width', [(40, 56), (56, 40)])
+def test_eval_squares_are_the_three_squares_resized(height, width):
+  """With `eval_views='squares'` an evaluation example is the image's left, centre and
+  right (top, middle, bottom) squares of its shorter side, each resized to
+  S = image_size x 352/224, within one level of a float64 bilinear resize; padding
+  has the same shape."""
+  pipeline = imagenet.ImageNetPipeline(
+      _config('/unused', eval_views='squares', image_size=16), batch_size=4, seed=0,
+      process_index=0, process_count=1, train_source=_FakeSource(4),
+      eval_source=_FakeSource(3, height=height, width=width))
+  side = round(16 * 352 / 224)
+  batch = pipeline.eval_batch(0)
+  assert batch['image'].shape == (4, 3, side, side, 3) and batch['image'].dtype == np.uint8
+  np.testing.assert_array_equal(batch['mask'], [1, 1, 1, 0])
+  assert not batch['image'][3].any()
+  for i in range(3):
+    photo = _pattern(i, height, width)
+    short = min(height, width)
+    for q in range(3):
+      offset = (max(height, width) - short) * q // 2   # 0, 8, 16: whole pixels here
+      square = (photo[offset:offset + short] if height > width
+                else photo[:, offset:offset + short])
+      np.testing.assert_array_less(
+          np.abs(batch['image'][i, q] - _np_bilinear(square, side)), RESIZE_TOLERANCE)
+
+
 def test_reduced_scale_decode_is_closer_to_an_antialiased_resize():
   """Where the crop is at least twice the output size, the decoder's DCT scaling does
   the large reduction: the result is closer to an antialiased resize of the full

@@ -87,14 +87,14 @@ from bn_research import checks
 # The config and the host's image operations live in their own modules; their names
 # stay importable from here.
 from bn_research.data.imagenet_config import (  # pylint: disable=unused-import
-    DISTORTION_STRENGTHS, DISTORTIONS, IMAGENET_KEYS, IMAGENET_MEAN, IMAGENET_STD, NAME,
+    DISTORTION_STRENGTHS, DISTORTIONS, EVAL_VIEWS, IMAGENET_KEYS, IMAGENET_MEAN, IMAGENET_STD, NAME,
     NORMALIZATIONS, NUM_CLASSES, PREPARE_HELP, SHUFFLES, SOURCES, ColorJitter,
     color_parameters, imagenet_data_config, open_tfds_split, prepare_imagenet2012,
     validate_imagenet_config)
 from bn_research.data.imagenet_images import (  # pylint: disable=unused-import
     EVAL_CROP_FRACTION, PreprocessOptions, _crop_resize, augmentation_rng,
-    central_crop_box, color_seed, open_image, preprocess_eval, preprocess_train,
-    random_crop_box)
+    central_crop_box, color_seed, open_image, preprocess_eval, preprocess_eval_squares,
+    preprocess_train, random_crop_box, square_boxes, squares_size)
 
 # The stream tag mixed into the data order's seeds (the augmentations use another).
 _ORDER_STREAM = 0x0D0
@@ -209,6 +209,7 @@ class ImageNetPipeline:
     self.seed = int(seed)
     self.options = PreprocessOptions.from_config(config)
     self.distortions = str(config.distortions)
+    self.eval_views = str(config.get('eval_views', 'center'))
     self.normalization = str(config.get('normalization', 'inception'))
     self.shuffle = str(config.shuffle)
     self.shuffle_shard_size = int(config.get('shuffle_shard_size', 1024))
@@ -280,12 +281,15 @@ class ImageNetPipeline:
     """This host's k-th evaluation example (batch k // per_host), masked past the end."""
     index, slot = divmod(int(k), per_host)
     position = (index * self.process_count + self.process_index) * per_host + slot
+    squares = self.eval_views == 'squares'
     if position >= self.num_eval_examples:
-      size = self.options.image_size
-      return {'image': np.zeros((size, size, 3), np.uint8), 'label': np.int32(0),
+      size = squares_size(self.options.image_size) if squares else self.options.image_size
+      shape = (3, size, size, 3) if squares else (size, size, 3)
+      return {'image': np.zeros(shape, np.uint8), 'label': np.int32(0),
               'mask': np.float32(0)}
     example = self.eval_source[position]
-    return {'image': preprocess_eval(example['image'], self.options),
+    preprocess = preprocess_eval_squares if squares else preprocess_eval
+    return {'image': preprocess(example['image'], self.options),
             'label': np.int32(example['label']), 'mask': np.float32(1)}
 
   # -- batches ------------------------------------------------------------------------
@@ -359,7 +363,8 @@ class ImageNetPipeline:
     """The whole evaluation split, in order, as this host's share of each global
     batch of batch_size * process_count (default batch_size: the training one):
     {'image': uint8, 'label': int32, 'mask': float32 (1 = real example)}. Every host
-    yields the same number of batches; padding has mask 0."""
+    yields the same number of batches; padding has mask 0. With
+    `data.eval_views='squares'` each image is its three squares, (3, S, S, 3)."""
     return self._iterate(self.eval_dataset(batch_size))
 
 

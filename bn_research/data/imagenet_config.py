@@ -48,6 +48,9 @@ SOURCES = ('tfds',)
 DISTORTIONS = ('full', 'reduced', 'none')
 SHUFFLES = ('thorough', 'within_shard', 'shards_only')
 NORMALIZATIONS = ('inception', 'mean_std')
+# What an evaluation example is: the central crop, or the three squares GoogLeNet's
+# 144 crops are taken from (set by `python -m bn_research.evaluate --crops=multi:144`).
+EVAL_VIEWS = ('center', 'squares')
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -112,6 +115,7 @@ def imagenet_data_config(**overrides: Any) -> ml_collections.ConfigDict:
   c.crop_max_attempts = 10
   c.random_flip = True
   c.eval_crop_fraction = EVAL_CROP_FRACTION
+  c.eval_views = 'center'              # or 'squares' (3, S, S, 3) per example
   c.normalization = 'inception'        # [-1, 1]; or 'mean_std'
   c.num_workers = 8                    # grain worker processes; 0: in this process
   c.prefetch = 2                       # batches each worker keeps ready (0 workers:
@@ -147,6 +151,7 @@ IMAGENET_KEYS = {
     'data.crop_max_attempts': checks.Int(0),
     'data.random_flip': checks.Bool(),
     'data.eval_crop_fraction': checks.Float(0.0, 1.0, low_open=True),
+    'data.eval_views': checks.Choice(EVAL_VIEWS),
     'data.normalization': checks.Choice(NORMALIZATIONS),
     'data.num_workers': checks.Int(0, note='grain worker processes; 0: in this process'),
     'data.prefetch': checks.Int(0, note='batches each worker keeps ready'),

@@ -16,6 +16,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from bn_research import crops
+
 EVAL_CROP_FRACTION = 0.875            # 224 / 256
 
 # The stream tag mixed into the augmentation seeds so that they and the data order
@@ -165,6 +167,31 @@ def preprocess_eval(image: Any, opts: PreprocessOptions = PreprocessOptions()) -
   img = open_image(image)
   box = central_crop_box(img.height, img.width, opts.eval_crop_fraction)
   return _crop_resize(img, box, opts.image_size)
+
+
+def square_boxes(height: int, width: int) -> list[tuple[int, int, int, int]]:
+  """(top, left, h, w) of the image's 3 squares of its shorter side along the longer
+  one: left, centre, right (top, middle, bottom for a portrait image)."""
+  short = min(height, width)
+  offsets = [round((max(height, width) - short) * q / 2) for q in range(3)]
+  return [(o, 0, short, short) if height > width else (0, o, short, short) for o in offsets]
+
+
+def squares_size(image_size: int) -> int:
+  """The side the squares are handed over at: GoogLeNet's largest resize of the
+  shorter side (352 for a 224 input), so that every one of its crops is a window."""
+  return round(image_size * max(crops.GOOGLENET_SIDES) / crops.GOOGLENET_INPUT)
+
+
+def preprocess_eval_squares(image: Any, opts: PreprocessOptions = PreprocessOptions()
+                            ) -> np.ndarray:
+  """uint8 (3, S, S, 3): the image's three squares (`square_boxes`), each resized to
+  S = `squares_size(image_size)`, for GoogLeNet's 144 crops (`--crops=multi:144`),
+  which the device takes from them (`bn_research.crops`)."""
+  img = open_image(image)
+  img.load()                     # decoded once, in full, for the three squares
+  size = squares_size(opts.image_size)
+  return np.stack([_crop_resize(img, box, size) for box in square_boxes(img.height, img.width)])
 
 
 def color_seed(rng: np.random.Generator) -> np.uint32:
