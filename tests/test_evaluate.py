@@ -286,13 +286,36 @@ def test_multi_crop_ensemble_matches_numpy(runs):
   assert summary['ensemble_top5_accuracy'] == row['top5_accuracy']
 
 
+def _googlenet_probabilities(workdir, config, num_classes, planes, size):
+  """Per view of `_googlenet_boxes`, the network's class probabilities (float64) on
+  the NumPy view. planes: (3, S, S, N, C) float64, square q of each image (in-memory
+  data: the image itself three times); the enumeration on an S x S image gives each
+  square's windows, in the order size, square, crop, mirror (box i: square
+  (i // 12) % 3)."""
+  import jax
+  from bn_research import rundir
+  from bn_research.engine import steps
+  state = rundir.load_latest(str(workdir))
+  model = steps.Builder(config, num_classes).model({}, dropout=False)
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
+  side = planes.shape[1]
+  probs = []
+  for i, (top, left, h, w, mirrored) in enumerate(_googlenet_boxes(side, side, size)):
+    view = np.moveaxis(_np_window_resize(planes[(i // 12) % 3], top, left, h, w, size), 2, 0)
+    if mirrored:
+      view = view[:, :, ::-1]
+    logits = np.asarray(apply(view.astype(np.float32)), np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    probs.append(p / p.sum(1, keepdims=True))
+  return probs
+
+
 def test_googlenet_144_crops_average_like_numpy(runs):
   """multi:144 on a run's square images: the 144 NumPy views (the enumeration above,
   resized pixel by pixel) through the network, NumPy softmax averaged."""
-  import jax
   from bn_research import evaluate as ev
   from bn_research import inputs, rundir
-  from bn_research.engine import steps
   workdir = runs / 'a'
   record = ev.evaluate(_plan([workdir], crops=['multi:144'], num_eval_examples=64))
   config = ev.config_from_json(rundir.read_config(str(workdir)))
@@ -303,19 +326,8 @@ def test_googlenet_144_crops_average_like_numpy(runs):
   n, size = len(images), images.shape[1]
   assert images.shape[2] == size and n == 64
   stacked = np.moveaxis(images.astype(np.float64), 0, 2)   # (H, W, N, C)
-  state = rundir.load_latest(str(workdir))
-  model = steps.Builder(config, 10).model({}, dropout=False)
-  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
-  probs = []
-  for top, left, h, w, mirrored in _googlenet_boxes(size, size, size):
-    view = np.moveaxis(_np_window_resize(stacked, top, left, h, w, size), 2, 0)
-    if mirrored:
-      view = view[:, :, ::-1]
-    logits = np.asarray(apply(view.astype(np.float32)), np.float64)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    probs.append(p / p.sum(1, keepdims=True))
-  mean = np.mean(probs, axis=0)
+  mean = np.mean(_googlenet_probabilities(workdir, config, 10, np.stack([stacked] * 3),
+                                          size), axis=0)
   row = _row(record, workdir, 'multi:144')
   assert row['views'] == 144 and row['count'] == 64
   assert row['top1_accuracy'] == pytest.approx(_np_top_k(mean, labels, 1).mean())
@@ -327,12 +339,10 @@ def test_googlenet_144_crops_of_streamed_imagenet_average_like_numpy(tmp_path):
   """On (mock) streamed ImageNet the pipeline hands over each photograph's three
   squares; the 144 views of them (NumPy, pixel by pixel, from the enumeration) through
   the network, softmax averaged in NumPy, give the command's NLL and top-k."""
-  import jax
   import tensorflow_datasets as tfds
   from bn_research import evaluate as ev
   from bn_research import rundir, train
   from bn_research.data import imagenet
-  from bn_research.engine import steps
   from configs import imagenet_inception
   workdir, data_dir = str(tmp_path / 'run'), tmp_path / 'tfds'
   data_dir.mkdir()
@@ -360,20 +370,7 @@ def test_googlenet_144_crops_of_streamed_imagenet_average_like_numpy(tmp_path):
   n, side = len(squares), squares.shape[2]
   assert squares.shape == (20, 3, side, side, 3) and side == round(8 * 352 / 224)
   planes = np.moveaxis(squares.astype(np.float64) / 255 * 2 - 1, 0, 3)  # (3, S, S, N, C)
-  state = rundir.load_latest(workdir)
-  model = steps.Builder(config, 1000).model({}, dropout=False)
-  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
-  probs = []
-  # The enumeration on an S x S image is each square's windows; its order is
-  # size, square, crop, mirror: box i is of square (i // 12) % 3.
-  for i, (top, left, h, w, mirrored) in enumerate(_googlenet_boxes(side, side, 8)):
-    view = np.moveaxis(_np_window_resize(planes[(i // 12) % 3], top, left, h, w, 8), 2, 0)
-    if mirrored:
-      view = view[:, :, ::-1]
-    logits = np.asarray(apply(view.astype(np.float32)), np.float64)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    probs.append(p / p.sum(1, keepdims=True))
+  probs = _googlenet_probabilities(workdir, config, 1000, planes, 8)
   mean = np.mean(probs, axis=0)
   (row,) = record['rows']
   assert row['views'] == 144 and row['count'] == 20
