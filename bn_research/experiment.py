@@ -153,12 +153,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   return '\n'.join(lines)
 
 
-def figure(ncols: int = 1, width: float = 6.0, height: float = 4.2):
-  """A matplotlib (Agg) figure with `ncols` axes side by side: (fig, ax or axes)."""
+def figure(ncols: int = 1, width: float = 6.0, height: float = 4.2, nrows: int = 1):
+  """A matplotlib (Agg) figure of `nrows` x `ncols` axes, each `width` x `height`
+  inches: (fig, ax), or (fig, axes) as matplotlib's subplots gives them."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt.subplots(1, ncols, figsize=(width * ncols, height))
+  return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows))
 
 
 # ---------------------------------------------------------------- flags
