@@ -43,7 +43,10 @@ for every run, repeatable; `args.overrides`), `--how` and `--parallel` (the back
 `--pin_cores`, `--overwrite`, `--verbosity`, `--help`; plus its own `FLAGS`, each
 parsed with its kind and checked with its `checks.Spec` before anything is created.
 `plan(args)` must build (and so validate) every run before the driver creates the
-workdir. Library errors become one line on stderr and exit code 2; a signal stops every
+workdir. A job whose runs read files it writes itself (a data subset) defines
+`prepare(args, runs) -> runs`: called once the plan is valid, before any run starts,
+also for `--how=print` (the printed commands read those files too); it returns the runs
+to train (the plan's, or them re-made to read what it wrote). Library errors become one line on stderr and exit code 2; a signal stops every
 run (each saves) and exits 128 + signum; a diverged run is summarised like any other.
 """
 
@@ -350,6 +353,8 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
     signal.signal(sig, _raise_interrupted)
   t0 = time.time()
   with one_line_errors(program):
+    if hasattr(module, 'prepare'):
+      runs = module.prepare(args, runs)
     record_sweeps(runs)
     if args.how != 'print':
       os.makedirs(args.workdir, exist_ok=True)
