@@ -65,7 +65,6 @@ import time
 import types
 from typing import Any, Iterator, Optional, Sequence
 
-from absl import app
 from absl import flags
 
 from bn_research import checks
@@ -262,9 +261,12 @@ def machine() -> str:
 def write_outputs(module: types.ModuleType, workdir: str, summary: dict,
                   extra: dict) -> dict[str, str]:
   """Writes <workdir>/<NAME>.json (the summary and `extra`: the command and the wall
-  time), .md (the table, the command, the date, the machine) and .png; their paths."""
+  time), .md (the table, the command, the date, the machine) and .png; their paths.
+  A job's `OUTPUTS` ({'png': 'figure2', ...}) names any of them otherwise."""
   name, command = module.NAME, extra['command']
-  paths = {ext: os.path.join(workdir, f'{name}.{ext}') for ext in ('json', 'md', 'png')}
+  stems = {ext: name for ext in ('json', 'md', 'png')}
+  stems.update(getattr(module, 'OUTPUTS', {}))  # e.g. the paper's figure numbers
+  paths = {ext: os.path.join(workdir, f'{stem}.{ext}') for ext, stem in stems.items()}
   with open(paths['json'], 'w') as f:
     json.dump({**summary, **{k: v for k, v in extra.items() if k not in summary}}, f,
               indent=1)
@@ -396,4 +398,4 @@ def main(name: str) -> None:
       print(f'{module_name(module).rsplit(".", 1)[-1]}: error: {e}', file=sys.stderr)
       sys.exit(2)
 
-  app.run(lambda argv: run(module, handles, argv), flags_parser=parser)
+  launch.run_app(lambda argv: run(module, handles, argv), flags_parser=parser)
