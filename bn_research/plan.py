@@ -319,6 +319,24 @@ def progress_line(runs: Sequence[Run]) -> str:
   return ' | '.join(parts)
 
 
+def results_table(runs: Sequence[Run]) -> str:
+  """One line per run: its status, last step and last test accuracy (rundir readers)."""
+  rows = []
+  for run in runs:
+    try:
+      status = rundir.read_status(run.workdir) or {}
+      metrics = rundir.read_metrics(run.workdir) if os.path.isdir(run.workdir) else []
+    except rundir.RunDirError as e:
+      status, metrics = {'status': f'unreadable: {e}'}, []
+    acc = [m['eval_accuracy'] for m in metrics if 'eval_accuracy' in m]
+    rows.append((run.name, str(status.get('status', 'new')), str(status.get('step', '-')),
+                 f'{acc[-1]:.4f}' if acc else '-'))
+  header = ('run', 'status', 'step', 'test accuracy')
+  widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+  return '\n'.join('  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+                   for row in [header] + rows)
+
+
 def print_progress(runs: Sequence[Run]) -> None:
   """The live progress a command shows: one `progress_line` on stdout."""
   print(progress_line(runs), flush=True)

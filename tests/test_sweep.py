@@ -98,8 +98,8 @@ def test_split_config_overrides():
   assert overrides == ['--config.seed=3', '--config.batch_size=10',
                        '--noconfig.model.flag']
   assert rest == ['--config=c.py:x', '--sweep=seed=1,2', '--workdir=w']
-  assert [sweep_lib.override_key(o) for o in overrides] == [
-      'seed', 'batch_size', 'model.flag']
+  assert [sweep_lib.parse_override(o) for o in overrides] == [
+      ('seed', 3), ('batch_size', 10), ('model.flag', False)]
 
 
 def test_sweep_file_and_command_line_merge(tmp_path):
