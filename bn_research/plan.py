@@ -36,11 +36,10 @@ from bn_research import rundir
 # The console's view of a plan, re-exported: plan.progress_line etc. keep working.
 from bn_research.plan_report import label, print_progress, progress_line, results_table  # pylint: disable=unused-import
 
+# One SweepError for the plan and the engine (defined in the engine's package, without JAX).
+from bn_research.engine import SweepError
+
 HOWS = ('inline', 'vmap', 'processes', 'print')
-
-
-class SweepError(ValueError):
-  """A plan, sweep or sweep value that cannot run; the message is one line."""
 
 
 @dataclasses.dataclass(frozen=True)
