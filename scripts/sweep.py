@@ -42,7 +42,6 @@ import signal
 import sys
 from typing import Sequence
 
-from absl import app
 from absl import flags
 
 from bn_research import launch
@@ -111,4 +110,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  launch.run_app(main, flags_parser=_parse_flags)
