@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import ml_collections
 
 from bn_research import launch
+from bn_research import models
 from bn_research import rundir
 # The console's view of a plan, re-exported: plan.progress_line etc. keep working.
 from bn_research.plan_report import label, print_progress, progress_line, results_table  # pylint: disable=unused-import
@@ -179,18 +180,25 @@ _NO_EFFECT: dict[str, Callable[[ml_collections.ConfigDict], Optional[str]]] = {
         None if c.optimizer.weight_decay != 0 else 'optimizer.weight_decay=0'),
     'model.bn_momentum': lambda c: (
         None if c.model.normalizer != 'none' else "model.normalizer='none'"),
-    'model.init_stddev': lambda c: (
-        None if c.model.name == 'mlp'
-        else f'it is read only by the MLP, not by model.name={c.model.name!r}'),
 }
+
+
+def _no_effect(key: str, config: ml_collections.ConfigDict) -> Optional[str]:
+  """Why sweeping `key` cannot change a run of `config` (None: it can). A `model.*` key
+  the model's registry entry does not read changes nothing, whatever the model."""
+  rule = _NO_EFFECT.get(key)
+  if rule is not None:
+    return rule(config)
+  if key.startswith('model.') and not models.reads(config.model, key):
+    return f'model.name={config.model.name!r} does not read it'
+  return None
 
 
 def check_effective(runs: Sequence[Run]) -> None:
   """SweepError naming a varied key that no run's config reads (see `_NO_EFFECT`)."""
   varied = {k for run in runs for k, _ in run.params}
   for key in varied:
-    rule = _NO_EFFECT.get(key)
-    reasons = [rule(run.config) for run in runs] if rule else [None]
+    reasons = [_no_effect(key, run.config) for run in runs]
     if all(reasons):
       raise SweepError(f'sweeping {key} changes nothing in this configuration: '
                        f'{reasons[0]}.')

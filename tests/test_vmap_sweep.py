@@ -144,7 +144,7 @@ def test_seed_and_init_sweep_through_the_sweep_script(tmp_path, separate_runs):
     (['--sweep=model.normalizer=batch_norm,none'], "cannot sweep 'model.normalizer'"),
     (['--sweep=model.init_stddev=0.1,1', '--config.model.name=inception',
       '--config.probe.enabled=false'],
-     'read only by the MLP'),
+     "model.name='inception' does not read it"),
     (['--sweep=seed=0,1', '--config.parallelism=pmap',
       '--config.eval.batch_stats=moving_average'], 'needs parallelism=jit'),
     (['--sweep=seed=0,1', '--print_commands'], 'no per-run commands'),
