@@ -382,8 +382,16 @@ def train_members(base: ml_collections.ConfigDict,
       raise
     refusal = e  # told to the other processes once they are all there
   with _stop_on_signals() as stop_requested:
-    return _train_members(base, configs, workdirs, keys, overwrite=overwrite, plain=_plain,
-                          stop_requested=stop_requested, refusal=refusal)
+    try:
+      return _train_members(base, configs, workdirs, keys, overwrite=overwrite,
+                            plain=_plain, stop_requested=stop_requested, refusal=refusal)
+    except jax.errors.JaxRuntimeError as e:
+      # A collective failed: another process is gone. The loop recorded 'failed' and
+      # the locks are released by now; Python's own exit would wait for the dead
+      # process in JAX's shutdown barrier and then abort.
+      if base.distributed and distributed.is_multiprocess():
+        distributed.end_after_lost_peer(e)
+      raise
 
 
 def _train_members(base: ml_collections.ConfigDict,

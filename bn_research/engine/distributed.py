@@ -20,6 +20,12 @@ would end them with a C++ stack trace). Refusals found after start-up (a workdir
 by another run, a workdir of another config) are exchanged through the coordinator's
 key-value store, which needs no collective: every process raises the same error instead
 of one process leaving while the others wait at a barrier for it.
+
+A process that dies mid-run makes the next collective of every other process fail. Each
+survivor records its run `failed` (the training loop does), releases its locks, prints
+one line naming the lost process and the reason, and exits with status EXIT_PEER_LOST
+(`end_after_lost_peer`), without JAX's shutdown barrier: that barrier waits for the dead
+process and ends in an abort with a C++ stack trace.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import os
 import socket
 import sys
 import threading
-from typing import Mapping, Optional
+import time
+from typing import Mapping, NoReturn, Optional
 
 import jax
 
@@ -44,6 +51,9 @@ DEFAULT_PEER_TIMEOUT = 100
 # Exit status of a process that gave up waiting for the others at start-up: nothing was
 # compiled or written, as for any refusal of bad input.
 EXIT_START_TIMEOUT = 2
+# Exit status of a process whose peer was lost mid-run: its run is recorded 'failed' and
+# every process resumes when the same command is started again.
+EXIT_PEER_LOST = 3
 
 
 class DistributedError(ValueError):
@@ -117,6 +127,17 @@ def _coordinator_reachable(address: str) -> bool:
     return False
 
 
+def _coordinator_stays_up(address: str, seconds: float = 2.0) -> bool:
+  """Whether the coordinator answers throughout `seconds`: a process that was just
+  killed may still hold its port for a moment after its peers saw it go."""
+  end = time.monotonic() + seconds
+  while time.monotonic() < end:
+    if not _coordinator_reachable(address):
+      return False
+    time.sleep(0.2)
+  return True
+
+
 def _missing_message(settings: Settings) -> str:
   """One line: who did not arrive, where this process waited, and what to change."""
   n, i, address = settings.num_processes, settings.process_id, settings.coordinator
@@ -188,8 +209,7 @@ def agree(what: str, error: Optional[BaseException],
     if error is not None:
       raise error
     return
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  client = jax_distributed.global_state.client
+  client = _jax_state().client
   _agreements[0] += 1
   key = f'bn_research/agree/{_agreements[0]}'
   me = jax.process_index()
@@ -211,3 +231,62 @@ def agree(what: str, error: Optional[BaseException],
   if refusals:
     p, reason = refusals[0]
     raise DistributedError(f'{what}: process {p} refused: {reason}')
+
+
+def is_multiprocess() -> bool:
+  """Whether this process is one of several in a `jax.distributed` run."""
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def lost_peer_message(error: BaseException,
+                      environ: Mapping[str, str] = os.environ) -> str:
+  """One line: which process was lost, the error that showed it, and what to do.
+
+  A survivor cannot ask the coordinator which process died (the coordinator learns of
+  it only at the peer timeout, when JAX ends every process), so the process is named
+  from what this one can see: the other one of two, or process 0 when the coordinator
+  no longer answers.
+  """
+  settings = read_environment(environ)
+  me, n = jax.process_index(), jax.process_count()
+  address = settings.coordinator or _jax_state().coordinator_address
+  coordinator_gone = me != 0 and bool(address) and not _coordinator_stays_up(address)
+  if coordinator_gone:
+    who = 'process 0 (the coordinator) is gone'
+  elif n == 2:
+    who = f'process {1 - me} is gone'
+  else:
+    who = 'a peer process is gone'
+  if me == 0:
+    recorded = "the run is recorded 'failed'"
+  elif coordinator_gone:
+    recorded = 'the run stays as process 0 left it'
+  else:
+    recorded = "process 0 records the run 'failed'"
+  reason = (str(error).strip().splitlines() or [''])[0]
+  return (f'bn_research: process {me} of {n}: {who} ({type(error).__name__}: {reason}); '
+          f'{recorded}; start every process again with the same command to resume.')
+
+
+def _jax_state():
+  """JAX's distributed state: the coordinator's address and the key-value client."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return jax_distributed.global_state
+
+
+def end_after_lost_peer(error: BaseException) -> NoReturn:
+  """Ends this process after a lost peer: one line, exit status EXIT_PEER_LOST.
+
+  Call once the failure is recorded and locks are released. Python's exit would run
+  `jax.distributed.shutdown`, whose barrier waits for the dead process until the peer
+  timeout and then aborts (SIGABRT, a C++ stack trace), so the process ends here with
+  `os._exit`, after flushing what it printed and logged.
+  """
+  line = lost_peer_message(error)
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  print(line, file=sys.stderr, flush=True)
+  os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
