@@ -51,7 +51,7 @@ def _data_files(checkpoint) -> list[str]:
   return sorted(found, key=os.path.getsize, reverse=True)
 
 
-def _flip_bytes(checkpoint) -> None:
+def flip_bytes(checkpoint) -> None:
   """Inverts bytes in the middle of the largest data file: the size stays the same."""
   path = _data_files(checkpoint)[0]
   data = bytearray(open(path, 'rb').read())
@@ -81,7 +81,7 @@ def _tree_digest(path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize('damage,reason', [
-    (_flip_bytes, 'does not match its sha256'),
+    (flip_bytes, 'does not match its sha256'),
     (_truncate, 'truncated'),
     (_unseal, 'save never completed'),
 ])

@@ -256,3 +256,44 @@ def test_a_peer_killed_mid_run_ends_the_survivor_in_one_line(tmp_path, killed):
   else:  # the writer is the dead one: its run stays as it left it, shown as killed
     assert status['status'] == 'running', status
     assert rundir.lock_state(str(workdir)) == 'stale'
+
+
+def test_a_damaged_checkpoint_is_skipped_by_every_process_and_moved_aside_once(tmp_path):
+  """Two processes are killed after their checkpoints at steps 10 and 20; the one at 20
+  is damaged. Resumed with two processes, both restore step 10 (only process 0 reads
+  and writes checkpoints' files, every process checks them), process 0 moves the damaged
+  one to checkpoints.damaged/ once and names it in one line, and the run ends equal,
+  bitwise, to an uninterrupted two-process run."""
+  from bn_research import rundir
+  from tests import test_checkpoint_integrity as integrity
+  args = helpers.tiny_args(**{'num_train_steps': 30, 'checkpoint_every_steps': 10,
+                              'eval_every_steps': 10, 'log_every_steps': 5,
+                              'steps_per_dispatch': 5})
+  whole, workdir = tmp_path / 'whole', tmp_path / 'run'
+  for name in ('whole', 'killed', 'resumed'):
+    (tmp_path / f'logs_{name}').mkdir()
+  out = _launch('bn_research.main', args + [f'--workdir={whole}'], processes=2,
+                logs=tmp_path / 'logs_whole')
+  assert [c for c, _ in out] == [0, 0], '\n'.join(e[-3000:] for _, e in out)
+
+  out = _launch('bn_research.main', args + [f'--workdir={workdir}'], processes=2,
+                logs=tmp_path / 'logs_killed', end_others=False,
+                BN_RESEARCH_KILL_AT_STEP='25')
+  assert all(c != 0 for c, _ in out), [c for c, _ in out]
+  assert rundir.checkpoint_steps(str(workdir)) == [10, 20]
+  newest = workdir / rundir.CHECKPOINT_DIR / '20'
+  assert rundir.verify(str(newest)) is None  # sealed before the kill
+  integrity.flip_bytes(newest)
+
+  out = _launch('bn_research.main', args + [f'--workdir={workdir}'], processes=2,
+                logs=tmp_path / 'logs_resumed')
+  (code0, err0), (code1, err1) = out
+  assert code0 == 0 and code1 == 0, (err0[-3000:], err1[-3000:])
+  named = [l for l in (err0 + err1).splitlines() if str(newest) in l]
+  assert len(named) == 1 and 'sha256' in named[0] and 'moved to' in named[0], named
+  for err in (err0, err1):
+    assert 'Resumed from the checkpoint at step 10' in err, err[-3000:]
+  aside = os.listdir(workdir / rundir.DAMAGED_CHECKPOINT_DIR)
+  assert len(aside) == 1 and aside[0].startswith('20-'), aside
+  helpers.assert_same_run(workdir, whole, atol=0)
+  assert rundir.read_status(str(workdir))['status'] == 'done'

@@ -185,8 +185,9 @@ class Checkpointer:
     """Restores the newest checkpoint that passes its integrity check and restores.
 
     Newer ones that fail (damaged, truncated, unsealed, or rejected by orbax) are
-    each named in one warning line and moved to `checkpoints.damaged/`: kept, but out
-    of the way of the checkpoint the resumed run writes at the same step. A restore
+    each named in one warning line and moved to `checkpoints.damaged/` by process 0
+    (the others skip them silently): kept, but out of the way of the checkpoint the
+    resumed run writes at the same step. A restore
     either returns a whole state or fails: nothing is ever partly restored.
 
     Args:
@@ -204,11 +205,13 @@ class Checkpointer:
           return self.restore(like, step), int(step)
         except Exception as e:  # orbax, tensorstore and msgpack raise many kinds
           reason = _first_line(e)
-      where = 'left in place for process 0 to move'
+      # Every process checks the same files; process 0 alone moves them and names them
+      # (one line for the run, not one per process). Another process may find the
+      # checkpoint already moved: then its record is missing, and it goes on the same.
       if self._primary:
-        where = 'moved to ' + move_damaged(self.workdir, step)
-      logging.warning('Checkpoint %s cannot be used (%s); %s; trying an earlier one.',
-                      directory, reason, where)
+        logging.warning('Checkpoint %s cannot be used (%s); moved to %s; trying an '
+                        'earlier one.', directory, reason,
+                        move_damaged(self.workdir, step))
       self._manager.reload()
     return None, None
 
