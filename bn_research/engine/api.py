@@ -421,6 +421,9 @@ def _train_members(base: ml_collections.ConfigDict,
     data = inputs_lib.load_run_data(todo[0][1].config)
     _check_start_up(stop_requested, 0)
     groups = sorted(_restore([m for _, m in todo], keys, data).items())
+    distributed.agree_on('the steps to resume from', ', '.join(
+        f'{m.workdir} at step {start}' for start, group in groups for m, _ in group),
+        'every process must see the same workdir (a filesystem shared by all)')
     _check_start_up(stop_requested, groups[0][0])
     # Each group (members resuming from one step) is its own program, with its own mesh:
     # the batches must split over that mesh's data axis.

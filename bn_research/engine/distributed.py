@@ -184,7 +184,27 @@ def initialize(settings: Settings) -> None:
     timer.cancel()
 
 
-_agreements = [0]  # how many `agree` calls this process made: part of each key
+_agreements = [0]  # how many exchanges this process made: part of each key
+
+
+def _exchange(value: str, timeout: Optional[int]) -> dict[int, Optional[str]]:
+  """Publishes `value` and returns every other process's, from the coordinator's
+  key-value store (None: no answer within `timeout` seconds, default the peer timeout).
+  Every process must make the same exchanges in the same order."""
+  client = _jax_state().client
+  _agreements[0] += 1
+  key = f'bn_research/agree/{_agreements[0]}'
+  me = jax.process_index()
+  client.key_value_set(f'{key}/{me}', value)
+  timeout = timeout or read_environment().peer_timeout
+  answers: dict[int, Optional[str]] = {}
+  for p in range(jax.process_count()):
+    if p != me:
+      try:
+        answers[p] = client.blocking_key_value_get(f'{key}/{p}', timeout * 1000)
+      except Exception:  # pylint: disable=broad-except  (JAX raises its runtime error)
+        answers[p] = None
+  return answers
 
 
 def agree(what: str, error: Optional[BaseException],
@@ -205,32 +225,41 @@ def agree(what: str, error: Optional[BaseException],
     `error` itself in the process that refused; in the others, DistributedError naming
     the refusing process and its message.
   """
-  if not jax.distributed.is_initialized() or jax.process_count() == 1:
+  if not is_multiprocess():
     if error is not None:
       raise error
     return
-  client = _jax_state().client
-  _agreements[0] += 1
-  key = f'bn_research/agree/{_agreements[0]}'
-  me = jax.process_index()
   message = '' if error is None else (str(error).strip().splitlines() or ['refused'])[0]
-  client.key_value_set(f'{key}/{me}', 'ok' if error is None else 'refused: ' + message)
-  timeout = timeout or read_environment().peer_timeout
-  refusals = []
-  for p in range(jax.process_count()):
-    if p == me:
-      continue
-    try:
-      answer = client.blocking_key_value_get(f'{key}/{p}', timeout * 1000)
-    except Exception:  # pylint: disable=broad-except  (JAX raises its runtime error)
-      answer = f'refused: no answer within {timeout} s ({PEER_TIMEOUT})'
-    if answer != 'ok':
-      refusals.append((p, answer.removeprefix('refused: ')))
+  answers = _exchange('ok' if error is None else 'refused: ' + message, timeout)
   if error is not None:
     raise error
-  if refusals:
-    p, reason = refusals[0]
-    raise DistributedError(f'{what}: process {p} refused: {reason}')
+  for p, answer in sorted(answers.items()):
+    if answer != 'ok':
+      reason = (answer.removeprefix('refused: ') if answer is not None else
+                f'no answer within {timeout or read_environment().peer_timeout} s '
+                f'({PEER_TIMEOUT})')
+      raise DistributedError(f'{what}: process {p} refused: {reason}')
+
+
+def agree_on(what: str, value: str, hint: str = '',
+             timeout: Optional[int] = None) -> None:
+  """Every process must have found the same `value`; all raise if one did not.
+
+  For what each process decides alone from files (e.g. the checkpoint a run resumes
+  from) and all must decide alike: processes that went on from different values would
+  run different programs, and wait for each other at a collective.
+
+  Raises:
+    DistributedError: one line naming this process's value and another's, and `hint`.
+  """
+  if not is_multiprocess():
+    return
+  for p, answer in sorted(_exchange(value, timeout).items()):
+    if answer != value:
+      theirs = (answer if answer is not None else
+                f'nothing within {timeout or read_environment().peer_timeout} s')
+      raise DistributedError(f'{what}: process {jax.process_index()} found {value}, '
+                             f'process {p} found {theirs}{"; " + hint if hint else ""}.')
 
 
 def is_multiprocess() -> bool:
