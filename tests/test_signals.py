@@ -137,3 +137,26 @@ def test_sigint_during_start_up_is_one_line_and_exit_130(tmp_path, finished, mod
   lines = [l for l in err.splitlines() if 'signal 2' in l]
   assert len(lines) == 1 and 'during start-up' in lines[0], err[-3000:]
   assert not written.exists()
+
+
+def test_a_signal_between_start_up_and_the_runs_own_handler_stops_the_run(tmp_path):
+  """`bn_research.main` keeps its start-up recorder until the engine installs its own
+  handler (no moment without either); a signal recorded in between ends the run at
+  start-up instead of being dropped (the run would then train to its end)."""
+  code = f'''
+import os, signal
+from bn_research import signals
+signals.record_until_started('test')
+signals.started('test', restore=False)
+os.kill(os.getpid(), signal.SIGTERM)  # recorded, not acted on
+from bn_research import train
+from tests import helpers
+try:
+  train.train_and_evaluate(helpers.tiny_mlp_config(), {str(tmp_path / 'run')!r})
+except train.Interrupted as e:
+  print('interrupted', e.signum, e.step)
+'''
+  proc = helpers.run_python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ['interrupted', str(int(signal.SIGTERM)), '0'], (
+      proc.stdout, proc.stderr[-3000:])

@@ -22,6 +22,7 @@ import numpy as np
 from bn_research import config as config_lib
 from bn_research import inputs as inputs_lib
 from bn_research import rundir
+from bn_research import signals
 from bn_research.engine import distributed
 from bn_research.engine import loop
 from bn_research.engine import programs
@@ -140,7 +141,9 @@ def _prepare(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[st
 def _stop_on_signals() -> Iterator[Any]:
   """SIGTERM and SIGINT end the run cleanly: at the next chunk end, or at once inside a
   long phase (start-up, compilation, evaluation; see `loop.Stopped`)."""
-  received: list[int] = []
+  # A signal the command's start-up recorder took after its start-up ended (its
+  # handler stays until this one replaces it) counts as received here.
+  received: list[int] = [s for s in [signals.received()] if s is not None]
   if threading.current_thread() is not threading.main_thread():
     yield lambda: None
     return
