@@ -337,3 +337,35 @@ def test_processes_that_see_different_checkpoints_refuse_to_resume_in_one_line(t
     assert f'process {1 - me} found run at step {theirs}' in line, line
   assert not (hosts[1] / 'run').exists()
   assert {name: (workdir / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize('me, reason, coordinator_up, expected', [
+    (0, 'Gloo all-reduce failed: Connection reset by peer', True,
+     "process 0 of 2: process 1 is gone (JaxRuntimeError: Gloo all-reduce failed: "
+     "Connection reset by peer); the run is recorded 'failed'"),
+    (1, 'Gloo all-reduce failed: Connection reset by peer', False,
+     'process 1 of 2: process 0 (the coordinator) is gone (JaxRuntimeError: Gloo '
+     'all-reduce failed: Connection reset by peer); the run stays as process 0 left it'),
+    (1, 'UNAVAILABLE: Socket closed', True,
+     "process 1 of 2: process 0 is gone (JaxRuntimeError: UNAVAILABLE: Socket closed); "
+     "process 0 records the run 'failed'"),
+    # Not a lost connection: this process's own failure, not another's.
+    (0, 'RESOURCE_EXHAUSTED: Out of memory allocating 4096 bytes', True,
+     'process 0 of 2: failed (JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory '
+     "allocating 4096 bytes); the run is recorded 'failed'"),
+])
+def test_the_line_of_a_failed_collective_names_who_is_gone(monkeypatch, me, reason,
+                                                           coordinator_up, expected):
+  """The words of `lost_peer_message`, for each thing a survivor can see (the error and
+  whether the coordinator still answers), in a 2-process run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bn_research.engine import distributed
+  monkeypatch.setattr(jax, 'process_index', lambda: me)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(distributed, '_coordinator_stays_up', lambda address: coordinator_up)
+  env = {'JAX_COORDINATOR_ADDRESS': '127.0.0.1:1', 'BN_RESEARCH_NUM_PROCESSES': '2',
+         'BN_RESEARCH_PROCESS_ID': str(me)}
+  error = jax.errors.JaxRuntimeError(reason)
+  line = distributed.lost_peer_message(error, env)
+  assert line == (f'bn_research: {expected}; start every process again with the same '
+                  'command to resume.'), line

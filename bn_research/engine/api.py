@@ -389,11 +389,11 @@ def train_members(base: ml_collections.ConfigDict,
       return _train_members(base, configs, workdirs, keys, overwrite=overwrite,
                             plain=_plain, stop_requested=stop_requested, refusal=refusal)
     except jax.errors.JaxRuntimeError as e:
-      # A collective failed: another process is gone. The loop recorded 'failed' and
-      # the locks are released by now; Python's own exit would wait for the dead
-      # process in JAX's shutdown barrier and then abort.
+      # In a multi-process run: most often another process is gone. The loop recorded
+      # 'failed' and the locks are released by now; Python's own exit would wait for
+      # the other processes in JAX's shutdown barrier and then abort.
       if base.distributed and distributed.is_multiprocess():
-        distributed.end_after_lost_peer(e)
+        distributed.end_after_failed_collective(e)
       raise
 
 

@@ -24,8 +24,8 @@ of one process leaving while the others wait at a barrier for it.
 A process that dies mid-run makes the next collective of every other process fail. Each
 survivor records its run `failed` (the training loop does), releases its locks, prints
 one line naming the lost process and the reason, and exits with status EXIT_PEER_LOST
-(`end_after_lost_peer`), without JAX's shutdown barrier: that barrier waits for the dead
-process and ends in an abort with a C++ stack trace.
+(`end_after_failed_collective`), without JAX's shutdown barrier: that barrier waits for
+the dead process and ends in an abort with a C++ stack trace.
 """
 
 from __future__ import annotations
@@ -267,6 +267,19 @@ def is_multiprocess() -> bool:
   return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
+# Words of a collective's error when the other side went away (gloo's TCP pairs, gRPC's
+# UNAVAILABLE, NCCL's remote errors), as opposed to this process's own failure.
+_LOST_CONNECTION = ('connection', 'gloo', 'unavailable', 'socket', 'peer', 'remote')
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [''])[0]
+
+
+def _reads_as_lost_peer(error: BaseException) -> bool:
+  return any(word in _first_line(error).lower() for word in _LOST_CONNECTION)
+
+
 def lost_peer_message(error: BaseException,
                       environ: Mapping[str, str] = os.environ) -> str:
   """One line: which process was lost, the error that showed it, and what to do.
@@ -274,13 +287,19 @@ def lost_peer_message(error: BaseException,
   A survivor cannot ask the coordinator which process died (the coordinator learns of
   it only at the peer timeout, when JAX ends every process), so the process is named
   from what this one can see: the other one of two, or process 0 when the coordinator
-  no longer answers.
+  no longer answers. An error that does not read as a lost connection (e.g. memory
+  exhausted) is this process's own failure, and the line says so.
   """
   settings = read_environment(environ)
   me, n = jax.process_index(), jax.process_count()
+  reason = _first_line(error)
+  lost = _reads_as_lost_peer(error)
   address = settings.coordinator or _jax_state().coordinator_address
-  coordinator_gone = me != 0 and bool(address) and not _coordinator_stays_up(address)
-  if coordinator_gone:
+  coordinator_gone = (lost and me != 0 and bool(address)
+                      and not _coordinator_stays_up(address))
+  if not lost:
+    who = 'failed'
+  elif coordinator_gone:
     who = 'process 0 (the coordinator) is gone'
   elif n == 2:
     who = f'process {1 - me} is gone'
@@ -292,7 +311,6 @@ def lost_peer_message(error: BaseException,
     recorded = 'the run stays as process 0 left it'
   else:
     recorded = "process 0 records the run 'failed'"
-  reason = (str(error).strip().splitlines() or [''])[0]
   return (f'bn_research: process {me} of {n}: {who} ({type(error).__name__}: {reason}); '
           f'{recorded}; start every process again with the same command to resume.')
 
@@ -303,8 +321,9 @@ def _jax_state():
   return jax_distributed.global_state
 
 
-def end_after_lost_peer(error: BaseException) -> NoReturn:
-  """Ends this process after a lost peer: one line, exit status EXIT_PEER_LOST.
+def end_after_failed_collective(error: BaseException) -> NoReturn:
+  """Ends this process after a failed collective: one line (`lost_peer_message`), exit
+  status EXIT_PEER_LOST if the error reads as a lost peer, else 1.
 
   Call once the failure is recorded and locks are released. Python's exit would run
   `jax.distributed.shutdown`, whose barrier waits for the dead process until the peer
@@ -318,4 +337,4 @@ def end_after_lost_peer(error: BaseException) -> NoReturn:
     except (OSError, ValueError):
       pass
   print(line, file=sys.stderr, flush=True)
-  os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
+  os._exit(EXIT_PEER_LOST if _reads_as_lost_peer(error) else 1)  # pylint: disable=protected-access
