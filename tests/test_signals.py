@@ -128,8 +128,11 @@ def test_sigint_during_start_up_is_one_line_and_exit_130(tmp_path, finished, mod
   proc = subprocess.Popen([sys.executable, '-m', module, *args], cwd=helpers.REPO,
                           env=helpers.subprocess_env(1, cpu=True), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-  helpers.wait_for(lambda: _catches(proc.pid, signal.SIGTERM), 'the signal recorder',
-                   proc=proc)
+  # Polled more often than helpers.wait_for polls: a command's start-up can be short.
+  end = time.monotonic() + helpers.CEILING
+  while not _catches(proc.pid, signal.SIGTERM):
+    assert proc.poll() is None and time.monotonic() < end, 'no signal recorder seen'
+    time.sleep(0.002)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=helpers.CEILING)
   assert proc.returncode == 130, err[-3000:]
