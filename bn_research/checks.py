@@ -1,7 +1,7 @@
 """Typed, range-checked config values: one declaration per key, next to its owner.
 
 Each module that reads config keys declares them as a dict `{dotted key: spec}`
-(`config.CORE_KEYS`, `models.MODEL_KEYS`, `data.DATA_KEYS`, `imagenet.IMAGENET_KEYS`).
+(`config.CORE_KEYS`, `models.model_keys()`, `data.DATA_KEYS`, `imagenet.IMAGENET_KEYS`).
 `config.validate_config` checks every key a config holds against its spec before
 anything is loaded, compiled or written, and the property test in
 tests/test_validation.py feeds every key the values its spec says are bad

@@ -14,6 +14,7 @@ import re
 import ml_collections
 
 from bn_research import checks
+from bn_research import models
 
 PARALLELISMS = ('jit', 'pmap')
 EVAL_BATCH_STATS = ('moving_average', 'population')
@@ -70,46 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   # else stays at its random initialisation (Frankle et al. 2021).
   c.optimizer.trainable = 'all'
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = 'mlp'
-  # 'batch_norm' | 'virtual_batch_norm' | 'batch_renorm' | 'layer_norm' | 'group_norm'
-  # | 'noisy_batch_norm' | 'none' (bn_research.normalization.NORMALIZERS).
-  c.model.normalizer = 'batch_norm'
-  c.model.activation = 'sigmoid'
-  c.model.hidden_sizes = (100, 100, 100)
-  c.model.init_stddev = 0.1           # Gaussian init of dense kernels
-  c.model.dropout_rate = 0.0
-  c.model.bn_momentum = 0.99
-  c.model.bn_epsilon = 1e-5
-  c.model.virtual_batch_size = 0      # 0: statistics over the whole (global) batch
-  c.model.unbiased_running_var = True
-  # group_norm's number of groups G (Wu & He's default 32); it must divide every
-  # normalized layer's width (e.g. 4 for the MLP's 100 units or the width-1/8 Inception).
-  c.model.norm_groups = 32
-  # batch_renorm (Ioffe 2017): r_max and d_max are 1 and 0 (plain BN) until
-  # renorm_start_step, then relax linearly over renorm_ramp_steps to these values.
-  c.model.renorm_r_max = 3.0
-  c.model.renorm_d_max = 5.0
-  c.model.renorm_start_step = 5000
-  c.model.renorm_ramp_steps = 20000
-  # noisy_batch_norm (Santurkar et al. 2018): per-step random y * s + b after BN with
-  # s ~ U(1, 1 + bn_noise), b ~ U(-bn_noise, bn_noise) per unit.
-  c.model.bn_noise = 0.5
-  # MLP: keep each hidden dense layer's bias in front of the normalizer (the paper's
-  # Section 2 setting, for `stop_gradient_batch_norm`); BN makes it redundant.
-  c.model.pre_norm_bias = False
-  # Under pmap: pool BN statistics across replicas (True), or per replica (False, the
-  # same as virtual_batch_size = per-device batch under jit).
-  c.model.bn_cross_replica = True
-  c.model.dtype = 'float32'
-  # small_cnn only: output channels of its conv-BN-ReLU-pool blocks (its dense head
-  # takes hidden_sizes).
-  c.model.conv_features = (32, 64)
-  # Inception-only options (ignored by the MLP).
-  c.model.use_lrn = False
-  c.model.width_multiplier = 1.0
-  c.model.small_inputs = False
-  c.model.stem_stride = 1
+  # Every registered model's keys with their defaults (bn_research/models: the
+  # shared normalizer options and each model's own).
+  c.model = models.default_model_config()
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'synthetic'
@@ -185,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # Every top-level, optimizer and probe key, with what it accepts. The model's and the
-# data's keys are declared by their owners (models.MODEL_KEYS, data.DATA_KEYS,
+# data's keys are declared by their owners (models.model_keys(), data.DATA_KEYS,
 # imagenet.IMAGENET_KEYS); `key_specs` gathers them. Adding a key to `base_config`
 # means adding its spec: tests/test_validation.py fails for a key without one.
 CORE_KEYS = {
@@ -241,9 +205,8 @@ CORE_KEYS = {
 def key_specs(config: ml_collections.ConfigDict) -> dict:
   """{dotted key: checks.Spec} for every key `config` may hold, from every owner."""
   from bn_research import data  # pylint: disable=g-import-not-at-top
-  from bn_research import models  # pylint: disable=g-import-not-at-top
   from bn_research.data import imagenet  # pylint: disable=g-import-not-at-top
-  specs = {**CORE_KEYS, **models.MODEL_KEYS}
+  specs = {**CORE_KEYS, **models.model_keys()}
   if _is_imagenet(config):
     specs.update(imagenet.IMAGENET_KEYS)
   else:
@@ -314,30 +277,18 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   """
   checks.check_keys(config, key_specs(config))
   parse_compiler_options(config.compiler_options)
-  if num_devices is not None:
-    for key in ('batch_size', 'eval_batch_size'):
-      if config[key] % num_devices:
-        raise ValueError(
-            f'{key}={config[key]} is not divisible by the {num_devices} devices it is '
-            'split over; use a multiple of the device count (or set num_devices).')
   if config.optimizer.trainable == 'batch_norm' and config.model.normalizer == 'none':
     raise ValueError("optimizer.trainable='batch_norm' trains only the normalizers' gamma and "
                      "beta, but model.normalizer='none'; allowed: any other normalizer.")
 
   m = config.model
-  from bn_research import models  # local import: models import flax modules
   if m.normalizer == 'virtual_batch_norm' and m.virtual_batch_size <= 0:
     raise ValueError("model.normalizer='virtual_batch_norm' needs model.virtual_batch_size "
                      f'> 0, got {m.virtual_batch_size!r}.')
   if m.virtual_batch_size and m.normalizer in ('layer_norm', 'group_norm'):
     raise ValueError(f'model.virtual_batch_size={m.virtual_batch_size!r} does not apply to '
                      f'model.normalizer={m.normalizer!r} (per-example statistics); allowed: 0.')
-  if m.virtual_batch_size and m.normalizer != 'none':
-    per_device = config.batch_size // (num_devices or 1)
-    if per_device % m.virtual_batch_size:
-      raise ValueError(
-          f'model.virtual_batch_size={m.virtual_batch_size} does not divide the per-device '
-          f'batch of {per_device} (batch_size={config.batch_size} over {num_devices or 1} devices).')
+  check_devices(config, num_devices or 1)
   models.validate_model_config(m)
 
   if _is_imagenet(config):
@@ -355,9 +306,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
                      f'{", measure.".join(kinds)} are all False; turn one on or set '
                      'every_steps=0.')
   for key in ('jacobian', 'saturation'):
-    if measure.every_steps and measure[key] and config.model.name != 'mlp':
-      raise ValueError(f'measure.{key}=True measures the hidden layers of the MLP; '
-                       f'model.name={config.model.name!r} (set measure.{key}=False).')
+    if (measure.every_steps and measure[key]
+        and models.entry_for(config.model).hidden_widths is None):
+      raise ValueError(f'measure.{key}=True measures the hidden layers of a model that '
+                       f'sows them (the MLP); model.name={config.model.name!r} has none '
+                       f'(set measure.{key}=False).')
   if (measure.every_steps and measure.jacobian
       and measure.jacobian_examples > config.batch_size):
     raise ValueError(f'measure.jacobian_examples={measure.jacobian_examples} is more than '
@@ -377,16 +330,36 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
                      'imagenet2012); set measure.every_steps=0.')
 
 
+def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """The checks of `validate_config` that depend on the device count: the batches and
+  BN's ghost batches must split over `num_devices`. For a config already validated
+  without knowing the devices (the engine learns them after start-up)."""
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % num_devices:
+      raise ValueError(
+          f'{key}={config[key]} is not divisible by the {num_devices} devices it is '
+          'split over; use a multiple of the device count (or set num_devices).')
+  m = config.model
+  if m.virtual_batch_size and m.normalizer != 'none':
+    per_device = config.batch_size // num_devices
+    if per_device % m.virtual_batch_size:
+      raise ValueError(
+          f'model.virtual_batch_size={m.virtual_batch_size} does not divide the per-device '
+          f'batch of {per_device} (batch_size={config.batch_size} over {num_devices} devices).')
+
+
 def _validate_probe(config: ml_collections.ConfigDict) -> None:
   """The probed layer and unit must exist: an index past the end would wrap around
   (Python indexing) and record one unit while config.json names another."""
   probe = config.probe
   if not probe.enabled:
     return
-  if config.model.name != 'mlp':
-    raise ValueError(f'probe.enabled=True: the probe tracks a hidden unit of the MLP; '
-                     f'model.name={config.model.name!r} has none (set probe.enabled=False).')
-  widths = tuple(config.model.hidden_sizes)
+  hidden_widths = models.entry_for(config.model).hidden_widths
+  if hidden_widths is None:
+    raise ValueError(f'probe.enabled=True: the probe tracks a hidden unit of a model that '
+                     f'sows its hidden layers (the MLP); model.name={config.model.name!r} '
+                     'has none (set probe.enabled=False).')
+  widths = tuple(hidden_widths(config.model))
   if not -len(widths) <= probe.layer < len(widths):
     raise ValueError(
         f'probe.layer={probe.layer!r} is invalid: model.hidden_sizes={widths} has '

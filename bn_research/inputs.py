@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bn_research import models
+
 
 class InMemoryInput:
   """A dataset held in device memory; chunks are index arrays.
@@ -200,16 +202,16 @@ def load_run_data(config: ml_collections.ConfigDict) -> RunData:
   # Counts of held-out examples are checked against the test set actually loaded:
   # clipping them silently would leave config.json naming more than was used.
   num_test = len(ds.test_labels)
+  probed = (config.probe.enabled
+            and models.entry_for(config.model).hidden_widths is not None)
   for key, wanted in (('num_eval_examples', config.num_eval_examples),
-                      ('probe.num_examples', config.probe.num_examples
-                       if config.probe.enabled and config.model.name == 'mlp' else 0)):
+                      ('probe.num_examples', config.probe.num_examples if probed else 0)):
     if wanted > num_test:
       raise ValueError(f'{key}={wanted} but the test set has {num_test} examples; '
                        f'allowed: 1..{num_test}.')
   n_eval = config.num_eval_examples or num_test
   batches = padded_eval_batches(ds.test_images[:n_eval], ds.test_labels[:n_eval],
                                 config.eval_batch_size)
-  probe_images = (ds.test_images[:config.probe.num_examples]
-                  if config.probe.enabled and config.model.name == 'mlp' else None)
+  probe_images = ds.test_images[:config.probe.num_examples] if probed else None
   return RunData(source, lambda: batches, ds.num_classes, probe_images,
                  dict(ds.description), np.asarray(ds.train_images[:2]))

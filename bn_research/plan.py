@@ -32,11 +32,10 @@ import ml_collections
 from bn_research import launch
 from bn_research import rundir
 
+# One SweepError for the plan and the engine (defined in the engine's package, without JAX).
+from bn_research.engine import SweepError
+
 HOWS = ('inline', 'vmap', 'processes', 'print')
-
-
-class SweepError(ValueError):
-  """A plan, sweep or sweep value that cannot run; the message is one line."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -371,7 +371,7 @@ def test_every_normalizer_builds_both_models(name):
 
 @pytest.mark.parametrize('model, needles', [
     ({'normalizer': 'group_norm', 'norm_groups': 5},
-     ('model.norm_groups=5', 'width 8 of a hidden layer', '1, 2, 4.')),
+     ('model.norm_groups=5', 'width 8 of a normalized layer of mlp', '1, 2, 4 (or 0')),
     ({'normalizer': 'batch_renorm', 'renorm_r_max': 0.5}, ('model.renorm_r_max=0.5',)),
     ({'normalizer': 'batch_renorm', 'renorm_ramp_steps': -1}, ('model.renorm_ramp_steps=-1',)),
     ({'normalizer': 'noisy_batch_norm', 'bn_noise': 0.0}, ('model.bn_noise=0.0', '> 0')),
@@ -379,7 +379,7 @@ def test_every_normalizer_builds_both_models(name):
      ('model.virtual_batch_size=4', "'layer_norm'")),
     ({'normalizer': 'group_norm', 'norm_groups': 32, 'name': 'inception',
       'activation': 'relu', 'width_multiplier': 0.125},
-     ('model.norm_groups=32', 'width 8 of a convolution', '1, 2, 4.')),
+     ('model.norm_groups=32', 'width 8 of a normalized layer of inception', '1, 2, 4 (or 0')),
 ])
 def test_bad_normalizer_keys_name_key_value_and_allowed(model, needles):
   c = mlp_config(**model)

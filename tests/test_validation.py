@@ -72,7 +72,7 @@ def test_every_key_refuses_its_bad_values(tmp_path):
     undeclared = sorted(set(flat) - set(specs))
     assert not undeclared, (
         f'{label}: keys without a spec {undeclared}; declare each next to the code that '
-        'reads it (config.CORE_KEYS, models.MODEL_KEYS, data.DATA_KEYS, '
+        'reads it (config.CORE_KEYS, a models.REGISTRY entry, data.DATA_KEYS, '
         'imagenet.IMAGENET_KEYS)')
     for key, spec in sorted(specs.items()):
       if key not in flat:

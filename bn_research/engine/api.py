@@ -21,18 +21,16 @@ import numpy as np
 
 from bn_research import config as config_lib
 from bn_research import inputs as inputs_lib
+from bn_research import models
 from bn_research import rundir
 from bn_research import signals
+from bn_research.engine import SweepError
 from bn_research.engine import distributed
 from bn_research.engine import loop
 from bn_research.engine import programs
 from bn_research.engine import resume
 from bn_research.engine import state as state_lib
 from bn_research.engine import steps
-
-
-class SweepError(ValueError):
-  """A member sweep that cannot run as one program; the message says what is allowed."""
 
 
 # ---------------------------------------------------------------- members
@@ -62,9 +60,10 @@ def check_sweepable(config: ml_collections.ConfigDict, keys: Sequence[str]) -> N
         f'--vmap cannot sweep {", ".join(repr(k) for k in bad)}: it changes the '
         f'program\'s structure; keys that can be vmapped: {", ".join(state_lib.SWEEPABLE)}. '
         'Sweep it without --vmap.')
-  if 'model.init_stddev' in keys and config.model.name != 'mlp':
-    raise SweepError(f'model.init_stddev is read only by the MLP, not by '
-                     f'model.name={config.model.name!r}: nothing to sweep.')
+  ignored = [k for k in keys if k.startswith('model.') and not models.reads(config.model, k)]
+  if ignored:
+    raise SweepError(f'{ignored[0]} is not read by model.name={config.model.name!r}: '
+                     'nothing to sweep.')
   if config.parallelism != 'jit':
     raise SweepError(f'--vmap builds a jit program on a members x data mesh: needs '
                      f'parallelism=jit, got {config.parallelism!r}.')
@@ -141,8 +140,7 @@ def _prepare(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[st
 def _stop_on_signals() -> Iterator[Any]:
   """SIGTERM and SIGINT end the run cleanly: at the next chunk end, or at once inside a
   long phase (start-up, compilation, evaluation; see `loop.Stopped`)."""
-  # A signal the command's start-up recorder took after its start-up ended (its
-  # handler stays until this one replaces it) counts as received here.
+  # One that the command's start-up recorder took after its start-up ended counts.
   received: list[int] = [s for s in [signals.received()] if s is not None]
   if threading.current_thread() is not threading.main_thread():
     yield lambda: None
@@ -248,11 +246,12 @@ def _check_start_up(stop_requested: Any, step: int) -> None:
 
 def _train(members: list[_Member], restored: list, keys: Sequence[str], *,
            overwrite: bool, vmapped: bool, devices: list, start_step: int,
-           data: inputs_lib.RunData, stop_requested: Any) -> list[dict]:
-  """Trains `members` (all starting at `start_step`) as one program, through the loop."""
+           data: inputs_lib.RunData, stop_requested: Any,
+           compiler_options: Mapping[str, Any]) -> list[dict]:
+  """Trains `members` (all starting at `start_step`) as one program, through the loop.
+  `compiler_options`: the parsed `config.compiler_options` (checked by XLA already)."""
   config = members[0].config
   process_index = jax.process_index()
-  compiler_options = config_lib.parse_compiler_options(config.compiler_options)
   if config.parallelism == 'pmap':
     if compiler_options:
       logging.warning('compiler_options %s are not applied under pmap (jax.pmap takes no '
@@ -270,7 +269,7 @@ def _train(members: list[_Member], restored: list, keys: Sequence[str], *,
     program = programs.JitProgram(
         config, data, devices, num_members=len(members), vmapped=vmapped,
         hparams=state_lib.stack_hparams([m.config for m in members], keys),
-        member_sources=member_sources, compiler_options=compiler_options)
+        member_sources=member_sources, compiler_options=dict(compiler_options))
   program.check_stop = loop.stop_checker(stop_requested)
 
   for m in members:
@@ -378,6 +377,8 @@ def train_members(base: ml_collections.ConfigDict,
     distributed.read_environment()  # a malformed variable: one line, before any start-up
   refusal = None
   try:
+    # Once per member, before anything starts; the device count, learnt after start-up,
+    # adds only `config.check_devices`.
     for c in configs:
       config_lib.validate_config(c)
   except ValueError as e:
@@ -389,9 +390,8 @@ def train_members(base: ml_collections.ConfigDict,
       return _train_members(base, configs, workdirs, keys, overwrite=overwrite,
                             plain=_plain, stop_requested=stop_requested, refusal=refusal)
     except jax.errors.JaxRuntimeError as e:
-      # In a multi-process run: most often another process is gone. The loop recorded
-      # 'failed' and the locks are released by now; Python's own exit would wait for
-      # the other processes in JAX's shutdown barrier and then abort.
+      # Most often another process is gone. 'failed' is recorded and the locks released;
+      # Python's exit would wait for the others in JAX's shutdown barrier, then abort.
       if base.distributed and distributed.is_multiprocess():
         distributed.end_after_failed_collective(e)
       raise
@@ -434,14 +434,16 @@ def _train_members(base: ml_collections.ConfigDict,
       data_axis = (len(devices) if plain
                    else programs.mesh_shape(len(group), len(devices))['data'])
       for m, _ in group:
-        config_lib.validate_config(m.config, num_devices=data_axis)
-    config_lib.check_compiler_options(
-        config_lib.parse_compiler_options(base.compiler_options))
+        config_lib.check_devices(m.config, data_axis)
+    # Members share every key but the swept ones (`state.SWEEPABLE`), so the base's
+    # compiler options are every member's: parsed once (validated above).
+    compiler_options = config_lib.parse_compiler_options(base.compiler_options)
+    config_lib.check_compiler_options(compiler_options)
     index = {id(m): i for i, m in todo}
     for start, group in groups:
       out = _train([m for m, _ in group], [r for _, r in group], keys, overwrite=overwrite,
                    vmapped=not plain, devices=devices, start_step=start, data=data,
-                   stop_requested=stop_requested)
+                   stop_requested=stop_requested, compiler_options=compiler_options)
       for (m, _), r in zip(group, out):
         results[index[id(m)]] = r
     return results

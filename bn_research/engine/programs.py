@@ -25,8 +25,6 @@ state and per-member `TrainState`s of NumPy arrays (what checkpoints hold).
 
 from __future__ import annotations
 
-import math
-import threading
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
@@ -36,139 +34,16 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bn_research import inputs as inputs_lib
+from bn_research import models
 from bn_research import normalization
 from bn_research.engine import state as state_lib
 from bn_research.engine import steps
-
-PMAP_AXIS = 'batch'
-
-
-def mesh_shape(num_members: int, num_devices: int) -> dict[str, int]:
-  """{'members': M, 'data': D}: members spread over as many devices as divide evenly.
-
-  M = gcd(K, devices): 8 members on 8 devices -> 8 x 1 (one each); 16 on 8 -> 8 x 1
-  (two each); 4 on 8 -> 4 x 2 (data parallelism inside each member); 3 on 8 -> 1 x 8.
-  """
-  members = math.gcd(num_members, num_devices)
-  return {'members': members, 'data': num_devices // members}
-
-
-class Program:
-  """What the loop drives. Subclasses fill in the layout.
-
-  Training never waits on the host: `prepare` produces a chunk's inputs and puts them
-  on the devices (the loop calls it for chunk k+1 right after dispatching chunk k, so
-  the host's work overlaps the device's), `dispatch` only enqueues, and what it
-  returns stays on the devices until the loop asks `read` for it at a log, eval or
-  checkpoint step. Long phases (evaluation, population statistics, compilation) call
-  `check_stop` between their pieces, so a signal ends them within seconds.
-  """
-
-  num_members: int
-  mesh: dict[str, int]
-  layout: str
-  check_stop: Callable[[], None] = staticmethod(lambda: None)
-
-  def init(self) -> Any:
-    """The members' step-0 state, placed."""
-    raise NotImplementedError
-
-  def place(self, members: Sequence[Any]) -> Any:
-    """Per-member host TrainStates -> the program's placed state."""
-    raise NotImplementedError
-
-  def split(self, state: Any) -> list[Any]:
-    """The program's state -> per-member host TrainStates (NumPy leaves)."""
-    raise NotImplementedError
-
-  def prepare(self, start: int, num_steps: int) -> Any:
-    """The inputs of steps start..start+num_steps, on the devices as `dispatch` takes them."""
-    raise NotImplementedError
-
-  def dispatch(self, state: Any, chunk: Any) -> tuple[Any, Any]:
-    """Enqueues a prepared chunk's steps: (state, outputs), both left on the devices."""
-    raise NotImplementedError
-
-  def read(self, outputs: Sequence[Any]) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """Chunks' outputs -> per chunk (metrics (K, n) each, params finite (K,)), on the host.
-
-    All chunks are fetched in one transfer.
-    """
-    return [_with_member_axis(m, f) for m, f in jax.device_get(list(outputs))]
-
-  def wait(self, outputs: Any) -> None:
-    """Blocks until a chunk's outputs are computed (no transfer)."""
-    jax.block_until_ready(outputs)
-
-  def evaluate(self, state: Any) -> list[dict]:
-    raise NotImplementedError
-
-  def probe(self, state: Any) -> Optional[list[dict]]:
-    return None
-
-  def measure(self, state: Any, step: int) -> Optional[list[dict]]:
-    """Santurkar et al.'s measurements at `step` (config `measure.*`), or None."""
-    return None
-
-
-def _with_member_axis(metrics: dict, finite: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """Host metrics (K, n) and finiteness (K,): a single member's (n,) / () get the axis."""
-  metrics = {k: np.asarray(v) for k, v in metrics.items()}
-  finite = np.asarray(finite)
-  if finite.ndim == 0:
-    metrics = {k: v[None] for k, v in metrics.items()}
-    finite = finite[None]
-  return metrics, finite
-
-
-def compile_interruptibly(compile_fn: Callable[[], Any], check_stop: Callable[[], None],
-                          *, poll_seconds: float = 0.2) -> Any:
-  """Runs `compile_fn` (an XLA compilation) in a thread, calling `check_stop` meanwhile.
-
-  A compilation holds the main thread in C++ for up to minutes, where Python signal
-  handlers cannot run; waiting on it here lets `check_stop` raise as soon as SIGTERM or
-  SIGINT arrives. An abandoned compilation finishes in its daemon thread, unused.
-  """
-  result: list = []
-  error: list = []
-
-  def work():
-    try:
-      result.append(compile_fn())
-    except BaseException as e:  # pylint: disable=broad-except
-      error.append(e)
-
-  thread = threading.Thread(target=work, name='bn_research-compile', daemon=True)
-  thread.start()
-  while thread.is_alive():
-    thread.join(poll_seconds)
-    check_stop()
-  if error:
-    raise error[0]
-  return result[0]
-
-
-class _Compiled:
-  """A jitted function compiled ahead of time per argument shape, interruptibly.
-
-  Calls go straight to the compiled executable (no tracing, no cache lookup by JAX);
-  a shape not seen before is compiled with `compile_interruptibly`.
-  """
-
-  def __init__(self, jitted: Callable, program: Program):
-    self._jitted = jitted
-    self._program = program
-    self._executables: dict = {}
-
-  def __call__(self, *args):
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
-    executable = self._executables.get(key)
-    if executable is None:
-      executable = compile_interruptibly(lambda: self._jitted.lower(*args).compile(),
-                                         lambda: self._program.check_stop())
-      self._executables[key] = executable
-    return executable(*args)
+# The loop's interface and the pmap layout live in their own modules; their names are
+# this module's too (`programs.Program`, `programs.PmapProgram`, ...).
+from bn_research.engine.layout import (EVAL_SUMS, PMAP_AXIS, Compiled,  # pylint: disable=unused-import
+                                       Program, compile_interruptibly, eval_rows,
+                                       mesh_shape, outputs_pair, probe_rows)
+from bn_research.engine.pmap_program import PmapProgram  # pylint: disable=unused-import
 
 
 def member_vmap(fn: Callable, in_axes: tuple, mesh: jax.sharding.Mesh, *,
@@ -194,32 +69,6 @@ def member_vmap(fn: Callable, in_axes: tuple, mesh: jax.sharding.Mesh, *,
   specs = tuple(P() if a is None else P('members') for a in in_axes)
   return jax.shard_map(device_members, mesh=mesh, in_specs=specs, out_specs=P('members'),
                        axis_names={'members'})
-
-
-def _outputs_pair(run_chunk: Callable) -> Callable:
-  """run_chunk returning (state, (metrics, finite)): what the program keeps on the
-  devices until the loop reads it is one value."""
-  def fn(*args):
-    state, metrics, finite = run_chunk(*args)
-    return state, (metrics, finite)
-  return fn
-
-
-# The eval step's sums, in the order `_eval_rows` reads them.
-EVAL_SUMS = ('loss_sum', 'correct', 'correct_top5', 'count')
-
-
-def _eval_rows(totals: np.ndarray) -> list[dict]:
-  """(4, K) sums of loss, top-1 and top-5 hits, count -> one row per member."""
-  count = np.maximum(totals[3], 1.0)
-  return [{'eval_loss': float(totals[0, k] / count[k]),
-           'eval_accuracy': float(totals[1, k] / count[k]),
-           'eval_top5_accuracy': float(totals[2, k] / count[k])}
-          for k in range(totals.shape[1])]
-
-
-def _probe_rows(values: np.ndarray, percentiles: Sequence[float]) -> list[dict]:
-  return [{f'act_p{q:g}': float(v) for q, v in zip(percentiles, row)} for row in values]
 
 
 class JitProgram(Program):
@@ -269,10 +118,11 @@ class JitProgram(Program):
 
     source = data.source
     self._resident = jax.device_put(source.resident, self._replicated)
-    convolutional = config.model.name != 'mlp'
+    # Image models need the shared input broadcast to the member axis (`member_vmap`).
+    convolutional = models.entry_for(config.model).images
     shared_chunk = (3,) if convolutional and not own_data else ()
     init_fn = steps.make_init(builder)
-    run_chunk = _outputs_pair(
+    run_chunk = outputs_pair(
         steps.make_chunk_fn(steps.make_train_step(builder), source.materialize))
     eval_step = steps.make_eval_step(builder, source.materialize_eval)
     probe_fn = steps.make_probe_fn(builder) if data.probe_images is not None else None
@@ -284,10 +134,10 @@ class JitProgram(Program):
       if probe_fn is not None:
         probe_fn = member_vmap(probe_fn, (0, 0, 0, None), mesh)
     self._init = init_fn
-    self._run_chunk = _Compiled(jax.jit(
+    self._run_chunk = Compiled(jax.jit(
         run_chunk, donate_argnums=(1,), compiler_options=options,
         out_shardings=(self._state_sharding, (self._replicated, self._replicated))), self)
-    self._eval = _Compiled(jax.jit(eval_step, compiler_options=options,
+    self._eval = Compiled(jax.jit(eval_step, compiler_options=options,
                                    out_shardings=self._replicated), self)
     # Evaluation sums stay on the devices until the whole split has been seen.
     self._add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b),
@@ -306,7 +156,7 @@ class JitProgram(Program):
             population_fn, (0, 0, 0, None, 0 if own_data else None), mesh,
             broadcast=(4,) if convolutional and not own_data else ())
         finish = jax.vmap(finish, in_axes=(0, 0, None))
-      self._population = _Compiled(jax.jit(population_fn, compiler_options=options,
+      self._population = Compiled(jax.jit(population_fn, compiler_options=options,
                                            out_shardings=self._state_sharding), self)
       self._population_add = jax.jit(steps.add_moments, out_shardings=self._state_sharding)
       self._population_finish = jax.jit(finish, static_argnums=(2,),
@@ -465,9 +315,9 @@ class JitProgram(Program):
       out = self._eval(self._hp, state.params, stats, b)
       totals = out if totals is None else self._add(totals, out)
     if totals is None:
-      return _eval_rows(np.zeros((len(EVAL_SUMS), self.num_members)))
+      return eval_rows(np.zeros((len(EVAL_SUMS), self.num_members)))
     totals = jax.device_get(totals)  # the one read of this evaluation
-    return _eval_rows(np.stack([np.asarray(totals[k], np.float64).reshape(-1)
+    return eval_rows(np.stack([np.asarray(totals[k], np.float64).reshape(-1)
                                 for k in EVAL_SUMS]))
 
   def measure(self, state, step: int) -> Optional[list[dict]]:
@@ -485,124 +335,4 @@ class JitProgram(Program):
                                         self._replicated)
     values = np.asarray(self._probe(self._hp, state.params, self._inference_statistics(state),
                                     self._probe_images)).reshape(self.num_members, -1)
-    return _probe_rows(values, self.config.probe.percentiles)
-
-
-class PmapProgram(Program):
-  """One member under `jax.pmap` over this process's devices (axis name 'batch')."""
-
-  layout = 'pmap'
-
-  def __init__(self, config: ml_collections.ConfigDict, data: inputs_lib.RunData,
-               devices: Sequence[Any]):
-    self.config = config
-    self.data = data
-    self.num_members = 1
-    self.mesh = {'members': 1, 'data': len(devices)}
-    process_index = jax.process_index()
-    self._local = [d for d in devices if d.process_index == process_index]
-    plain = steps.Builder(config, data.num_classes)
-    # BN pools statistics across replicas, or keeps them per replica (then the moving
-    # averages are averaged, as virtual_batch_norm averages its groups).
-    pooled = steps.Builder(config, data.num_classes,
-                           bn_axis_name=PMAP_AXIS if config.model.bn_cross_replica else None)
-    run_chunk = steps.make_chunk_fn(steps.make_train_step(pooled, axis_name=PMAP_AXIS),
-                                    data.source.materialize)
-    self._init_fn = steps.make_init(plain)
-    # Compiled ahead of time (interruptibly) on one process; on several, pmap's AOT path
-    # takes global shapes where calls give this process's: compiled at the first call.
-    interruptible = ((lambda f: _Compiled(f, self)) if jax.process_count() == 1
-                     else (lambda f: f))
-    self._run_chunk = interruptible(jax.pmap(
-        _outputs_pair(lambda s, r, c: run_chunk({}, s, r, c)), axis_name=PMAP_AXIS,
-        devices=devices, donate_argnums=(0,)))
-    eval_step = steps.make_eval_step(plain, data.source.materialize_eval)
-    # The sums over every process's devices: each process feeds its share of the split.
-    self._eval = interruptible(jax.pmap(
-        lambda params, stats, batch: jax.lax.psum(eval_step({}, params, stats, batch),
-                                                  PMAP_AXIS),
-        axis_name=PMAP_AXIS, devices=devices))
-    self._probe = (jax.jit(steps.make_probe_fn(plain))
-                   if data.probe_images is not None else None)
-    # pmap runs on jit + shard_map: a leading device axis sharded over a 1-D mesh is
-    # what it expects (jax.device_put_replicated is deprecated).
-    self._sharding = NamedSharding(jax.sharding.Mesh(np.asarray(self._local), ('d',)),
-                                   P('d'))
-    self._resident = self._replicate(data.source.resident)
-
-  def _replicate(self, tree):
-    n = len(self._local)
-    return jax.device_put(jax.tree_util.tree_map(
-        lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree), self._sharding)
-
-  def _per_device(self, tree: Any, batch_axis: int) -> Any:
-    """This process's batch (axis `batch_axis`) split over its devices (leading axis)."""
-    n = len(self._local)
-
-    def split(x):
-      shape = x.shape[:batch_axis] + (n, -1) + x.shape[batch_axis + 1:]
-      return np.moveaxis(x.reshape(shape), batch_axis, 0)
-    return jax.device_put(jax.tree_util.tree_map(split, tree), self._sharding)
-
-  def _share(self, tree: Any, batch_axis: int) -> Any:
-    """In-memory batches are global: this process's share of them."""
-    count = jax.process_count()
-    if count == 1:
-      return tree
-
-    def take(x):
-      per = x.shape[batch_axis] // count
-      lo = jax.process_index() * per
-      return np.take(x, np.arange(lo, lo + per), axis=batch_axis)
-    return jax.tree_util.tree_map(take, tree)
-
-  def init(self):
-    image = np.asarray(self.data.sample_image)
-    init = compile_interruptibly(
-        lambda: jax.jit(self._init_fn).lower({}, image).compile(
-            {'xla_backend_optimization_level': 0}), self.check_stop)
-    state = init({}, image)
-    return self._replicate(jax.device_get(state))
-
-  def place(self, members):
-    (host,) = members
-    return self._replicate(host)
-
-  def split(self, state):
-    return [jax.tree_util.tree_map(lambda x: np.asarray(x[0]), jax.device_get(state))]
-
-  def prepare(self, start, num_steps):
-    chunk = self.data.source.chunk(start, num_steps)
-    if self.data.in_memory:
-      chunk = self._share(chunk, batch_axis=1)
-    # (K, local_batch, ...) -> (local devices, K, local_batch / devices, ...)
-    return self._per_device(chunk, batch_axis=1)
-
-  def dispatch(self, state, chunk):
-    return self._run_chunk(state, self._resident, chunk)
-
-  def read(self, outputs):
-    # Every replica holds the same (pmean-ed) values: the first local one is read.
-    first = [jax.tree_util.tree_map(lambda x: x[0], o) for o in outputs]
-    return super().read(first)
-
-  def evaluate(self, state):
-    totals = None
-    for b in self.data.eval_batches():
-      self.check_stop()
-      if self.data.in_memory:
-        b = self._share(b, batch_axis=0)
-      out = self._eval(state.params, state.batch_stats, self._per_device(b, batch_axis=0))
-      totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-    if totals is None:
-      return _eval_rows(np.zeros((len(EVAL_SUMS), 1)))
-    totals = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], totals))
-    return _eval_rows(np.asarray([[float(totals[k])] for k in EVAL_SUMS]))
-
-  def probe(self, state):
-    if self._probe is None:
-      return None
-    (s,) = self.split(state)
-    values = np.asarray(self._probe({}, s.params, s.batch_stats,
-                                    jnp.asarray(self.data.probe_images)))
-    return _probe_rows(values[None], self.config.probe.percentiles)
+    return probe_rows(values, self.config.probe.percentiles)

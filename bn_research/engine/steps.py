@@ -193,7 +193,8 @@ def make_probe_fn(builder: Builder) -> Callable:
   'train' normalises the probe batch with its own statistics, as training does.
   """
   probe = builder.config.probe
-  layer = probe.layer % len(builder.config.model.hidden_sizes)
+  widths = models.entry_for(builder.config.model).hidden_widths(builder.config.model)
+  layer = probe.layer % len(widths)
   name = f'hidden_{layer}'
   qs = jnp.asarray(probe.percentiles, jnp.float32)
   train = probe.mode == 'train'

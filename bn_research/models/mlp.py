@@ -80,3 +80,12 @@ class MLP(nn.Module):
         x = layers.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(self.num_classes, kernel_init=init, dtype=self.dtype,
                     name='logits')(x).astype(jnp.float32)
+
+
+def build(m: Any, *, num_classes: int, norm_kwargs: dict) -> MLP:
+  """The MLP of the config's `model` part `m` (the registry's builder)."""
+  return MLP(hidden_sizes=tuple(int(h) for h in m.hidden_sizes), num_classes=num_classes,
+             activation=m.activation, normalizer=m.normalizer,
+             init_stddev=m.init_stddev, bn_kwargs=norm_kwargs,
+             dropout_rate=m.dropout_rate, pre_norm_bias=m.pre_norm_bias,
+             dtype=jnp.dtype(m.dtype))

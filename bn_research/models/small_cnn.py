@@ -67,3 +67,12 @@ class SmallCNN(nn.Module):
       if self.dropout_rate:
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x).astype(jnp.float32)
+
+
+def build(m: Any, *, num_classes: int, norm_kwargs: dict) -> SmallCNN:
+  """The SmallCNN of the config's `model` part `m` (the registry's builder)."""
+  return SmallCNN(conv_features=tuple(int(f) for f in m.conv_features),
+                  hidden_sizes=tuple(int(h) for h in m.hidden_sizes),
+                  num_classes=num_classes, activation=m.activation,
+                  normalizer=m.normalizer, bn_kwargs=norm_kwargs,
+                  dropout_rate=m.dropout_rate, dtype=jnp.dtype(m.dtype))
