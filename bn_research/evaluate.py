@@ -15,9 +15,9 @@ config.json (the engine's `steps.Builder`), then evaluated on its held-out set:
   mirror image), `multi:N` (N crops, each with its mirror: 2N views; the first crop is
   the whole image, then the centre and four corners at scales 0.875, 0.75 and 0.625
   of the side, each resized back to the network's input size with bilinear weights;
-  N <= 16). GoogLeNet's 144-crop inference, which the paper's ensemble used, takes
-  crops of the photograph at four resizings; here the crops are of the evaluation
-  image the run's pipeline produces (on ImageNet the centre crop of its resize);
+  N <= 16), and `multi:144`, GoogLeNet's 144 crops (`bn_research.crops`), which the
+  paper's ensemble used (on streamed ImageNet the pipeline then hands over each
+  photograph's three squares instead of its central crop: `data.eval_views`);
 * BN's inference statistics (`--batch_stats`): the run's own choice (`run`, default),
   the moving averages, or Algorithm 2's population statistics from the first
   `--population_batches` training batches of the run's data order (the engine's
@@ -42,7 +42,6 @@ if __name__ == '__main__':
 
 import dataclasses
 import datetime
-import math
 import os
 import platform
 import sys
@@ -54,109 +53,10 @@ from absl import logging
 
 TOP_K = 5
 
-# ---------------------------------------------------------------- crop views
-
-SCALES = (0.875, 0.75, 0.625)
-POSITIONS = ('center', 'top_left', 'top_right', 'bottom_left', 'bottom_right')
-MAX_CROPS = 1 + len(SCALES) * len(POSITIONS)
-
-
-@dataclasses.dataclass(frozen=True)
-class View:
-  """One view of an image: the window at `scale` of the side, at `position`, resized
-  back to the image's size, mirrored left-right if `flip`."""
-  scale: float = 1.0
-  position: str = 'center'
-  flip: bool = False
-
-  @property
-  def name(self) -> str:
-    return (f'{self.position}@{self.scale:g}' + (',flip' if self.flip else ''))
-
-
-def _crops(n: int) -> list[View]:
-  """The first n crops: the whole image, then each scale's centre and corners."""
-  windows = [View()] + [View(s, p) for s in SCALES for p in POSITIONS]
-  return windows[:n]
-
-
-def parse_scheme(text: str) -> list[View]:
-  """The views of a crop scheme: 'center', 'flip' or 'multi:N'.
-
-  Raises:
-    ValueError: one line naming the scheme and what is allowed.
-  """
-  allowed = f'center, flip, or multi:N with N in [1, {MAX_CROPS}]'
-  if text == 'center':
-    return [View()]
-  if text == 'flip':
-    return [View(), View(flip=True)]
-  kind, _, count = text.partition(':')
-  if kind != 'multi' or not count.isdigit() or not 1 <= int(count) <= MAX_CROPS:
-    raise ValueError(f'--crops={text!r}; allowed: {allowed}.')
-  return [dataclasses.replace(v, flip=f) for v in _crops(int(count)) for f in (False, True)]
-
-
-def window(view: View, height: int, width: int) -> tuple[int, int, int, int]:
-  """(top, left, crop height, crop width) of the view's window in an image."""
-  ch, cw = round(view.scale * height), round(view.scale * width)
-  rows = {'center': (height - ch) // 2, 'top_left': 0, 'top_right': 0,
-          'bottom_left': height - ch, 'bottom_right': height - ch}
-  cols = {'center': (width - cw) // 2, 'top_left': 0, 'bottom_left': 0,
-          'top_right': width - cw, 'bottom_right': width - cw}
-  return rows[view.position], cols[view.position], ch, cw
-
-
-def check_scheme_fits(text: str, views: Sequence[View], height: int, width: int) -> None:
-  """Every crop of a scheme must be a window of at least 2 pixels a side that is not
-  the whole image (else it is the whole image again, or not an image).
-
-  Raises:
-    ValueError: one line naming the scheme, the image size and the largest that fits.
-  """
-  def fits(view):
-    _, _, ch, cw = window(view, height, width)
-    return view.scale == 1.0 or (2 <= ch < height and 2 <= cw < width)
-  if all(fits(v) for v in views):
-    return
-  largest = max((n for n in range(1, MAX_CROPS + 1) if all(map(fits, _crops(n)))))
-  raise ValueError(f'--crops={text!r} does not fit the {height}x{width} images (a crop would '
-                   'be the whole image or under 2 pixels); allowed for them: center, flip, '
-                   f'multi:N with N <= {largest}.')
-
-
-def interpolation_matrix(out_size: int, start: int, length: int, in_size: int):
-  """(out_size, in_size) bilinear weights that resize pixels [start, start + length) of
-  a row to out_size pixels (half-pixel centres; edge pixels repeat past the ends)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  a = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    src = min(max((i + 0.5) * length / out_size - 0.5, 0.0), length - 1.0)
-    lo = int(math.floor(src))
-    hi = min(lo + 1, length - 1)
-    frac = src - lo
-    a[i, start + lo] += 1.0 - frac
-    a[i, start + hi] += frac
-  return a
-
-
-def view_matrices(view: View, height: int, width: int):
-  """(rows (H, H), cols (W, W)) float32: view = rows @ image @ cols.T per channel."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  top, left, ch, cw = window(view, height, width)
-  rows = interpolation_matrix(height, top, ch, height)
-  cols = interpolation_matrix(width, left, cw, width)
-  if view.flip:
-    cols = cols[::-1]
-  return rows.astype(np.float32), np.ascontiguousarray(cols).astype(np.float32)
-
-
-def apply_view(images, rows, cols):
-  """(N, H, W, C) images -> the view (N, H, W, C): a crop, resize and flip in one."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  return jnp.einsum('oh,nhwc,pw->nopc', rows, images, cols,
-                    precision='highest').astype(images.dtype)
-
+# The crop views live in bn_research.crops; their names stay importable from here.
+from bn_research.crops import (  # pylint: disable=g-import-not-at-top,unused-import
+    MAX_CROPS, POSITIONS, SCALES, SQUARES, View, apply_view, check_scheme_fits,
+    interpolation_matrix, parse_scheme, view_matrices, window)
 
 # ---------------------------------------------------------------- the runs
 
@@ -319,8 +219,9 @@ class _Member:
   params: Any
   batch_stats: Any
   logits: Any
-  eval_batches: list
+  eval_batches: Any  # the held-out batches, each sharded over the devices
   matrices: list
+  planes: list  # per view: which of the three squares it is of (streamed multi:144)
   to_input: Any = None  # the source's `materialize_eval`: host batch -> network input
 
 
@@ -343,11 +244,12 @@ def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[V
   to_input = members[0].to_input or (lambda b: b)
   for batch in members[0].eval_batches:
     # Streamed ImageNet sends uint8 images; they are normalised on the device.
-    images = jnp.asarray(to_input({'image': jnp.asarray(batch['image'])})['image'])
+    images = to_input({'image': batch['image']})['image']
     member_probs = {scheme: [] for scheme in plan.schemes}
     for m in members:
-      logits = jnp.stack([m.logits(m.params, m.batch_stats, images, *mats)
-                          for mats in m.matrices])
+      logits = jnp.stack([
+          m.logits(m.params, m.batch_stats, images if p is None else images[:, p], *mats)
+          for mats, p in zip(m.matrices, m.planes)])
       for scheme, scheme_views in plan.schemes.items():
         probs = metrics.mean_softmax(logits[np.asarray([index[v] for v in scheme_views])])
         _accumulate(totals, (m.name, scheme),
@@ -368,6 +270,7 @@ def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
     ValueError: one line (a scheme that does not fit the images, no checkpoint that
       restores, or the data's own refusal), before anything is compiled.
   """
+  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bn_research import inputs  # pylint: disable=g-import-not-at-top
   from bn_research import rundir  # pylint: disable=g-import-not-at-top
@@ -375,10 +278,26 @@ def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
   for run in plan.runs:
     if plan.num_eval_examples is not None:
       run.config.num_eval_examples = plan.num_eval_examples
+    googlenet = [t for t, views in plan.schemes.items() if any(v.side for v in views)]
+    if googlenet and run.config.data.name == 'imagenet2012':
+      # Streamed photographs: the pipeline hands over their three squares instead of
+      # the central crop, so the other schemes' views cannot be taken here.
+      others = [t for t in plan.schemes if t not in googlenet]
+      if others:
+        raise ValueError(f'--crops={",".join(others)} with {googlenet[0]} on streamed '
+                         f'ImageNet ({run.workdir!r}); allowed: {googlenet[0]} alone (the '
+                         'others in an evaluation of their own).')
+      run.config.data.eval_views = 'squares'
     data = inputs.load_run_data(run.config)
     height, width = np.shape(data.sample_image)[1:3]
     for text, views in plan.schemes.items():
       check_scheme_fits(text, views, height, width)
+    devices = jax.local_device_count()
+    if run.config.eval_batch_size % devices:
+      raise ValueError(f'--workdir={run.workdir!r}: eval_batch_size='
+                       f'{run.config.eval_batch_size} cannot be split over the {devices} '
+                       'devices here; allowed: a multiple of the device count (set '
+                       'JAX_PLATFORMS / CUDA_VISIBLE_DEVICES to use fewer).')
     state = rundir.load_latest(run.workdir)
     if state is None:
       raise ValueError(f'--workdir={run.workdir!r}: no checkpoint in '
@@ -394,13 +313,14 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
     plan: from `make_plan`.
     loaded: the runs' data and checkpoints from `load_runs(plan)` (loaded here if None).
   """
+  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from bn_research.engine import programs  # pylint: disable=g-import-not-at-top
   from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
 
   loaded = load_runs(plan) if loaded is None else loaded
-  views = sorted({v for vs in plan.schemes.values() for v in vs},
-                 key=lambda v: (-v.scale, POSITIONS.index(v.position), v.flip))
+  views = list(dict.fromkeys(v for vs in plan.schemes.values() for v in vs))
   members, descriptions = [], []
   for run, (data, state) in zip(plan.runs, loaded):
     config = run.config
@@ -408,10 +328,23 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
     stats, kind = _inference_statistics(run, plan, builder, data, state['params'],
                                         state.get('batch_stats') or {})
     height, width = (int(n) for n in np.shape(data.sample_image)[1:3])
+    # The engine's placement on every local device (a plain run's program, jit over a
+    # 1-D data mesh): the variables replicated, each held-out batch sharded.
+    program = programs.JitProgram(config, data, jax.local_devices(), hparams={},
+                                  num_members=1, vmapped=False)
+    variables = program.place([{'params': state['params'], 'batch_stats': stats}])
+    if run.config.data.get('eval_views') == 'squares':
+      from bn_research.data import imagenet_images  # pylint: disable=g-import-not-at-top
+      side = imagenet_images.squares_size(height)
+      matrices = [view_matrices(v, side, side, out=height) for v in views]
+      planes = [SQUARES.index(v.square) for v in views]
+    else:
+      matrices = [view_matrices(v, height, width) for v in views]
+      planes = [None] * len(views)
     members.append(_Member(
-        run.workdir, state['params'], stats, _member_logits_fn(builder),
-        data.eval_batches(),
-        [tuple(jnp.asarray(m) for m in view_matrices(v, height, width)) for v in views],
+        run.workdir, variables['params'], variables['batch_stats'],
+        _member_logits_fn(builder), program._placed_eval_batches(),  # pylint: disable=protected-access
+        [tuple(jnp.asarray(m) for m in pair) for pair in matrices], planes,
         data.source.materialize_eval))
     descriptions.append({
         'workdir': run.workdir, 'step': int(state['step']), 'status': run.status.get('status'),
@@ -419,7 +352,7 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
         'seed': config.seed, 'learning_rate': config.optimizer.learning_rate,
         'batch_size': config.batch_size, 'dataset': data.description.get('dataset'),
         'num_classes': data.num_classes, 'batch_stats': kind,
-        'image_size': [height, width]})
+        'image_size': [height, width], 'devices': program.mesh['data']})
   totals: dict = {}
   if plan.ensemble:
     _evaluate_together(members, plan, views, True, totals)
@@ -452,67 +385,9 @@ def ensemble_vs_best_single(rows: Sequence[dict]) -> list[dict]:
   return out
 
 
-# ---------------------------------------------------------------- files
-
-
-def default_out(workdirs: Sequence[str]) -> str:
-  """The directory holding the runs (their parents' common directory)."""
-  parents = [os.path.dirname(os.path.abspath(w)) for w in workdirs]
-  return os.path.commonpath(parents)
-
-
-def markdown(record: dict) -> str:
-  """The record as a Markdown table, one row per run (or ensemble) and crop scheme."""
-  k = record['top_k']
-  base = os.path.commonpath([os.path.abspath(r['workdir']) for r in record['runs']])
-  lines = [f'| run | step | crops | views | top-1 acc | top-{k} acc | top-1 err | '
-           f'top-{k} err | NLL | examples |',
-           '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
-  steps = {r['workdir']: r['step'] for r in record['runs']}
-  for row in record['rows']:
-    name = (row['name'] if row['name'] == 'ensemble'
-            else os.path.relpath(os.path.abspath(row['name']), os.path.dirname(base)))
-    top1, topk = row['top1_accuracy'], row[f'top{k}_accuracy']
-    lines.append(f'| {name} | {steps.get(row["name"], "")} | {row["crops"]} | {row["views"]} '
-                 f'| {top1:.4f} | {topk:.4f} | {1 - top1:.2%} | {1 - topk:.2%} | '
-                 f'{row["nll"]:.4f} | {row["count"]} |')
-  if record.get('ensemble_vs_best_single'):
-    lines += ['', f'| crops | best single run | its top-1 err | ensemble top-1 err | '
-              f'its top-{k} err | ensemble top-{k} err |', '|---|---|---:|---:|---:|---:|']
-    for c in record['ensemble_vs_best_single']:
-      name = os.path.relpath(os.path.abspath(c['best_single']), os.path.dirname(base))
-      lines.append(f'| {c["crops"]} | {name} | {1 - c["best_single_top1_accuracy"]:.2%} | '
-                   f'{1 - c["ensemble_top1_accuracy"]:.2%} | '
-                   f'{1 - c[f"best_single_top{k}_accuracy"]:.2%} | '
-                   f'{1 - c[f"ensemble_top{k}_accuracy"]:.2%} |')
-  stats = sorted({r['batch_stats'] for r in record['runs']})
-  if record.get('note'):
-    lines += ['', record['note']]
-  lines += ['', f'BN statistics at inference: {", ".join(stats)}.',
-            f'Command: `{record["command"]}`', f'Date: {record["date"]}; machine: '
-            f'{record["machine"]}.']
-  return '\n'.join(lines) + '\n'
-
-
-def write(record: dict, out: str, name: str) -> tuple[str, str]:
-  """Writes OUT/NAME.json and OUT/NAME.md (each atomically); returns their paths."""
-  from bn_research import rundir  # pylint: disable=g-import-not-at-top
-  os.makedirs(out, exist_ok=True)
-  json_path, md_path = os.path.join(out, name + '.json'), os.path.join(out, name + '.md')
-  rundir.write_json(json_path, record, sort_keys=False)
-  tmp = md_path + f'.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
-    f.write(markdown(record))
-  os.replace(tmp, md_path)
-  return json_path, md_path
-
-
-def check_out(out: str, name: str) -> None:
-  """ValueError unless OUT can hold the results (checked before anything runs)."""
-  if not name or os.sep in name or name.startswith('.'):
-    raise ValueError(f'--name={name!r}; allowed: a plain file name without .json / .md.')
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f'--out={out!r} is a file; allowed: a directory (made if missing).')
+# The result files live in bn_research.evaluation_files; their names stay importable.
+from bn_research.evaluation_files import (  # pylint: disable=g-import-not-at-top,unused-import
+    check_out, default_out, markdown, write)
 
 
 def _define_flags() -> None:
@@ -520,7 +395,7 @@ def _define_flags() -> None:
   program that has its own --workdir) defines no flags."""
   flags.DEFINE_multi_string('workdir', [], 'A finished run directory (repeatable).')
   flags.DEFINE_list('crops', ['center'], 'Crop schemes: center, flip, multi:N '
-    '(N crops and their mirror images; N <= 16).')
+    '(N crops and their mirror images; N <= 16), multi:144 (GoogLeNet\'s crops).')
   flags.DEFINE_enum('batch_stats', 'run', ['run', 'moving_average', 'population'],
     "BN's inference statistics: the run's eval.batch_stats, "
     'the moving averages, or Algorithm 2 population statistics.')

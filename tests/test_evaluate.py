@@ -101,6 +101,89 @@ def test_views_match_a_numpy_crop_resize_and_flip():
   assert len(ev.parse_scheme('multi:3')) == 6
 
 
+def _googlenet_boxes(height, width, size):
+  """GoogLeNet's 144 crops as Szegedy et al. (2014, Section 7) describe them, as
+  (top, left, h, w, mirrored) in the image's pixels: resize the shorter side to
+  size x (256, 288, 320, 352) / 224, take the 3 squares of the shorter side along
+  the longer one, from each the 4 corner and the centre size x size crops and the
+  square resized, each also mirrored."""
+  boxes = []
+  for side in (256, 288, 320, 352):
+    r = size * side / 224 / min(height, width)        # the resize factor
+    rh, rw = height * r, width * r
+    sq = min(rh, rw)
+    for q in range(3):
+      off = (max(rh, rw) - sq) * q / 2
+      st, sl = (off, 0) if rh > rw else (0, off)
+      m = sq - size
+      crops = [(st, sl, sq, sq)] + [(st + dy, sl + dx, size, size)
+                                    for dy, dx in ((0, 0), (0, m), (m, 0), (m, m),
+                                                   (m / 2, m / 2))]
+      for t, l, h, w in crops:
+        for mirrored in (False, True):
+          boxes.append((t / r, l / r, h / r, w / r, mirrored))
+  return boxes
+
+
+@pytest.mark.parametrize('height,width,size', [(300, 400, 224), (400, 300, 224),
+                                               (28, 28, 28), (50, 90, 32)])
+def test_googlenet_crops_match_an_independent_enumeration(height, width, size):
+  from bn_research import crops
+  views = crops.parse_scheme('multi:144')
+  assert len(views) == 144 == 4 * 3 * 6 * 2 and len(set(views)) == 144
+  got = sorted(tuple(round(x, 6) for x in crops.googlenet_window(v, height, width, size))
+               + (v.flip,) for v in views)
+  want = sorted(tuple(round(x, 6) for x in b[:4]) + (b[4],)
+                for b in _googlenet_boxes(height, width, size))
+  assert got == want
+  # On square images the three squares are the image: 4 sizes x 5 crops, and the
+  # image itself, each with its mirror, are the distinct windows.
+  if height == width:
+    assert len(set(got)) == (4 * 5 + 1) * 2
+
+
+@pytest.mark.parametrize('height,width', [(60, 90), (90, 60)])
+def test_googlenet_crops_of_the_three_squares_are_the_same_windows(height, width):
+  """Streamed ImageNet hands over the three squares resized to S = 352/224 of the
+  input: each view's window in its square, mapped back to the photograph, is the
+  enumerated crop."""
+  from bn_research import crops
+  from bn_research.data import imagenet_images
+  size = 32
+  side = imagenet_images.squares_size(size)
+  assert side == 50
+  short = min(height, width)
+  squares = imagenet_images.square_boxes(height, width)
+  got = []
+  for v in crops.parse_scheme('multi:144'):
+    top, left, h, w = crops.googlenet_window(v, side, side, size)
+    sq_top, sq_left, _, _ = squares[crops.SQUARES.index(v.square)]
+    k = short / side
+    got.append(tuple(round(x, 6) for x in (sq_top + top * k, sq_left + left * k, h * k, w * k))
+               + (v.flip,))
+  want = [tuple(round(x, 6) for x in b[:4]) + (b[4],)
+          for b in _googlenet_boxes(height, width, size)]
+  assert sorted(got) == sorted(want)
+  rows, cols = crops.view_matrices(crops.parse_scheme('multi:144')[0], side, side, out=size)
+  assert rows.shape == cols.shape == (size, side)
+
+
+def _np_window_resize(x, top, left, h, w, out):
+  """float64 bilinear resize of the (fractional) window to out x out, pixel by pixel:
+  half-pixel centres, positions past the window's edges held at them."""
+  height, width = x.shape[:2]
+  res = np.zeros((out, out) + x.shape[2:])
+  for i in range(out):
+    sy = top + min(max((i + 0.5) * h / out - 0.5, 0), h - 1)
+    y0 = int(np.floor(sy)); y1 = min(y0 + 1, height - 1); fy = sy - y0
+    for j in range(out):
+      sx = left + min(max((j + 0.5) * w / out - 0.5, 0), w - 1)
+      x0 = int(np.floor(sx)); x1 = min(x0 + 1, width - 1); fx = sx - x0
+      res[i, j] = ((1 - fy) * (1 - fx) * x[y0, x0] + (1 - fy) * fx * x[y0, x1]
+                   + fy * (1 - fx) * x[y1, x0] + fy * fx * x[y1, x1])
+  return res
+
+
 # ---------------------------------------------------------------- finished runs
 
 
@@ -203,6 +286,100 @@ def test_multi_crop_ensemble_matches_numpy(runs):
   assert summary['ensemble_top5_accuracy'] == row['top5_accuracy']
 
 
+def _googlenet_probabilities(workdir, config, num_classes, planes, size):
+  """Per view of `_googlenet_boxes`, the network's class probabilities (float64) on
+  the NumPy view. planes: (3, S, S, N, C) float64, square q of each image (in-memory
+  data: the image itself three times); the enumeration on an S x S image gives each
+  square's windows, in the order size, square, crop, mirror (box i: square
+  (i // 12) % 3)."""
+  import jax
+  from bn_research import rundir
+  from bn_research.engine import steps
+  state = rundir.load_latest(str(workdir))
+  model = steps.Builder(config, num_classes).model({}, dropout=False)
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
+  side = planes.shape[1]
+  probs = []
+  for i, (top, left, h, w, mirrored) in enumerate(_googlenet_boxes(side, side, size)):
+    view = np.moveaxis(_np_window_resize(planes[(i // 12) % 3], top, left, h, w, size), 2, 0)
+    if mirrored:
+      view = view[:, :, ::-1]
+    logits = np.asarray(apply(view.astype(np.float32)), np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    probs.append(p / p.sum(1, keepdims=True))
+  return probs
+
+
+def test_googlenet_144_crops_average_like_numpy(runs):
+  """multi:144 on a run's square images: the 144 NumPy views (the enumeration above,
+  resized pixel by pixel) through the network, NumPy softmax averaged."""
+  from bn_research import evaluate as ev
+  from bn_research import inputs, rundir
+  workdir = runs / 'a'
+  record = ev.evaluate(_plan([workdir], crops=['multi:144'], num_eval_examples=64))
+  config = ev.config_from_json(rundir.read_config(str(workdir)))
+  config.num_eval_examples = 64
+  data = inputs.load_run_data(config)
+  images = np.concatenate([b['image'][b['mask'] > 0] for b in data.eval_batches()])
+  labels = np.concatenate([b['label'][b['mask'] > 0] for b in data.eval_batches()])
+  n, size = len(images), images.shape[1]
+  assert images.shape[2] == size and n == 64
+  stacked = np.moveaxis(images.astype(np.float64), 0, 2)   # (H, W, N, C)
+  mean = np.mean(_googlenet_probabilities(workdir, config, 10, np.stack([stacked] * 3),
+                                          size), axis=0)
+  row = _row(record, workdir, 'multi:144')
+  assert row['views'] == 144 and row['count'] == 64
+  assert row['top1_accuracy'] == pytest.approx(_np_top_k(mean, labels, 1).mean())
+  assert row['top5_accuracy'] == pytest.approx(_np_top_k(mean, labels, 5).mean())
+  assert row['nll'] == pytest.approx(-np.mean(np.log(mean[np.arange(n), labels])), rel=1e-4)
+
+
+def test_googlenet_144_crops_of_streamed_imagenet_average_like_numpy(tmp_path):
+  """On (mock) streamed ImageNet the pipeline hands over each photograph's three
+  squares; the 144 views of them (NumPy, pixel by pixel, from the enumeration) through
+  the network, softmax averaged in NumPy, give the command's NLL and top-k."""
+  import tensorflow_datasets as tfds
+  from bn_research import evaluate as ev
+  from bn_research import rundir, train
+  from bn_research.data import imagenet
+  from configs import imagenet_inception
+  workdir, data_dir = str(tmp_path / 'run'), tmp_path / 'tfds'
+  data_dir.mkdir()
+  c = imagenet_inception.get_config('model=bn_x30,steps=3')
+  c.batch_size = c.eval_batch_size = 8
+  c.model.name = 'mlp'
+  c.model.hidden_sizes = (16, 16)
+  c.model.virtual_batch_size = 0
+  c.data.image_size = 8
+  c.data.num_workers = c.data.prefetch = 0
+  c.data.data_dir = str(data_dir)
+  c.num_eval_examples = 0
+  c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 3
+  c.eval.batch_stats = 'moving_average'
+  c.probe.enabled = False
+  with tfds.testing.mock_data(num_examples=20):
+    assert train.train_and_evaluate(c, workdir)['status'] == 'done'
+    record = ev.evaluate(ev.make_plan([workdir], crops=['multi:144']))
+    config = ev.config_from_json(rundir.read_config(workdir))
+    config.data.eval_views = 'squares'
+    batches = list(imagenet.ImageNetPipeline(
+        config.data, batch_size=8, seed=0, process_index=0, process_count=1).eval_batches(8))
+  squares = np.concatenate([b['image'][b['mask'] > 0] for b in batches])
+  labels = np.concatenate([b['label'][b['mask'] > 0] for b in batches])
+  n, side = len(squares), squares.shape[2]
+  assert squares.shape == (20, 3, side, side, 3) and side == round(8 * 352 / 224)
+  planes = np.moveaxis(squares.astype(np.float64) / 255 * 2 - 1, 0, 3)  # (3, S, S, N, C)
+  probs = _googlenet_probabilities(workdir, config, 1000, planes, 8)
+  mean = np.mean(probs, axis=0)
+  (row,) = record['rows']
+  assert row['views'] == 144 and row['count'] == 20
+  assert row['nll'] == pytest.approx(-np.mean(np.log(mean[np.arange(n), labels])), rel=1e-6)
+  assert row['top5_accuracy'] == pytest.approx(_np_top_k(mean, labels, 5).mean())
+  centre = -np.mean(np.log(probs[0][np.arange(n), labels]))  # one view is not the average
+  assert abs(row['nll'] - centre) > 1e-5
+
+
 def test_command_writes_json_and_markdown(runs, tmp_path):
   out = tmp_path / 'out'
   proc = helpers.run_module('bn_research.evaluate',
@@ -220,6 +397,38 @@ def test_command_writes_json_and_markdown(runs, tmp_path):
   text = (out / 'ens.md').read_text()
   assert '| ensemble |' in text and 'python -m bn_research.evaluate' in text
   assert math.isfinite(record['rows'][-1]['nll'])
+
+
+def test_two_devices_give_the_one_device_result(runs, tmp_path):
+  """Each held-out batch sharded over 2 (forced host) devices, the variables
+  replicated: every row (top-1, top-5, NLL, count) equals the 1-device evaluation's,
+  for single runs, multi-crop and the ensemble."""
+  records = {}
+  for devices in (1, 2):
+    out = tmp_path / f'devices{devices}'
+    proc = helpers.run_module('bn_research.evaluate',
+                              [f'--workdir={runs / "a"}', f'--workdir={runs / "c"}',
+                               '--crops=center,multi:3', '--ensemble', f'--out={out}'],
+                              devices=devices)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records[devices] = helpers.read_json(out / 'evaluation.json')
+  assert [r['devices'] for r in records[2]['runs']] == [2, 2]
+  assert len(records[1]['rows']) == len(records[2]['rows']) == 6
+  for one, two in zip(records[1]['rows'], records[2]['rows']):
+    assert (two['name'], two['crops'], two['count']) == (one['name'], one['crops'],
+                                                          one['count'])
+    for key in ('top1_accuracy', 'top5_accuracy', 'nll'):
+      assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (one['name'], key)
+
+
+def test_an_eval_batch_the_devices_cannot_split_is_refused(runs, tmp_path):
+  _copy_run(runs / 'a', tmp_path / 'odd', eval_batch_size=63)
+  proc = helpers.run_module('bn_research.evaluate', [f'--workdir={tmp_path / "odd"}',
+                                                     f'--out={tmp_path / "out"}'], devices=2)
+  assert proc.returncode == 2
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert 'eval_batch_size=63' in proc.stderr and '2 devices' in proc.stderr
+  assert not (tmp_path / 'out').exists()
 
 
 # ---------------------------------------------------------------- refusals

@@ -6,33 +6,10 @@ resized and flipped in uint8 on the host, in grain worker processes; the photome
 distortions and the normalisation run on the device (`bn_research.data.augment`).
 This module imports neither JAX nor TensorFlow (grain's workers import it).
 
-Preparing ImageNet (once; the only step that needs TensorFlow)
---------------------------------------------------------------
-1. Register at https://image-net.org/download-images and download the ILSVRC 2012
-   archives `ILSVRC2012_img_train.tar` (~138 GiB) and `ILSVRC2012_img_val.tar`
-   (~6.3 GiB). Do not extract them.
-2. Put both files in `<data_dir>/downloads/manual/`, TFDS's default manual
-   directory (another folder can be named with `--manual_dir=...`).
-3. In an environment that also has TensorFlow and importlib_resources (`pip install
-   -r requirements.txt -r requirements-imagenet.txt`; the TFDS imagenet2012 builder
-   imports TensorFlow, and TFDS 4.9.10 needs importlib_resources to prepare any
-   dataset on Python >= 3.9, tensorflow/datasets#11212), convert them to ArrayRecord:
-
-       python -m bn_research.data.imagenet prepare <data_dir>
-
-   (add `--manual_dir=DIR` if the tars are elsewhere). This is
-   `tfds.builder('imagenet2012', data_dir=<data_dir>, file_format='array_record')
-   .download_and_prepare()`; the equivalent `tfds build imagenet2012
-   --data_dir=<data_dir> --file_format=array_record` also works, but the TFDS 4.9.10
-   command line additionally needs apache-beam installed (tensorflow/datasets#5463).
-   ArrayRecord is required: the TFDS default, TFRecord, can only be read
-   sequentially through tf.data, and this pipeline needs random access.
-   The result is `<data_dir>/imagenet2012/5.1.0/` (ArrayRecord shards plus
-   `dataset_info.json`, roughly the size of the tars); the tars can then be deleted.
-   Conversion runs once and takes hours.
-4. Train with `data.data_dir=<data_dir>`. Reading needs no TensorFlow. The folder
-   must be on a local (or locally mounted) disk: ArrayRecord random access does not
-   work on gs:// paths.
+Preparing ImageNet (once, the only step that needs TensorFlow):
+`python -m bn_research.data.imagenet prepare <data_dir>`; the steps are in the
+docstring of `bn_research.data.imagenet_config`, which also holds the data config.
+The host's image operations are in `bn_research.data.imagenet_images`.
 
 Design
 ------
@@ -65,7 +42,8 @@ Design
 * Training preprocessing (Inception recipe): random crop covering 8%-100% of the
   image area with aspect ratio (w/h) in [3/4, 4/3] (log-uniform), up to
   `crop_max_attempts` (10) tries, else the evaluation centre crop; resize to
-  `image_size` (bilinear, antialiased); horizontal flip with probability 1/2 (all on
+  `image_size` (bilinear without antialiasing, as TF-slim's; the JPEG decoder's DCT
+  scaling does the large reductions); horizontal flip with probability 1/2 (all on
   the host, in uint8); then, on the device, photometric distortions in a random order
   per example, clipping to [0, 1] after each:
 
@@ -89,236 +67,37 @@ Design
   Inception models do; 'mean_std' subtracts the ImageNet RGB mean (0.485, 0.456,
   0.406) and divides by the std (0.229, 0.224, 0.225).
 * Decoding: PIL decodes the JPEG bytes straight to uint8, at a reduced DCT scale when
-  the crop is at least twice the output size (`_crop_resize`). grain runs the
-  examples: `num_workers` worker processes (0: in this process), each keeping
-  `prefetch` batches ready; the stream is a `grain.MapDataset` indexed by step, so
+  the crop is at least twice the output size; OpenCV resizes (`_crop_resize`).
+  grain runs the examples: `num_workers` worker processes (0: in this process), each
+  keeping `prefetch` batches ready; the stream is a `grain.MapDataset` indexed by step, so
   opening it at step s is the whole of resuming.
 """
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import functools
-import io
-import math
-import os
 import weakref
 from typing import Any, Iterator, Optional, Sequence
 
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from bn_research import checks
+# The config and the host's image operations live in their own modules; their names
+# stay importable from here.
+from bn_research.data.imagenet_config import (  # pylint: disable=unused-import
+    DISTORTION_STRENGTHS, DISTORTIONS, EVAL_VIEWS, IMAGENET_KEYS, IMAGENET_MEAN, IMAGENET_STD, NAME,
+    NORMALIZATIONS, NUM_CLASSES, PREPARE_HELP, SHUFFLES, SOURCES, ColorJitter,
+    color_parameters, imagenet_data_config, open_tfds_split, prepare_imagenet2012,
+    validate_imagenet_config)
+from bn_research.data.imagenet_images import (  # pylint: disable=unused-import
+    EVAL_CROP_FRACTION, PreprocessOptions, _crop_resize, augmentation_rng,
+    central_crop_box, color_seed, open_image, preprocess_eval, preprocess_eval_squares,
+    preprocess_train, random_crop_box, square_boxes, squares_size)
 
-NAME = 'imagenet2012'
-NUM_CLASSES = 1000
-SOURCES = ('tfds',)
-DISTORTIONS = ('full', 'reduced', 'none')
-SHUFFLES = ('thorough', 'within_shard', 'shards_only')
-NORMALIZATIONS = ('inception', 'mean_std')
-EVAL_CROP_FRACTION = 0.875            # 224 / 256
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-PREPARE_HELP = (
-    'Prepare it once: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
-    '<data_dir>/downloads/manual/ and run, with requirements-imagenet.txt installed '
-    '(TensorFlow, importlib_resources), `python -m bn_research.data.imagenet prepare '
-    '<data_dir>`. See the bn_research.data.imagenet docstring.')
-
-# Stream tags mixed into the seeds so that the data order and the augmentations draw
-# from unrelated random streams.
+# The stream tag mixed into the data order's seeds (the augmentations use another).
 _ORDER_STREAM = 0x0D0
-_AUGMENT_STREAM = 0xA06
-
-
-@dataclasses.dataclass(frozen=True)
-class ColorJitter:
-  """Ranges of the Inception photometric distortions (images in [0, 1])."""
-  brightness: float                   # delta uniform in [-b, b], added
-  contrast: tuple[float, float]       # factor uniform in [lo, hi]
-  saturation: tuple[float, float]     # factor uniform in [lo, hi]
-  hue: float                          # delta uniform in [-h, h], fraction of the circle
-
-
-DISTORTION_STRENGTHS: dict[str, Optional[ColorJitter]] = {
-    'full': ColorJitter(brightness=32 / 255, contrast=(0.5, 1.5),
-                        saturation=(0.5, 1.5), hue=0.2),
-    'reduced': ColorJitter(brightness=16 / 255, contrast=(0.75, 1.25),
-                           saturation=(0.75, 1.25), hue=0.1),
-    'none': None,
-}
-
-
-def color_parameters(u: Any, jitter: ColorJitter) -> Any:
-  """(brightness delta, contrast factor, saturation factor, hue delta) from four
-  uniforms in [0, 1) (the last axis of `u`; NumPy or jnp, float32 stays float32)."""
-  lo = np.asarray([-jitter.brightness, jitter.contrast[0], jitter.saturation[0],
-                   -jitter.hue], np.float32)
-  hi = np.asarray([jitter.brightness, jitter.contrast[1], jitter.saturation[1],
-                   jitter.hue], np.float32)
-  return lo + u * (hi - lo)
-
-
-# ---------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------
-
-def imagenet_data_config(**overrides: Any) -> ml_collections.ConfigDict:
-  """The `config.data` block for ImageNet runs; keyword arguments override defaults.
-
-  Unknown keys raise ValueError (a typo must not silently fall back to a default).
-  """
-  c = ml_collections.ConfigDict()
-  c.name = NAME                        # any TFDS name with image/label features
-  c.source = 'tfds'
-  c.data_dir = ''                      # TFDS data_dir holding imagenet2012/5.1.0/
-  c.train_split = 'train'
-  c.eval_split = 'validation'
-  c.image_size = 224
-  c.channels = 3
-  c.num_classes = NUM_CLASSES
-  c.distortions = 'full'               # 'full' | 'reduced' | 'none'
-  c.shuffle = 'thorough'               # 'thorough' | 'within_shard' | 'shards_only'
-  c.shuffle_shard_size = 1024          # examples per shard for the shard-based orders
-  c.crop_area_range = (0.08, 1.0)
-  c.crop_aspect_ratio_range = (3 / 4, 4 / 3)
-  c.crop_max_attempts = 10
-  c.random_flip = True
-  c.eval_crop_fraction = EVAL_CROP_FRACTION
-  c.normalization = 'inception'        # [-1, 1]; or 'mean_std'
-  c.num_workers = 8                    # grain worker processes; 0: in this process
-  c.prefetch = 2                       # batches each worker keeps ready (0 workers:
-                                       # a thread this far ahead; 0: none)
-  # Shared schema with the in-memory datasets; ImageNet uses its official splits,
-  # so this pipeline does not read it.
-  c.split_seed = 0
-  for key, value in overrides.items():
-    if key not in c:
-      raise ValueError(f'imagenet_data_config: unknown key {key!r}; known: '
-                       f'{", ".join(sorted(c.keys()))}.')
-    if isinstance(value, os.PathLike):
-      value = os.fspath(value)
-    c[key] = value
-  return c
-
-
-# Every key of the ImageNet `data` block, with what it accepts (bn_research/checks.py).
-IMAGENET_KEYS = {
-    'data.name': checks.Text(nonempty=True, note='a TFDS dataset name'),
-    'data.source': checks.Choice(SOURCES),
-    'data.data_dir': checks.Text(),
-    'data.train_split': checks.Text(nonempty=True),
-    'data.eval_split': checks.Text(nonempty=True),
-    'data.image_size': checks.Int(1),
-    'data.channels': checks.Int(3, 3, note='ImageNet images have 3 channels'),
-    'data.num_classes': checks.Int(2),
-    'data.distortions': checks.Choice(DISTORTIONS),
-    'data.shuffle': checks.Choice(SHUFFLES),
-    'data.shuffle_shard_size': checks.Int(1),
-    'data.crop_area_range': checks.Range(0.0, 1.0),
-    'data.crop_aspect_ratio_range': checks.Range(0.0, math.inf),
-    'data.crop_max_attempts': checks.Int(0),
-    'data.random_flip': checks.Bool(),
-    'data.eval_crop_fraction': checks.Float(0.0, 1.0, low_open=True),
-    'data.normalization': checks.Choice(NORMALIZATIONS),
-    'data.num_workers': checks.Int(0, note='grain worker processes; 0: in this process'),
-    'data.prefetch': checks.Int(0, note='batches each worker keeps ready'),
-    'data.split_seed': checks.Int(0, checks.SEED_LIMIT - 1, note='not read for ImageNet'),
-}
-
-
-def validate_imagenet_config(cfg: ml_collections.ConfigDict, *,
-                             check_data_dir: bool = True) -> None:
-  """Raises ValueError naming the first bad value. Cheap: reads no data.
-
-  Keys other than name/source/data_dir/image_size/distortions/shuffle/num_workers/
-  prefetch are optional (defaults as in `imagenet_data_config`), so a base config
-  with `data.name = 'imagenet2012'` validates too.
-
-  Args:
-    cfg: the data config.
-    check_data_dir: also require `data_dir` to be set and (for local paths) exist.
-  """
-  checks.check_keys(cfg, IMAGENET_KEYS, 'data.')
-  for key in ('name', 'image_size', 'distortions', 'shuffle', 'num_workers',
-              'prefetch'):
-    if key not in cfg:
-      raise ValueError(f'data.{key} is missing; ImageNet configs start from '
-                       'imagenet.imagenet_data_config().')
-  if check_data_dir:
-    data_dir = cfg.get('data_dir')
-    if not data_dir:
-      raise ValueError('data.data_dir is not set: name the TFDS data_dir that holds '
-                       f'{cfg.name}/ (prepared as ArrayRecord). {PREPARE_HELP}')
-    if '://' not in str(data_dir) and not os.path.isdir(data_dir):
-      raise ValueError(f'data.data_dir={data_dir!r} does not exist. {PREPARE_HELP}')
-
-
-# ---------------------------------------------------------------------------------
-# Sources
-# ---------------------------------------------------------------------------------
-
-def open_tfds_split(name: str, split: str, data_dir: str) -> Sequence[dict]:
-  """Random-access view of one prepared TFDS split: `len(src)`, `src[i] -> dict`.
-
-  Uses `tfds.builder(...).as_data_source` (no TensorFlow; needs ArrayRecord files).
-  Images come as their encoded bytes: the pipeline decodes them itself, straight to
-  the size it needs (see `_crop_resize`). Never downloads or prepares anything.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(name, data_dir=data_dir)
-  try:
-    source = builder.as_data_source(
-        split=split, decoders={'image': tfds.decode.SkipDecoding()})
-    if len(source):
-      try:
-        source[0]
-      except ModuleNotFoundError:
-        # A source that encodes on read (TFDS's mock data) needs TensorFlow for
-        # bytes; its decoded images serve as well.
-        source = builder.as_data_source(split=split)
-    return source
-  except Exception as e:  # pylint: disable=broad-except
-    if not builder.is_prepared():
-      raise FileNotFoundError(
-          f'TFDS dataset {name!r} is not prepared under data_dir={data_dir!r} '
-          f'(looked for {builder.data_dir}). {PREPARE_HELP}') from e
-    if isinstance(e, NotImplementedError):
-      raise RuntimeError(
-          f'{builder.data_dir} holds {name!r} in a format without random access '
-          '(probably TFRecord, the TFDS default). Delete that folder and prepare it '
-          f'again as ArrayRecord: `python -m bn_research.data.imagenet prepare {data_dir}` '
-          f'(or `tfds build {name} --data_dir={data_dir} --file_format=array_record`).'
-      ) from e
-    raise
-
-
-def prepare_imagenet2012(data_dir: str, *, manual_dir: Optional[str] = None,
-                         name: str = NAME) -> None:
-  """One-time conversion of the ILSVRC 2012 tars to TFDS ArrayRecord. Needs TensorFlow.
-
-  Same as `tfds build imagenet2012 --data_dir=DATA_DIR --file_format=array_record`,
-  without the TFDS command line's apache-beam requirement. `manual_dir` defaults to
-  `<data_dir>/downloads/manual`. Also needs importlib_resources (see the module
-  docstring).
-  """
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  missing = [m for m in ('tensorflow', 'importlib_resources')
-             if importlib.util.find_spec(m) is None]
-  if missing:
-    raise ImportError(
-        f'Preparing ImageNet needs {" and ".join(missing)} (the TFDS imagenet2012 '
-        'builder imports TensorFlow; TFDS 4.9.10 also needs importlib_resources on '
-        'Python >= 3.9 to prepare any dataset, tensorflow/datasets#11212): install '
-        'requirements-imagenet.txt in the environment that runs this once. Training '
-        'reads the prepared data without them.')
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
-  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-  builder.download_and_prepare(download_config=download_config)
 
 
 # ---------------------------------------------------------------------------------
@@ -341,146 +120,6 @@ def epoch_order(num_examples: int, *, seed: int, epoch: int, shuffle: str,
   else:                                                # 'shards_only': stored order
     within = (np.arange(num_examples) % shard_size) / shard_size
   return np.argsort(shard_rank[shard_of] + within, kind='stable')
-
-
-# ---------------------------------------------------------------------------------
-# Image operations (NumPy / PIL), deterministic given an np.random.Generator
-# ---------------------------------------------------------------------------------
-
-def central_crop_box(height: int, width: int, fraction: float = EVAL_CROP_FRACTION
-                     ) -> tuple[int, int, int, int]:
-  """(top, left, h, w) of the central square with side `fraction` x shorter side."""
-  side = max(1, int(fraction * min(height, width)))
-  return (height - side + 1) // 2, (width - side + 1) // 2, side, side
-
-
-def random_crop_box(rng: np.random.Generator, height: int, width: int, *,
-                    area_range: tuple[float, float] = (0.08, 1.0),
-                    aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
-                    max_attempts: int = 10,
-                    fallback_fraction: float = EVAL_CROP_FRACTION
-                    ) -> tuple[int, int, int, int]:
-  """Inception-style crop (top, left, h, w): area fraction and aspect ratio (w/h)
-  sampled (the ratio log-uniformly); after `max_attempts` misfits, the centre crop."""
-  area = height * width
-  log_lo, log_hi = math.log(aspect_ratio_range[0]), math.log(aspect_ratio_range[1])
-  for _ in range(max_attempts):
-    target = area * rng.uniform(area_range[0], area_range[1])
-    ratio = math.exp(rng.uniform(log_lo, log_hi))
-    w = int(round(math.sqrt(target * ratio)))
-    h = int(round(math.sqrt(target / ratio)))
-    if 0 < w <= width and 0 < h <= height:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      return top, left, h, w
-  return central_crop_box(height, width, fallback_fraction)
-
-
-def open_image(image: Any) -> Image.Image:
-  """A PIL image from encoded bytes (opened, not yet decoded, so that the decoder can
-  be told the size needed) or a uint8 (H, W[, C]) array (C in 1, 3, 4)."""
-  if isinstance(image, (bytes, bytearray, memoryview)):
-    return Image.open(io.BytesIO(bytes(image)))
-  if isinstance(image, Image.Image):
-    return image
-  arr = np.asarray(image)
-  if arr.dtype != np.uint8:
-    raise TypeError(f'expected a uint8 image, got dtype {arr.dtype}')
-  if arr.ndim == 3 and arr.shape[-1] == 1:
-    arr = arr[..., 0]
-  if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
-    raise ValueError(f'expected an (H, W, 1|3|4) image, got shape {arr.shape}')
-  return Image.fromarray(np.ascontiguousarray(arr[..., :3] if arr.ndim == 3 else arr))
-
-
-# The reduced-scale decode keeps the crop at least this many times the output size, so
-# that the bilinear antialiasing filter, not the decoder's DCT scaling, still does most
-# of the reduction (PIL's `thumbnail` uses the same margin, its `reducing_gap`).
-_DRAFT_GAP = 2
-
-
-def _crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-  """uint8 (size, size, 3): the box (top, left, h, w) of `img`, resized bilinearly.
-
-  A JPEG not yet decoded is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
-  keeps the box at least `_DRAFT_GAP` x `size` pixels on each side (`Image.draft`):
-  the decoder then drops detail the resize would have filtered away anyway, so the
-  result stays within resampling tolerance of a full decode (tests/test_grain_input.py
-  bounds the difference) at a fraction of the decoding work. Crops smaller than
-  that (most 224-pixel crops of ImageNet-sized photos) are decoded in full.
-  """
-  top, left, h, w = box
-  height, width = img.height, img.width
-  if img.format == 'JPEG':                 # a no-op once decoded
-    scale = _DRAFT_GAP * size
-    img.draft('RGB', (math.ceil(width * scale / w), math.ceil(height * scale / h)))
-  if img.mode not in ('RGB', 'L'):
-    img = img.convert('RGB')               # CMYK, palette: convert before resampling
-  sx, sy = img.width / width, img.height / height
-  out = img.resize((size, size), Image.Resampling.BILINEAR,
-                   box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
-  if out.mode != 'RGB':
-    out = out.convert('RGB')               # grayscale: after resizing, on fewer pixels
-  return np.asarray(out, dtype=np.uint8)
-
-
-@dataclasses.dataclass(frozen=True)
-class PreprocessOptions:
-  """The host-side (uint8) preprocessing options of a data config."""
-  image_size: int = 224
-  crop_area_range: tuple[float, float] = (0.08, 1.0)
-  crop_aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
-  crop_max_attempts: int = 10
-  random_flip: bool = True
-  eval_crop_fraction: float = EVAL_CROP_FRACTION
-
-  @classmethod
-  def from_config(cls, cfg: ml_collections.ConfigDict) -> 'PreprocessOptions':
-    d = cls()
-    return cls(
-        image_size=int(cfg.image_size),
-        crop_area_range=tuple(float(v) for v in cfg.get('crop_area_range', d.crop_area_range)),
-        crop_aspect_ratio_range=tuple(
-            float(v) for v in cfg.get('crop_aspect_ratio_range', d.crop_aspect_ratio_range)),
-        crop_max_attempts=int(cfg.get('crop_max_attempts', d.crop_max_attempts)),
-        random_flip=bool(cfg.get('random_flip', d.random_flip)),
-        eval_crop_fraction=float(cfg.get('eval_crop_fraction', d.eval_crop_fraction)))
-
-
-def augmentation_rng(seed: int, position: int) -> np.random.Generator:
-  """The generator of the example at global stream `position`: its crop, its flip and
-  its device-side colour seed, in that order."""
-  return np.random.default_rng([seed, _AUGMENT_STREAM, position])
-
-
-def preprocess_train(image: Any, rng: np.random.Generator,
-                     opts: PreprocessOptions = PreprocessOptions()) -> np.ndarray:
-  """Random crop, resize, flip -> uint8 (size, size, 3). Draws the crop, then the flip.
-
-  The photometric distortions and normalisation run on the device
-  (`bn_research.data.augment`), from a seed drawn after these.
-  """
-  img = open_image(image)
-  box = random_crop_box(rng, img.height, img.width, area_range=opts.crop_area_range,
-                        aspect_ratio_range=opts.crop_aspect_ratio_range,
-                        max_attempts=opts.crop_max_attempts,
-                        fallback_fraction=opts.eval_crop_fraction)
-  pixels = _crop_resize(img, box, opts.image_size)
-  if opts.random_flip and rng.random() < 0.5:
-    pixels = pixels[:, ::-1]
-  return np.ascontiguousarray(pixels)
-
-
-def preprocess_eval(image: Any, opts: PreprocessOptions = PreprocessOptions()) -> np.ndarray:
-  """Central crop (0.875 of the shorter side), resize -> uint8 (size, size, 3)."""
-  img = open_image(image)
-  box = central_crop_box(img.height, img.width, opts.eval_crop_fraction)
-  return _crop_resize(img, box, opts.image_size)
-
-
-def color_seed(rng: np.random.Generator) -> np.uint32:
-  """The uint32 the device derives an example's photometric draws from."""
-  return np.uint32(rng.integers(0, 2**32, dtype=np.uint64))
 
 
 # ---------------------------------------------------------------------------------
@@ -570,6 +209,7 @@ class ImageNetPipeline:
     self.seed = int(seed)
     self.options = PreprocessOptions.from_config(config)
     self.distortions = str(config.distortions)
+    self.eval_views = str(config.get('eval_views', 'center'))
     self.normalization = str(config.get('normalization', 'inception'))
     self.shuffle = str(config.shuffle)
     self.shuffle_shard_size = int(config.get('shuffle_shard_size', 1024))
@@ -641,12 +281,15 @@ class ImageNetPipeline:
     """This host's k-th evaluation example (batch k // per_host), masked past the end."""
     index, slot = divmod(int(k), per_host)
     position = (index * self.process_count + self.process_index) * per_host + slot
+    squares = self.eval_views == 'squares'
     if position >= self.num_eval_examples:
-      size = self.options.image_size
-      return {'image': np.zeros((size, size, 3), np.uint8), 'label': np.int32(0),
+      size = squares_size(self.options.image_size) if squares else self.options.image_size
+      shape = (3, size, size, 3) if squares else (size, size, 3)
+      return {'image': np.zeros(shape, np.uint8), 'label': np.int32(0),
               'mask': np.float32(0)}
     example = self.eval_source[position]
-    return {'image': preprocess_eval(example['image'], self.options),
+    preprocess = preprocess_eval_squares if squares else preprocess_eval
+    return {'image': preprocess(example['image'], self.options),
             'label': np.int32(example['label']), 'mask': np.float32(1)}
 
   # -- batches ------------------------------------------------------------------------
@@ -720,7 +363,8 @@ class ImageNetPipeline:
     """The whole evaluation split, in order, as this host's share of each global
     batch of batch_size * process_count (default batch_size: the training one):
     {'image': uint8, 'label': int32, 'mask': float32 (1 = real example)}. Every host
-    yields the same number of batches; padding has mask 0."""
+    yields the same number of batches; padding has mask 0. With
+    `data.eval_views='squares'` each image is its three squares, (3, S, S, 3)."""
     return self._iterate(self.eval_dataset(batch_size))
 
 
