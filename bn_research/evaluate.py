@@ -343,7 +343,7 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
       planes = [None] * len(views)
     members.append(_Member(
         run.workdir, variables['params'], variables['batch_stats'],
-        _member_logits_fn(builder), program._placed_eval_batches(),  # pylint: disable=protected-access
+        _member_logits_fn(builder), program.placed_eval_batches(),
         [tuple(jnp.asarray(m) for m in pair) for pair in matrices], planes,
         data.source.materialize_eval))
     descriptions.append({

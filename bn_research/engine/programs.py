@@ -245,7 +245,7 @@ class JitProgram(Program):
 
   # ---- evaluation ----------------------------------------------------------------
 
-  def _placed_eval_batches(self) -> Iterator[Any]:
+  def placed_eval_batches(self) -> Iterator[Any]:
     """The held-out batches on the devices. A small in-memory test set is placed once
     and kept; streamed batches are placed one at a time as the evaluation reaches
     them (the host produces batch i+1 while the devices evaluate batch i)."""
@@ -310,7 +310,7 @@ class JitProgram(Program):
   def evaluate(self, state) -> list[dict]:
     stats = self._inference_statistics(state)
     totals = None
-    for b in self._placed_eval_batches():
+    for b in self.placed_eval_batches():
       self.check_stop()
       out = self._eval(self._hp, state.params, stats, b)
       totals = out if totals is None else self._add(totals, out)
