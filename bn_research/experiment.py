@@ -43,7 +43,10 @@ for every run, repeatable; `args.overrides`), `--how` and `--parallel` (the back
 `--pin_cores`, `--overwrite`, `--verbosity`, `--help`; plus its own `FLAGS`, each
 parsed with its kind and checked with its `checks.Spec` before anything is created.
 `plan(args)` must build (and so validate) every run before the driver creates the
-workdir. Library errors become one line on stderr and exit code 2; a signal stops every
+workdir. A job whose runs read files it writes itself (a data subset) defines
+`prepare(args, runs) -> runs`: called once the plan is valid, before any run starts,
+also for `--how=print` (the printed commands read those files too); it returns the runs
+to train (the plan's, or them re-made to read what it wrote). Library errors become one line on stderr and exit code 2; a signal stops every
 run (each saves) and exits 128 + signum; a diverged run is summarised like any other.
 """
 
@@ -62,7 +65,6 @@ import time
 import types
 from typing import Any, Iterator, Optional, Sequence
 
-from absl import app
 from absl import flags
 
 from bn_research import checks
@@ -154,12 +156,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   return '\n'.join(lines)
 
 
-def figure(ncols: int = 1, width: float = 6.0, height: float = 4.2):
-  """A matplotlib (Agg) figure with `ncols` axes side by side: (fig, ax or axes)."""
+def figure(ncols: int = 1, width: float = 6.0, height: float = 4.2, nrows: int = 1):
+  """A matplotlib (Agg) figure of `nrows` x `ncols` axes, each `width` x `height`
+  inches: (fig, ax), or (fig, axes) as matplotlib's subplots gives them."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt.subplots(1, ncols, figsize=(width * ncols, height))
+  return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows))
 
 
 # ---------------------------------------------------------------- flags
@@ -259,9 +262,12 @@ def machine() -> str:
 def write_outputs(module: types.ModuleType, workdir: str, summary: dict,
                   extra: dict) -> dict[str, str]:
   """Writes <workdir>/<NAME>.json (the summary and `extra`: the command and the wall
-  time), .md (the table, the command, the date, the machine) and .png; their paths."""
+  time), .md (the table, the command, the date, the machine) and .png; their paths.
+  A job's `OUTPUTS` ({'png': 'figure2', ...}) names any of them otherwise."""
   name, command = module.NAME, extra['command']
-  paths = {ext: os.path.join(workdir, f'{name}.{ext}') for ext in ('json', 'md', 'png')}
+  stems = {ext: name for ext in ('json', 'md', 'png')}
+  stems.update(getattr(module, 'OUTPUTS', {}))  # e.g. the paper's figure numbers
+  paths = {ext: os.path.join(workdir, f'{stem}.{ext}') for ext, stem in stems.items()}
   with open(paths['json'], 'w') as f:
     json.dump({**summary, **{k: v for k, v in extra.items() if k not in summary}}, f,
               indent=1)
@@ -351,6 +357,8 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
     signal.signal(sig, _raise_interrupted)
   t0 = time.time()
   with one_line_errors(program):
+    if hasattr(module, 'prepare'):
+      runs = module.prepare(args, runs)
     record_sweeps(runs)
     if args.how != 'print':
       os.makedirs(args.workdir, exist_ok=True)
@@ -393,4 +401,4 @@ def main(name: str) -> None:
       print(f'{module_name(module).rsplit(".", 1)[-1]}: error: {e}', file=sys.stderr)
       sys.exit(2)
 
-  app.run(lambda argv: run(module, handles, argv), flags_parser=parser)
+  launch.run_app(lambda argv: run(module, handles, argv), flags_parser=parser)

@@ -70,6 +70,28 @@ def check_positive_flag(flag: str, value: object, meaning: str = '', *,
                      + (f' ({meaning})' if meaning else '') + '.')
 
 
+# What absl's app.run treats as a request for help (it prints, then exits with 1).
+HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull', '--helpxml')
+
+
+def run_app(main: Callable[[list[str]], Any],
+            flags_parser: Optional[Callable[[list[str]], Any]] = None) -> None:
+  """absl's `app.run(main)`, except that asking for help exits with 0: it is a success
+  (absl exits with 1 after printing the flags)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  args = sys.argv[1:sys.argv.index('--')] if '--' in sys.argv else sys.argv[1:]
+  wants_help = any(a in HELP_FLAGS for a in args)
+  try:
+    if flags_parser is None:
+      app.run(main)
+    else:
+      app.run(main, flags_parser=flags_parser)
+  except SystemExit as e:
+    if wants_help and e.code == 1:
+      sys.exit(0)
+    raise
+
+
 def exit_on_bad_flags(program: str, check: Callable[[], Any]) -> Any:
   """Runs a job's flag check; a ValueError is one line on stderr and exit code 2, as
   `bn_research.main` does for a bad config."""

@@ -9,7 +9,9 @@ Every way of starting training (a sweep, a figure, an ablation) reduces to a lis
 
 How it executes is a backend chosen once (`HOWS`):
   inline     one run after another in this process (`train.train_and_evaluate`);
-  vmap       every run as one member of one compiled program (`train.train_members`);
+  vmap       the runs of each group (`vmap_groups`) as the members of one compiled
+             program (`train.train_members`); with `parallel` > 1 each group in its
+             own `python -m scripts.sweep --vmap` process, `parallel` at once;
   processes  one `python -m bn_research.main` per run, `parallel` at once, each pinned
              to its share of the CPU cores (`launch.run_jobs`);
   print      the shell commands of the unfinished runs, one a line, for a queue.
@@ -31,6 +33,8 @@ import ml_collections
 
 from bn_research import launch
 from bn_research import rundir
+# The console's view of a plan, re-exported: plan.progress_line etc. keep working.
+from bn_research.plan_report import label, print_progress, progress_line, results_table  # pylint: disable=unused-import
 
 # One SweepError for the plan and the engine (defined in the engine's package, without JAX).
 from bn_research.engine import SweepError
@@ -272,6 +276,30 @@ def command(run: Run, python: str = sys.executable, *, overwrite: bool = False) 
           + (['--overwrite'] if overwrite else []))
 
 
+def group_command(group: Sequence[Run], python: str = sys.executable) -> list[str]:
+  """The argv training a vmap group (`vmap_groups`) as one program in its own process:
+  the sweep of its varied keys, in the directory that holds its runs.
+
+  Raises:
+    SweepError: the group is not a whole grid of default-named runs in one directory
+      (what `scripts.sweep` would train there).
+  """
+  from bn_research import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  parent = {os.path.dirname(os.path.abspath(r.workdir)) for r in group}
+  grid_ = {k: list(dict.fromkeys(dict(r.params)[k] for r in group)) for k, _ in group[0].params}
+  named = all(os.path.basename(r.workdir) == sweep_lib.run_name(dict(r.params)) for r in group)
+  if len(parent) != 1 or not named or len(expand_grid(grid_)) != len(group):
+    raise SweepError(f'the runs of {group[0].name!r} are not one whole grid in one '
+                     'directory; train them with parallel=1')
+  varied = set(grid_)
+  return ([python, '-m', 'scripts.sweep', f'--config={group[0].spec}',
+           f'--workdir={parent.pop()}', '--vmap']
+          + [f'--sweep={k}=' + ','.join(format_value(v) for v in values)
+             for k, values in grid_.items()]
+          + [f'--config.{k}={format_value(v)}' for k, v in group[0].overrides
+             if k not in varied])
+
+
 def status_of(run: Run) -> str:
   """The status in the run's status.json, 'new' without one, 'unreadable' if corrupt."""
   try:
@@ -301,26 +329,6 @@ class Outcome:
 def log_path(run: Run) -> str:
   """Where a process backend sends a run's output: beside its workdir, `<name>.log`."""
   return os.path.join(os.path.dirname(os.path.abspath(run.workdir)), f'{run.name}.log')
-
-
-def progress_line(runs: Sequence[Run]) -> str:
-  """'name: step S/N, test accuracy A | ...' for the runs being trained."""
-  parts = []
-  for run in runs:
-    try:
-      rows = rundir.read_metrics(run.workdir) if os.path.isdir(run.workdir) else []
-    except rundir.RunDirError:
-      rows = []
-    step = rows[-1]['step'] if rows else 0
-    acc = [r['eval_accuracy'] for r in rows if 'eval_accuracy' in r]
-    parts.append(f'{label(run, runs)}: step {step}/{run.config.num_train_steps}'
-                 + (f', test accuracy {acc[-1]:.4f}' if acc else ''))
-  return ' | '.join(parts)
-
-
-def print_progress(runs: Sequence[Run]) -> None:
-  """The live progress a command shows: one `progress_line` on stdout."""
-  print(progress_line(runs), flush=True)
 
 
 def run_plan(runs: Sequence[Run], how: str = 'inline', *, parallel: int = 1,
@@ -365,18 +373,13 @@ def run_plan(runs: Sequence[Run], how: str = 'inline', *, parallel: int = 1,
       os.makedirs(os.path.dirname(os.path.abspath(run.workdir)), exist_ok=True)
   if how == 'processes':
     codes = _run_processes(todo, parallel, pin_cores, python, overwrite, progress)
+  elif how == 'vmap' and parallel > 1 and todo:
+    codes = _run_group_processes(todo, parallel, pin_cores, python, overwrite, progress)
   elif how in ('inline', 'vmap') and todo:
     _run_in_process(todo, vmapped=how == 'vmap', overwrite=overwrite)
   return [Outcome(run.name, status_of(run), skipped=s in rundir.FINISHED_STATUSES,
                   returncode=codes.get(run.workdir, 0))
           for run, s in zip(runs, states)]
-
-
-def label(run: Run, runs: Sequence[Run]) -> str:
-  """The run's name, or `<directory>/<name>` where runs of other directories share it."""
-  if sum(r.name == run.name for r in runs) == 1:
-    return run.name
-  return f'{os.path.basename(os.path.dirname(os.path.abspath(run.workdir)))}/{run.name}'
 
 
 def _run_processes(todo: Sequence[Run], parallel: int, pin_cores: bool, python: str,
@@ -393,6 +396,30 @@ def _run_processes(todo: Sequence[Run], parallel: int, pin_cores: bool, python: 
   results = launch.run_jobs(jobs, parallel=parallel, pin_cores=pin_cores and parallel > 1,
                             single_thread=parallel > 1, on_poll=on_poll)
   return {by_label[r.name].workdir: r.returncode for r in results}
+
+
+def _run_group_processes(todo: Sequence[Run], parallel: int, pin_cores: bool, python: str,
+                         overwrite: bool, progress) -> dict[str, int]:
+  """{workdir: exit code} of the runs, each vmap group in its own sweep process."""
+  if overwrite:
+    raise SweepError('overwrite moves run directories aside one run at a time; with '
+                     'vmap groups in processes it is not available: use parallel=1')
+  groups = {os.path.basename(os.path.dirname(os.path.abspath(g[0].workdir))): g
+            for g in vmap_groups(todo)}
+  if len(groups) != len(vmap_groups(todo)):
+    raise SweepError('two vmap groups share a directory name; train them with parallel=1')
+  jobs = [launch.Job(name, group_command(group, python),
+                     log=os.path.join(os.path.dirname(os.path.abspath(group[0].workdir))
+                                      + '.log'))
+          for name, group in groups.items()]
+
+  def on_poll(names: Sequence[str]) -> None:
+    if progress is not None:
+      progress([run for n in names for run in groups[n]])
+
+  results = launch.run_jobs(jobs, parallel=parallel, pin_cores=pin_cores,
+                            single_thread=True, on_poll=on_poll)
+  return {run.workdir: r.returncode for r in results for run in groups[r.name]}
 
 
 def _run_in_process(todo: Sequence[Run], *, vmapped: bool, overwrite: bool) -> None:

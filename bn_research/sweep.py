@@ -49,19 +49,9 @@ format_value = plan_lib.format_value
 
 
 def parse_value(text: str) -> Any:
-  """Parses one sweep value the way ml_collections parses a literal override.
-
-  Python literals (ints, floats, bools, None, tuples, lists) are evaluated;
-  absl's lower-case `true`/`false` are bools; anything else is a string.
-  The training engine parses the value again with the config field's type,
-  so this parse only decides the run name and what sweep.json records.
-
-  Args:
-    text: The value as written after `KEY=`.
-
-  Returns:
-    The parsed value.
-  """
+  """One value as written after `KEY=`, parsed as ml_collections parses a literal
+  override: Python literals (ints, floats, bools, None, tuples, lists) are evaluated,
+  absl's lower-case `true`/`false` are bools, anything else is a string."""
   text = text.strip()
   if text in ('true', 'false'):
     return text == 'true'
@@ -75,20 +65,10 @@ def parse_value(text: str) -> Any:
 
 
 def split_values(text: str) -> list[str]:
-  """Splits `V1,V2,...` at commas outside brackets and quotes.
-
-  Keeping bracketed commas lets tuple-valued fields be swept, e.g.
-  `model.hidden_sizes=(100,100),(50,50)`.
-
-  Args:
-    text: The part of a --sweep argument after `KEY=`.
-
-  Returns:
-    The value texts, unparsed.
-
-  Raises:
-    SweepError: If brackets or quotes are unbalanced.
-  """
+  """The unparsed value texts of `V1,V2,...` (a --sweep argument after `KEY=`), split
+  at commas outside brackets and quotes, so that tuple-valued fields can be swept, e.g.
+  `model.hidden_sizes=(100,100),(50,50)`; SweepError if brackets or quotes are
+  unbalanced."""
   parts, current, stack, quote = [], [], [], None
   closing = {')': '(', ']': '[', '}': '{'}
   for ch in text:
@@ -145,17 +125,8 @@ def _check_distinct(key: str, values: Sequence[Any], where: str) -> None:
 
 
 def parse_sweep_arg(arg: str) -> tuple[str, list[Any]]:
-  """Parses one `--sweep=KEY=V1,V2,...` argument.
-
-  Args:
-    arg: The flag value, `KEY=V1,V2,...`.
-
-  Returns:
-    (key, parsed values).
-
-  Raises:
-    SweepError: Naming the argument and the offending part.
-  """
+  """(key, parsed values) of one `--sweep=KEY=V1,V2,...` argument; SweepError naming
+  the argument and the offending part."""
   where = f'--sweep={arg}'
   if '=' not in arg:
     raise SweepError(f'{where}: expected KEY=V1,V2,... (no "=" found)')
@@ -176,18 +147,9 @@ def parse_sweep_arg(arg: str) -> tuple[str, list[Any]]:
 
 
 def check_sweep(sweep: Any, where: str) -> Sweep:
-  """Validates a sweep defined in Python (an experiments/ file).
-
-  Args:
-    sweep: Should be a mapping from dotted keys to non-empty lists of values.
-    where: Names the source in error messages.
-
-  Returns:
-    A fresh dict with list values.
-
-  Raises:
-    SweepError: Naming the key or value at fault.
-  """
+  """A sweep defined in Python (an experiments/ file), checked: a mapping from dotted
+  keys to non-empty lists of values, returned as a fresh dict of lists; SweepError
+  naming `where` and the key or value at fault."""
   if not isinstance(sweep, Mapping):
     raise SweepError(f'{where}: SWEEP must be a dict, got {type(sweep).__name__}')
   out: Sweep = {}
@@ -310,26 +272,7 @@ def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return overrides, rest
 
 
-def override_key(override: str) -> str:
-  """The dotted key of a `--config.KEY=VALUE` override."""
-  match = _OVERRIDE_RE.match(override)
-  if match is None:
-    raise SweepError(f'{override!r} is not a --config.KEY=VALUE override')
-  return match.group(2)
-
-
 # ---------------------------------------------------------------- files
-
-
-def load_python_file(path: str | pathlib.Path, module_name: str) -> Any:
-  """Executes a Python file as a fresh module (config and sweep files)."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise SweepError(f'{str(path)!r} does not exist')
-  spec = importlib.util.spec_from_file_location(module_name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def load_sweep_file(path: str | pathlib.Path) -> tuple[Sweep, str | None]:
@@ -345,7 +288,12 @@ def load_sweep_file(path: str | pathlib.Path) -> tuple[Sweep, str | None]:
   Raises:
     SweepError: If the file is missing, lacks SWEEP, or SWEEP is malformed.
   """
-  module = load_python_file(path, '_bn_research_sweep_file')
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise SweepError(f'{str(path)!r} does not exist')
+  spec = importlib.util.spec_from_file_location('_bn_research_sweep_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
   if not hasattr(module, 'SWEEP'):
     raise SweepError(f'{str(path)!r} does not define SWEEP')
   config = getattr(module, 'CONFIG', None)
@@ -416,24 +364,6 @@ def parse_override(override: str) -> tuple[str, Any]:
   return match.group(2), parse_value(match.group(3)[1:])
 
 
-def results_table(runs: Sequence[plan_lib.Run]) -> str:
-  """One line per run: its status, last step and last test accuracy (rundir readers)."""
-  rows = []
-  for run in runs:
-    try:
-      status = rundir.read_status(run.workdir) or {}
-      metrics = rundir.read_metrics(run.workdir) if pathlib.Path(run.workdir).is_dir() else []
-    except rundir.RunDirError as e:
-      status, metrics = {'status': f'unreadable: {e}'}, []
-    acc = [m['eval_accuracy'] for m in metrics if 'eval_accuracy' in m]
-    rows.append((run.name, str(status.get('status', 'new')), str(status.get('step', '-')),
-                 f'{acc[-1]:.4f}' if acc else '-'))
-  header = ('run', 'status', 'step', 'test accuracy')
-  widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
-  return '\n'.join('  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-                   for row in [header] + rows)
-
-
 def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
           sweep_file: str | None, overrides: Sequence[str],
           print_commands: bool = False, python: str = sys.executable,
@@ -496,7 +426,7 @@ def sweep(config: str | None, workdir: str, sweep_args: Sequence[str],
   if print_commands:
     return 0
   failed = [o for o in outcomes if o.returncode]
-  out(results_table(runs))
+  out(plan_lib.results_table(runs))
   skipped = sum(o.skipped for o in outcomes)
   logging.info('Sweep finished: %d launched, %d skipped as finished, %d failed.',
                len(outcomes) - skipped, skipped, len(failed))

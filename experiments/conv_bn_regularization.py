@@ -22,47 +22,51 @@ prepared TFDS directory), `--data=cifar10` from a prepared TFDS directory,
 `--data=synthetic` for tests. `--train_examples=N` trains on a fixed random subset of N
 training examples (written once as IDX files under DIR/data/ and read back through
 `data.source=idx`), so that overfitting shows within a few CPU minutes; the held-out
-split is always complete. (Synthetic data is generated with N training examples.) Re-running resumes or skips finished networks.
+split is always complete. (Synthetic data is generated with N training examples.)
+Re-running resumes or skips finished networks. DIR/conv_bn_regularization.md holds the
+summary as a table.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from typing import Optional, Sequence
+from typing import Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
 
-from experiments import cli
-
-FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:
-  """Defined when run as a program, so that tests can import several experiments."""
-  flags.DEFINE_string('workdir', None, 'Output directory.')
-  flags.DEFINE_integer('epochs', 15, 'Training epochs per network.')
-  flags.DEFINE_integer('steps', None, 'Stop each network after this many steps '
-                       '(default: epochs x steps per epoch); for quick checks.')
-  flags.DEFINE_string('data', 'fashion_mnist', 'fashion_mnist, cifar10 or synthetic.')
-  flags.DEFINE_string('data_dir', '', "The dataset's directory (data.data_dir): a TFDS "
-                      "data_dir, or IDX files; '' = the defaults (TFDS_DATA_DIR, Debian's "
-                      'Fashion-MNIST).')
-  flags.DEFINE_integer('train_examples', 6000, 'Train on this many training examples (a '
-                       'fixed random subset); 0: all. Synthetic data: generate this many.')
-  flags.DEFINE_float('lr', None, "Learning rate for both networks (default: the config's).")
-  flags.DEFINE_integer('seed', 0, 'Seed of both networks (initialisation, batch order) and '
-                       'of the training subset.')
-  flags.DEFINE_bool('overwrite', False, 'Passed on to both runs.')
-
+from bn_research import checks
+from bn_research import experiment
+from bn_research import launch
+from bn_research import plan as plan_lib
+from configs import small_cnn
 
 NETWORKS = ('bn', 'baseline')
+LABELS = {'bn': 'BN', 'baseline': 'no BN'}
 # Validation loss "turns upward" when its last value is this fraction above its minimum.
 UPWARD_FRACTION = 0.05
+
+NAME = 'conv_bn_regularization'
+WORKDIR = 'runs/conv_bn'
+HOW, PARALLEL = 'inline', 1
+FLAGS = {
+    'epochs': experiment.Flag(int, 15, 'Training epochs per network.', checks.Int(1)),
+    'steps': experiment.Flag(int, None, 'Stop each network after this many steps '
+                             '(default: epochs x steps per epoch); for quick checks.',
+                             checks.Int(1)),
+    'data': experiment.Flag(str, 'fashion_mnist', 'fashion_mnist, cifar10 or synthetic.',
+                            checks.Choice(small_cnn.DATASETS)),
+    'data_dir': experiment.Flag(str, '', "The dataset's directory (data.data_dir): a TFDS "
+                                "data_dir, or IDX files; '' = the defaults (TFDS_DATA_DIR, "
+                                "Debian's Fashion-MNIST)."),
+    'train_examples': experiment.Flag(int, 6000, 'Train on this many training examples (a '
+                                      'fixed random subset); 0: all. Synthetic data: '
+                                      'generate this many.', checks.Int(0)),
+    'lr': experiment.Flag(float, None, "Learning rate for both networks (default: the "
+                          "config's).", checks.Float(0.0, low_open=True)),
+    'seed': experiment.Flag(int, 0, 'Seed of both networks (initialisation, batch order) '
+                            'and of the training subset.',
+                            checks.Int(0, checks.SEED_LIMIT - 1)),
+}
 
 
 def subset_dir(workdir: str, name: str, train_examples: int, seed: int) -> str:
@@ -91,83 +95,80 @@ def write_training_subset(data_config, directory: str, train_examples: int,
                        labels.astype(np.uint8))
 
 
-def network_configs(*, data: str, epochs: int, steps: Optional[int],
-                    train_examples: int, lr: Optional[float], seed: int,
-                    data_dir: str = '') -> dict:
-  """{network: config} for both networks; validated, nothing loaded or written."""
-  from bn_research import config as config_lib  # pylint: disable=g-import-not-at-top
-  from configs import small_cnn  # pylint: disable=g-import-not-at-top
-  out = {}
-  for net in NETWORKS:
-    c = small_cnn.get_config(f'{net},data={data},epochs={epochs}')
-    c.seed = seed
-    c.data.data_dir = data_dir
-    if lr is not None:
-      c.optimizer.learning_rate = lr
-    if data == 'synthetic' and train_examples:
-      c.data.num_train = train_examples
-    num_train = (c.data.num_train if data == 'synthetic'
-                 else train_examples or small_cnn.TRAIN_EXAMPLES[data])
-    small_cnn.set_epochs(c, epochs, num_train)
-    if steps is not None:
-      c.num_train_steps = min(c.num_train_steps, steps)
-      c.checkpoint_every_steps = c.num_train_steps
-    config_lib.validate_config(c)
-    out[net] = c
+def uses_subset(args) -> bool:
+  """Whether the runs read a training subset written by `prepare` (not synthetic data,
+  which is generated with --train_examples examples)."""
+  return bool(args.train_examples) and args.data != 'synthetic'
+
+
+def network_overrides(net: str, args) -> dict:
+  """The typed overrides of one network: seed, data, learning rate, and an epoch's steps
+  as the evaluation and logging cadence (`small_cnn.set_epochs`)."""
+  base = plan_lib.load(spec_of(net, args))
+  num_train = (args.train_examples or base.data.num_train if args.data == 'synthetic'
+               else args.train_examples or small_cnn.TRAIN_EXAMPLES[args.data])
+  per_epoch = small_cnn.steps_per_epoch(num_train, base.batch_size)
+  steps = args.epochs * per_epoch
+  if args.steps is not None:
+    steps = min(steps, args.steps)
+  out = {'seed': args.seed, 'data.data_dir': args.data_dir,
+         'num_train_steps': steps, 'log_every_steps': per_epoch,
+         'eval_every_steps': per_epoch, 'checkpoint_every_steps': steps}
+  if args.lr is not None:
+    out['optimizer.learning_rate'] = args.lr
+  if args.data == 'synthetic' and args.train_examples:
+    out['data.num_train'] = args.train_examples
   return out
 
 
-def run(workdir: str, *, data: str = 'fashion_mnist', epochs: int = 15,
-        steps: Optional[int] = None, train_examples: int = 6000,
-        lr: Optional[float] = None, seed: int = 0, data_dir: str = '',
-        overwrite: bool = False) -> dict:
-  """Trains both networks, then writes the figure and the JSON summary; returns it."""
-  t0 = time.time()
-  configs = network_configs(data=data, epochs=epochs, steps=steps,
-                            train_examples=train_examples, lr=lr, seed=seed,
-                            data_dir=data_dir)
-  if train_examples and data != 'synthetic':
-    directory = subset_dir(workdir, data, train_examples, seed)
-    write_training_subset(configs['bn'].data, directory, train_examples, seed)
-    for c in configs.values():
-      c.data.source, c.data.data_dir = 'idx', directory
-  from bn_research import train  # pylint: disable=g-import-not-at-top
-  cli.quiet_library_logs()
-  os.makedirs(workdir, exist_ok=True)
-  for net, c in configs.items():
-    logging.info('training %s: %d steps, %d per epoch', net, c.num_train_steps,
-                 c.eval_every_steps)
-    result = train.train_and_evaluate(c, os.path.join(workdir, net), overwrite=overwrite)
-    if result.get('status') not in ('done', 'diverged'):
-      raise SystemExit(f'{net}: run ended with status {result.get("status")!r}')
-  summary = summarize(workdir, configs['bn'].eval_every_steps)
-  summary.update(epochs=epochs, steps=configs['bn'].num_train_steps,
-                 steps_per_epoch=configs['bn'].eval_every_steps,
-                 train_examples=train_examples,
-                 batch_size=configs['bn'].batch_size,
-                 learning_rate=configs['bn'].optimizer.learning_rate,
-                 wall_seconds=round(time.time() - t0, 1))
-  with open(os.path.join(workdir, 'conv_bn_regularization.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
-  plot(summary, os.path.join(workdir, 'conv_bn_regularization.png'))
-  return summary
+def spec_of(net: str, args) -> str:
+  return os.path.join(launch.REPO, 'configs',
+                      f'small_cnn.py:{net},data={args.data},epochs={args.epochs}')
 
 
-def summarize_network(run, steps_per_epoch: int) -> dict:
+def plan(args) -> list[plan_lib.Run]:
+  """Both networks, identical but for BN; CIFAR-10 must be prepared first."""
+  if uses_subset(args) and args.train_examples > small_cnn.TRAIN_EXAMPLES[args.data]:
+    raise ValueError(f'--train_examples={args.train_examples}: {args.data} has only '
+                     f'{small_cnn.TRAIN_EXAMPLES[args.data]} training examples.')
+  if args.data == 'cifar10':
+    from bn_research.data import tfds_source  # pylint: disable=g-import-not-at-top
+    prepared, reason = tfds_source.check_prepared('cifar10', args.data_dir)
+    if prepared is None:
+      raise ValueError(f'--data=cifar10: {reason}. Prepare it where TensorFlow and the '
+                       'network are available (`tfds build cifar10 '
+                       '--file_format=array_record --data_dir=DIR`) and pass --data_dir=DIR.')
+  return [plan_lib.make_run(net, os.path.join(args.workdir, net), spec_of(net, args),
+                            {**network_overrides(net, args), **args.overrides})
+          for net in NETWORKS]
+
+
+def prepare(args, runs: Sequence[plan_lib.Run]) -> list[plan_lib.Run]:
+  """Writes the training subset (once; kept for re-runs) and returns the runs re-made to
+  read it (data.source=idx), which their config checks allow only once it exists."""
+  if not uses_subset(args):
+    return list(runs)
+  directory = subset_dir(args.workdir, args.data, args.train_examples, args.seed)
+  write_training_subset(runs[0].config.data, directory, args.train_examples, args.seed)
+  return [plan_lib.make_run(run.name, run.workdir, run.spec,
+                            {**dict(run.overrides), 'data.source': 'idx',
+                             'data.data_dir': directory})
+          for run in runs]
+
+
+def summarize_network(run: experiment.RunRecord, steps_per_epoch: int) -> dict:
   """Per-epoch curves of one run and what they show."""
-  from bn_research.analysis import runs as runs_lib  # pylint: disable=g-import-not-at-top
   curves = {}
   for key, metric in (('train_loss', 'train_loss'), ('train_accuracy', 'train_accuracy'),
                       ('val_loss', 'eval_loss'), ('val_accuracy', 'eval_accuracy')):
-    steps, values = runs_lib.metric_series(run, metric)
-    curves[key] = [[s / steps_per_epoch, v] for s, v in zip(steps, values)]
+    curves[key] = [[s / steps_per_epoch, v] for s, v in run.curve(metric)]
   val_loss = np.array([v for _, v in curves['val_loss']] or [np.nan])
   val_acc = [v for _, v in curves['val_accuracy']]
   i_min = int(np.nanargmin(val_loss)) if np.isfinite(val_loss).any() else 0
   rise = float(val_loss[-1] / val_loss[i_min] - 1) if np.isfinite(val_loss[-1]) else None
   return {
       **curves,
-      'status': (run.status or {}).get('status'),
+      'status': run.status.get('status'),
       'final_val_accuracy': val_acc[-1] if val_acc else None,
       'best_val_accuracy': max(val_acc) if val_acc else None,
       'min_val_loss': float(val_loss[i_min]),
@@ -179,30 +180,29 @@ def summarize_network(run, steps_per_epoch: int) -> dict:
   }
 
 
-def summarize(workdir: str, steps_per_epoch: int) -> dict:
-  from bn_research.analysis import runs as runs_lib  # pylint: disable=g-import-not-at-top
-  out = {net: summarize_network(runs_lib.load_run(os.path.join(workdir, net)),
-                                steps_per_epoch) for net in NETWORKS}
+def summarize(records: Sequence[experiment.RunRecord], args) -> dict:
+  """Both networks' curves and numbers, the gap between them, and the data they saw."""
+  config = records[0].run.config
+  steps_per_epoch = config.eval_every_steps
+  out = {r.name: summarize_network(r, steps_per_epoch) for r in records}
   bn, base = out['bn'], out['baseline']
   if bn['final_val_accuracy'] is not None and base['final_val_accuracy'] is not None:
     out['val_accuracy_gap_final'] = bn['final_val_accuracy'] - base['final_val_accuracy']
     out['val_accuracy_gap_best'] = bn['best_val_accuracy'] - base['best_val_accuracy']
-  with open(os.path.join(workdir, 'bn', 'data.json')) as f:
-    description = json.load(f)
+  description = records[0].data
   out['data'] = {k: description.get(k) for k in ('dataset', 'source', 'location',
                                                   'num_train', 'num_test', 'image_shape')}
   out['upward_fraction'] = UPWARD_FRACTION
+  out.update(epochs=args.epochs, steps=config.num_train_steps,
+             steps_per_epoch=steps_per_epoch, train_examples=args.train_examples,
+             batch_size=config.batch_size, learning_rate=config.optimizer.learning_rate)
   return out
 
 
-def plot(summary: dict, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-  from bn_research.experiment import COLORS as colors  # pylint: disable=g-import-not-at-top
-  names = {'bn': 'BN', 'baseline': 'no BN'}
+def plot(summary: dict):
+  """Loss and accuracy per epoch, training (dashed) and validation (solid)."""
+  fig, axes = experiment.figure(2, width=6.0, height=4.4)
+  colors, names = experiment.COLORS, LABELS
   for ax, what in zip(axes, ('loss', 'accuracy')):
     for net in NETWORKS:
       for split, style in (('train', '--'), ('val', '-')):
@@ -222,64 +222,26 @@ def plot(summary: dict, path: str) -> None:
                f'({d.get("num_train")} train / {d.get("num_test")} validation), batch '
                f'{summary["batch_size"]}, lr {summary["learning_rate"]:g}')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
-def print_table(summary: dict) -> None:
-  print('| network  | final val acc | best val acc | min val loss (epoch) | final val loss '
-        '| turns upward |')
-  print('|----------|---------------|--------------|----------------------|----------------'
-        '|--------------|')
+def table(summary: dict) -> str:
+  """Per network: final and best validation accuracy, the loss minimum and the rise."""
+  rows = []
   for net in NETWORKS:
     s = summary[net]
-    at_min = f'{s["min_val_loss"]:.4f} ({s["epoch_of_min_val_loss"]:g})'
-    print(f'| {net:<8} | {s["final_val_accuracy"]:<13.4f} | {s["best_val_accuracy"]:<12.4f} '
-          f'| {at_min:<20} '
-          f'| {s["final_val_loss"]:<14.4f} | {str(s["val_loss_turns_upward"]):<12} |')
+    rows.append([LABELS[net], s['final_val_accuracy'], s['best_val_accuracy'],
+                 s['min_val_loss'], s['epoch_of_min_val_loss'], s['final_val_loss'],
+                 s['val_loss_turns_upward'], s['status']])
+  text = experiment.markdown_table(
+      ['network', 'final val acc', 'best val acc', 'min val loss', 'at epoch',
+       'final val loss', 'turns upward', 'status'], rows)
   if 'val_accuracy_gap_final' in summary:
-    print(f'validation accuracy, BN - no BN: final {summary["val_accuracy_gap_final"]:+.4f}, '
-          f'best {summary["val_accuracy_gap_best"]:+.4f}')
-
-
-def parse_flags() -> dict:
-  """The run's arguments from the flags; ValueError naming the bad flag."""
-  from configs import small_cnn  # pylint: disable=g-import-not-at-top
-  cli.check_workdir(FLAGS.workdir)
-  if FLAGS.data not in small_cnn.DATASETS:
-    raise ValueError(f'--data={FLAGS.data!r}; allowed: {", ".join(small_cnn.DATASETS)}.')
-  if FLAGS.epochs < 1:
-    raise ValueError(f'--epochs={FLAGS.epochs} must be >= 1.')
-  if FLAGS.steps is not None and FLAGS.steps < 1:
-    raise ValueError(f'--steps={FLAGS.steps} must be >= 1.')
-  if FLAGS.train_examples < 0:
-    raise ValueError(f'--train_examples={FLAGS.train_examples} must be >= 0 (0: all).')
-  if FLAGS.lr is not None and not FLAGS.lr > 0:
-    raise ValueError(f'--lr={FLAGS.lr} must be > 0.')
-  kwargs = dict(data=FLAGS.data, epochs=FLAGS.epochs, steps=FLAGS.steps,
-                train_examples=FLAGS.train_examples, lr=FLAGS.lr, seed=FLAGS.seed,
-                data_dir=FLAGS.data_dir)
-  network_configs(**kwargs)  # the configs' own checks, before any work
-  if FLAGS.data == 'cifar10':
-    from bn_research.data import tfds_source  # pylint: disable=g-import-not-at-top
-    prepared, reason = tfds_source.check_prepared('cifar10', FLAGS.data_dir)
-    if prepared is None:
-      raise ValueError(f'--data=cifar10: {reason}. Prepare it where TensorFlow and the '
-                       'network are available (`tfds build cifar10 '
-                       '--file_format=array_record --data_dir=DIR`) and pass --data_dir=DIR.')
-  return kwargs
-
-
-def main(argv: Sequence[str]) -> None:
-  kwargs = cli.parse_or_exit('conv_bn_regularization', argv, parse_flags)
-  logging.set_verbosity(logging.INFO)
-  with cli.one_line_errors('conv_bn_regularization'):
-    summary = run(FLAGS.workdir, overwrite=FLAGS.overwrite, **kwargs)
-  print_table(summary)
-  print(f'wrote {FLAGS.workdir}/conv_bn_regularization.png and conv_bn_regularization.json '
-        f'in {summary["wall_seconds"]} s')
+    text += (f'\n\nValidation accuracy, BN - no BN: final '
+             f'{summary["val_accuracy_gap_final"]:+.4f}, best '
+             f'{summary["val_accuracy_gap_best"]:+.4f}.')
+  return text
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  experiment.main(__name__)

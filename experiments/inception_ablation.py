@@ -2,13 +2,17 @@ r"""Figures 2 and 3 of the paper: the Inception learning-rate and dropout ablati
 
     python -m experiments.inception_ablation --workdir=runs/inception_small --preset=small
     python -m experiments.inception_ablation --workdir=gs-or-local/imagenet --preset=imagenet \
-        --set=data.data_dir=/data/tfds --print_commands   # one command per model, for a queue
+        --set=data.data_dir=/data/tfds --how=print   # one command per run, for a queue
 
 Trains the seven models of `configs/common.py`'s Inception table (the paper's five plus
-its two reported failures), `--seeds` seeds each. A model's seeds are one sweep
-(`scripts.sweep --sweep=seed=0,1,...`; with 2+ seeds `--vmap`: ONE compiled program of
-all the seeds), in `DIR/<model>/seed=<s>` in the engine's format; re-running skips
-finished runs and resumes unfinished ones. Then it writes
+its two reported failures), `--seeds` seeds each. A model's seeds are one sweep over
+`seed` in `DIR/<model>/seed=<s>` (with its `sweep.json`), in the engine's format;
+re-running skips finished runs and resumes unfinished ones. By default (`--how=vmap
+--parallel=2`) each model's seeds train as ONE compiled program, in its own process
+(`scripts.sweep --vmap`, console in `DIR/<model>.log`), two models at a time (one core
+each on CPU; `--parallel=1` trains them one after another in this process, the choice
+on an accelerator); `--how=processes` trains every run in its own process instead.
+Then it writes
 
     DIR/figure2.png    eval accuracy vs training step, every model: the mean over seeds
                        (thick) and each seed (thin); the paper's Figure 2
@@ -16,137 +20,104 @@ finished runs and resumes unfinished ones. Then it writes
     DIR/figure3.json   model's maximum (of its seed-mean curve), the maximum of its own
                        seed-mean curve, and its outcome: trains, at chance (never above
                        2x chance) or diverged (in k of n seeds, at which steps); each
-                       seed's numbers too
+                       seed's numbers too; and the paper's claims with a verdict each
 
 Presets: `small` (configs/inception_small.py: width 1/8 on 28x28 Fashion-MNIST from
 Debian's dataset-fashion-mnist, or `--data=digits` for the offline MNIST sample; 2 seeds,
-1,500 steps, about 25 minutes on 2 CPU cores) and `imagenet`
-(configs/imagenet_inception.py, 1 seed).
+1,500 steps) and `imagenet` (configs/imagenet_inception.py, 1 seed). `--print_commands`
+is `--how=print`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
-import sys
-import time
+from typing import Sequence
 
-from absl import app
-from absl import flags
-
+from bn_research import checks
+from bn_research import experiment
 from bn_research import launch
-from bn_research import rundir
+from bn_research import plan as plan_lib
 from bn_research.analysis import curves
 from bn_research.analysis import runs as runs_lib
 from configs import common
-
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/inception_small', 'Output directory.')
-_PRESET = flags.DEFINE_enum('preset', 'small', ['small', 'imagenet'], 'Which configs.')
-_DATA = flags.DEFINE_string('data', None, 'small preset: fashion_mnist (default), digits '
-                            'or synthetic.')
-_STEPS = flags.DEFINE_integer('steps', None, 'Training steps per model (default: the '
-                              "config's).")
-_BATCH = flags.DEFINE_integer('batch', None, "Global batch B (a multiple of 32; default: the "
-                              "config's 32): the config's `batch=B`, which scales the rate, "
-                              'steps and cadences and keeps ghost batches of 32.')
-_SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per model, 0..N-1 (default: 2 for the '
-                              'small preset, 1 for imagenet).')
-_MODELS = flags.DEFINE_list('models', list(common.INCEPTION_MODELS), 'Models to run.')
-_SET = flags.DEFINE_multi_string('set', [], 'Config override for every model, e.g. '
-                                 '--set=data.data_dir=/data (repeatable).')
-_PARALLEL = flags.DEFINE_integer('parallel', 2, 'Models trained at once (one core each '
-                                 'on CPU; use 1 on an accelerator).')
-_PRINT = flags.DEFINE_bool('print_commands', False, 'Print one launch command per model '
-                           'instead of training.')
 
 CONFIG_FILE = {'small': 'inception_small.py', 'imagenet': 'imagenet_inception.py'}
 DEFAULT_SEEDS = {'small': 2, 'imagenet': 1}
 NUM_CLASSES = {'small': 10, 'imagenet': 1000}
 
+NAME = 'figure3'
+OUTPUTS = {'png': 'figure2'}
+WORKDIR = 'runs/inception_small'
+HOW, PARALLEL = 'vmap', 2
+FLAGS = {
+    'preset': experiment.Flag(str, 'small', 'Which configs: small or imagenet.',
+                              checks.Choice(tuple(CONFIG_FILE))),
+    'data': experiment.Flag(str, None, 'small preset: fashion_mnist (default), digits or '
+                            'synthetic.'),
+    'steps': experiment.Flag(int, None, "Training steps per model (default: the config's).",
+                             checks.Int(1)),
+    'batch': experiment.Flag(int, None, "Global batch B (a multiple of 32; default: the "
+                             "config's 32): the config's `batch=B`, which scales the rate, "
+                             'steps and cadences and keeps ghost batches of 32.'),
+    'seeds': experiment.Flag(int, None, 'Seeds per model, 0..N-1 (default: 2 for the small '
+                             'preset, 1 for imagenet).', checks.Int(1)),
+    'models': experiment.Flag('strs', tuple(common.INCEPTION_MODELS), 'Models to run.',
+                              checks.Choice(tuple(common.INCEPTION_MODELS))),
+    'print_commands': experiment.Flag(bool, False, 'Print one command per run instead of '
+                                      'training (the same as --how=print).'),
+}
 
-def num_seeds() -> int:
-  return _SEEDS.value if _SEEDS.value is not None else DEFAULT_SEEDS[_PRESET.value]
+
+def num_seeds(args) -> int:
+  return args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.preset]
 
 
-def seed_dir(root: str, model: str, seed: int) -> str:
-  from bn_research import sweep as sweep_lib
-  return os.path.join(root, model, sweep_lib.run_name({'seed': seed}))
-
-
-def check_flags() -> None:
-  """ValueError naming the first bad flag, before anything runs."""
-  launch.check_positive_flag('steps', _STEPS.value, 'training steps per model')
-  launch.check_positive_flag('seeds', _SEEDS.value, 'seeds per model')
-  launch.check_parallel(_PARALLEL.value)
-  if _BATCH.value is not None:
-    common.check_batch(_BATCH.value)
-  unknown = [m for m in _MODELS.value if m not in common.INCEPTION_MODELS]
-  if unknown or not _MODELS.value:
-    raise ValueError(f'--models={",".join(_MODELS.value)!r}: unknown {unknown}; allowed: '
-                     f'{", ".join(common.INCEPTION_MODELS)}.')
-
-
-def launch_command(model: str, root: str) -> list[str]:
-  """The model's seed sweep: one program of all its seeds when there are several."""
+def config_spec(model: str, args) -> str:
+  """The model's config file and argument: model, data, steps, batch."""
   arg = f'model={model}'
-  if _DATA.value:
-    arg += f',data={_DATA.value}'
-  if _STEPS.value is not None:
-    arg += f',steps={_STEPS.value}'
-  if _BATCH.value is not None:
-    arg += f',batch={_BATCH.value}'
-  config = os.path.join(launch.REPO, 'configs', CONFIG_FILE[_PRESET.value])
-  seeds = ','.join(str(s) for s in range(num_seeds()))
-  cmd = [sys.executable, '-m', 'scripts.sweep', f'--config={config}:{arg}',
-         f'--workdir={os.path.join(root, model)}', f'--sweep=seed={seeds}']
-  if num_seeds() > 1:
-    cmd.append('--vmap')
-  return cmd + [f'--config.{kv}' for kv in _SET.value]
+  if args.data:
+    arg += f',data={args.data}'
+  if args.steps is not None:
+    arg += f',steps={args.steps}'
+  if args.batch is not None:
+    arg += f',batch={args.batch}'
+  return os.path.join(launch.REPO, 'configs', CONFIG_FILE[args.preset]) + ':' + arg
 
 
-def print_progress(root: str, models: list[str]) -> None:
-  """One console line: each training model's furthest step (its output is in a log)."""
-  parts = []
-  for model in models:
-    steps = [0]
-    for seed in range(num_seeds()):
-      try:
-        rows = rundir.read_metrics(seed_dir(root, model, seed))
-      except (rundir.RunDirError, OSError):
-        rows = []
-      steps.append(rows[-1]['step'] if rows else 0)
-    parts.append(f'{model}: step {max(steps)}')
-  print(' | '.join(parts), flush=True)
+def plan(args) -> list[plan_lib.Run]:
+  """Per model, one sweep over its seeds in DIR/<model>/seed=<s>."""
+  if args.batch is not None:
+    common.check_batch(args.batch)
+  if args.print_commands:
+    args.how = 'print'
+  runs = []
+  for model in args.models:
+    runs += plan_lib.grid(config_spec(model, args), os.path.join(args.workdir, model),
+                          {'seed': list(range(num_seeds(args)))}, args.overrides)
+  return runs
 
 
-def train_models(root: str, models: list[str]) -> list[str]:
-  """Trains the models, `--parallel` at a time; returns those whose process failed."""
-  jobs = [launch.Job(m, launch_command(m, root), log=os.path.join(root, f'{m}.log'))
-          for m in models]
-  results = launch.run_jobs(jobs, parallel=_PARALLEL.value, pin_cores=_PARALLEL.value > 1,
-                            single_thread=_PARALLEL.value > 1, poll_seconds=1.0,
-                            on_poll=lambda names: print_progress(root, names))
-  return [r.name for r in results if r.returncode != 0]
+def model_of(record: experiment.RunRecord) -> str:
+  """The model of a run in DIR/<model>/seed=<s>."""
+  return os.path.basename(os.path.dirname(os.path.abspath(record.run.workdir)))
 
 
-def figure3(root: str, models: list[str], seeds: int, num_classes: int = 10) -> dict:
-  """The paper's Figure 3 table from the run directories, over seeds."""
+def figure3(records: Sequence[experiment.RunRecord], seeds: int,
+            num_classes: int = 10) -> dict:
+  """The paper's Figure 3 table from the runs, over seeds."""
   at_chance = 2.0 / num_classes
-  loaded = {}
-  for m in models:
-    dirs = [seed_dir(root, m, s) for s in range(seeds)]
-    if all(rundir.is_run_dir(d) for d in dirs):
-      loaded[m] = [runs_lib.load_run(d) for d in dirs]
-  per_seed = {m: [runs_lib.metric_series(r, 'eval_accuracy') for r in runs]
-              for m, runs in loaded.items()}
+  loaded: dict[str, list[experiment.RunRecord]] = {}
+  for record in records:
+    loaded.setdefault(model_of(record), []).append(record)
+  per_seed = {m: [tuple(map(list, zip(*r.curve('eval_accuracy')))) or ([], [])
+                  for r in runs] for m, runs in loaded.items()}
   means = {m: curves.mean_curve(c) for m, c in per_seed.items()}
   target = (curves.best(*means['inception'])[0] if 'inception' in means else None)
   rows = {}
   for model, runs in loaded.items():
     steps, values = means[model]
     best_value, best_step = curves.best(steps, values)
-    statuses = [r.status or {} for r in runs]
+    statuses = [r.status for r in runs]
     config = runs[0].config
     rows[model] = {
         'learning_rate': config.get('optimizer', {}).get('learning_rate'),
@@ -167,12 +138,25 @@ def figure3(root: str, models: list[str], seeds: int, num_classes: int = 10) -> 
                                 curves.steps_to_target(*per_seed[model][i], target)),
             'max_accuracy': curves.best(*per_seed[model][i])[0],
             'final_accuracy': curves.final_value(per_seed[model][i][1]),
-            'status': runs_lib.status_label(r),
+            'status': runs_lib.status_label(runs_lib.load_run(r.run.workdir)),
             'curve': {'steps': per_seed[model][i][0], 'eval_accuracy': per_seed[model][i][1]},
         } for i, r in enumerate(runs)],
     }
   return {'target': target, 'target_from': "max of the inception model's seed-mean eval "
           'accuracy', 'at_chance_below': at_chance, 'seeds': seeds, 'models': rows}
+
+
+def summarize(records: Sequence[experiment.RunRecord], args) -> dict:
+  """Figure 3's table, the data the runs saw, and the paper's claims judged."""
+  summary = figure3(records, num_seeds(args), NUM_CLASSES[args.preset])
+  data = records[0].data if records else {}
+  summary['title'] = (f'Inception ablation ({args.preset} preset) on '
+                      f'{data.get("display_name", data.get("dataset", "?"))}, '
+                      f'{num_seeds(args)} seed(s)')
+  summary['data'] = {k: data.get(k) for k in ('dataset', 'display_name', 'source',
+                                               'num_train', 'num_test', 'num_params')}
+  summary['claims'] = claims(summary)
+  return summary
 
 
 def claims(table: dict) -> list[dict]:
@@ -240,15 +224,16 @@ def claims(table: dict) -> list[dict]:
   return out
 
 
-def write_markdown(table: dict, path: str, title: str) -> str:
-  lines = [f'# {title}', '',
+def table(summary: dict) -> str:
+  """Figure 3 per model, then the paper's claims with their verdicts."""
+  lines = [f'**{summary["title"]}**', '',
            (f"Target: the `inception` model's maximum seed-mean eval accuracy "
-            f'({table["target"]:.4f}); {table["seeds"]} seed(s) per model.')
-           if table['target'] is not None else
+            f'({summary["target"]:.4f}); {summary["seeds"]} seed(s) per model.')
+           if summary['target'] is not None else
            'Target: n/a (the inception model has no eval yet).', '',
            '| model | lr | steps to inception max | max accuracy | outcome | per seed: '
            'steps to target, max |', '|---|---|---|---|---|---|']
-  for model, r in table['models'].items():
+  for model, r in summary['models'].items():
     reached = r['steps_to_target']
     best = r['max_accuracy']
     seeds = '; '.join(
@@ -260,23 +245,17 @@ def write_markdown(table: dict, path: str, title: str) -> str:
     lines.append(f'| {model} | {r["learning_rate"]:g} | '
                  f'{reached if reached is not None else "never"} | '
                  f'{"n/a" if best is None else f"{best:.4f}"} | {outcome_text} | {seeds} |')
-  if table.get('claims'):
+  if summary.get('claims'):
     lines += ['', "| the paper's claim | paper | here | verdict |", '|---|---|---|---|']
     lines += [f'| {c["claim"]} | {c["paper"]} | {c["here"]} | {c["verdict"]} |'
-              for c in table['claims']]
-  text = '\n'.join(lines) + '\n'
-  with open(path, 'w') as f:
-    f.write(text)
-  return text
+              for c in summary['claims']]
+  return '\n'.join(lines)
 
 
-def plot_figure2(table: dict, path: str, title: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(9, 5.5))
-  for model, r in table['models'].items():
+def plot(summary: dict):
+  """The paper's Figure 2: seed-mean eval accuracy per model (thin: each seed)."""
+  fig, ax = experiment.figure(width=9, height=5.5)
+  for model, r in summary['models'].items():
     style = '--' if r['normalizer'] == 'none' else '-'
     steps, values = r['mean_curve']['steps'], r['mean_curve']['eval_accuracy']
     line, = ax.plot(steps, values, style, lw=2, label=f'{model} ({r["status"]})')
@@ -285,53 +264,16 @@ def plot_figure2(table: dict, path: str, title: str) -> None:
               alpha=0.45, color=line.get_color())
     if r['diverged_steps'] and steps:
       ax.plot(steps[-1], values[-1], 'x', color=line.get_color(), markersize=10)
-  if table['target'] is not None:
-    ax.axhline(table['target'], color='gray', lw=0.8, ls=':', label='inception max')
+  if summary['target'] is not None:
+    ax.axhline(summary['target'], color='gray', lw=0.8, ls=':', label='inception max')
   ax.set_xlabel('training step')
   ax.set_ylabel('eval accuracy (mean over seeds; thin: each seed)')
-  ax.set_title(title)
+  ax.set_title(summary['title'])
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc='lower right')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def main(argv):
-  def check():
-    if len(argv) > 1:
-      raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}')
-    check_flags()
-  launch.exit_on_bad_flags('inception_ablation', check)
-  root = _WORKDIR.value
-  if _PRINT.value:
-    for model in _MODELS.value:
-      print(shlex.join(launch_command(model, root)))
-    return
-  os.makedirs(root, exist_ok=True)
-  t0 = time.time()
-  models = list(_MODELS.value)
-  from bn_research.experiment import one_line_errors  # pylint: disable=g-import-not-at-top
-  with one_line_errors('inception_ablation'):  # a signal: one line, 128 + signum
-    failed = train_models(root, models)
-  table = figure3(root, models, num_seeds(), NUM_CLASSES[_PRESET.value])
-  some_run = next((seed_dir(root, m, 0) for m in table['models']), None)
-  data = (rundir.read_description(some_run) if some_run else None) or {}
-  title = (f'Inception ablation ({_PRESET.value} preset) on '
-           f'{data.get("display_name", data.get("dataset", "?"))}, {num_seeds()} seed(s)')
-  table['data'] = {k: data.get(k) for k in ('dataset', 'display_name', 'source',
-                                             'num_train', 'num_test', 'num_params')}
-  table['wall_seconds'] = round(time.time() - t0, 1)
-  table['claims'] = claims(table)
-  with open(os.path.join(root, 'figure3.json'), 'w') as f:
-    json.dump(table, f, indent=1)
-  text = write_markdown(table, os.path.join(root, 'figure3.md'), title)
-  plot_figure2(table, os.path.join(root, 'figure2.png'), title)
-  print(text)
-  print(f'wrote {root}/figure2.png, figure3.md, figure3.json in {table["wall_seconds"]} s')
-  if failed:
-    raise SystemExit(f'training failed for: {", ".join(failed)} (see {root}/<model>.log)')
+  return fig
 
 
 if __name__ == '__main__':
-  app.run(main)
+  experiment.main(__name__)

@@ -17,44 +17,51 @@ learning rates (one vmapped program per input kind); reported: the steps until t
 mean squared error falls (and stays) below `target` times the label's variance, per rate and at
 each input kind's best rate.
 
-Writes DIR/input_normalization.png (both bowls with their trajectories over the
-contours; the MLP's loss curves) and DIR/input_normalization.json. Runs in seconds.
+Neither part trains an engine run, so the job's plan is empty and its summary is its
+computation. Writes DIR/input_normalization.png (both bowls with their trajectories
+over the contours; the MLP's loss curves), DIR/input_normalization.json (the numbers,
+and under `series` the trajectories and the loss curves, at most 501 points each, that
+the figure draws) and DIR/input_normalization.md. Runs in seconds.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
 from typing import Callable, Optional, Sequence
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from experiments import cli
 import optax
 
+from bn_research import checks
+from bn_research import experiment
+
 MLP_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
+# The MLP's loss curves are kept for the figure at this many points at most.
+CURVE_POINTS = 501
 
-FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:
-  """Defined when run as a program, so that tests can import several experiments."""
-  flags.DEFINE_string('workdir', None, 'Output directory (figure and JSON).')
-  flags.DEFINE_float('lr', 0.9, 'Gradient descent learning rate for both bowls.')
-  flags.DEFINE_list('start', ['-8', '4'], 'Start point x,y for both bowls.')
-  flags.DEFINE_float('tol', 0.01, 'Converged when |x| and |y| are below this.')
-  flags.DEFINE_integer('max_steps', 1000, 'Gradient descent steps on the bowls.')
-  flags.DEFINE_integer('steps', 5000, 'Full-batch gradient descent steps of the MLP.')
-  flags.DEFINE_list('mlp_lrs', [f'{lr:g}' for lr in MLP_LRS],
-                    'Learning rates of the MLP, each run for both input kinds.')
-  flags.DEFINE_float('target', 0.05, 'MLP target: MSE below target x Var(label).')
-  flags.DEFINE_integer('seed', 0, 'Seed of the MLP data and initial weights.')
+NAME = 'input_normalization'
+WORKDIR = 'runs/input_normalization'
+HOW, PARALLEL = 'inline', 1
+_POSITIVE = checks.Float(0.0, low_open=True)
+FLAGS = {
+    'lr': experiment.Flag(float, 0.9, 'Gradient descent learning rate for both bowls.',
+                          _POSITIVE),
+    'start': experiment.Flag('floats', (-8.0, 4.0), 'Start point x,y for both bowls.'),
+    'tol': experiment.Flag(float, 0.01, 'Converged when |x| and |y| are below this.',
+                           _POSITIVE),
+    'max_steps': experiment.Flag(int, 1000, 'Gradient descent steps on the bowls.',
+                                 checks.Int(1)),
+    'steps': experiment.Flag(int, 5000, 'Full-batch gradient descent steps of the MLP.',
+                             checks.Int(1)),
+    'mlp_lrs': experiment.Flag('floats', MLP_LRS, 'Learning rates of the MLP, each run for '
+                               'both input kinds.', _POSITIVE),
+    'target': experiment.Flag(float, 0.05, 'MLP target: MSE below target x Var(label).',
+                              _POSITIVE),
+    'seed': experiment.Flag(int, 0, 'Seed of the MLP data and initial weights.',
+                            checks.Int(0, checks.SEED_LIMIT - 1)),
+}
 
 
 # The two bowls: f(x, y) = 0.5 * (a_x x^2 + a_y y^2), curvatures (a_x, a_y).
@@ -157,13 +164,28 @@ def steps_to_stay_below(curve: np.ndarray, level: float) -> Optional[int]:
 
 # ---- the experiment ----------------------------------------------------------------------
 
-def run(workdir: str, *, lr: float = 0.9, start: Sequence[float] = (-8.0, 4.0),
-        tol: float = 0.01, max_steps: int = 1000, steps: int = 5000,
-        mlp_lrs: Sequence[float] = MLP_LRS, target: float = 0.05,
-        seed: int = 0) -> dict:
-  """Runs both parts; writes the figure and JSON into workdir; returns the summary."""
-  t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
+def plan(args) -> list:
+  """No engine runs: both parts are computed by `summarize`. Checks what the flag
+  declarations cannot: two finite start coordinates, and no --set (no config)."""
+  if len(args.start) != 2 or not all(map(math.isfinite, args.start)):
+    raise ValueError(f'--start={",".join(map(str, args.start))!r} is invalid: must be 2 '
+                     'finite numbers x,y.')
+  if args.overrides:
+    raise ValueError(f'--set={next(iter(args.overrides))}=...: this job trains no engine '
+                     'run, so there is no config to override; its flags are listed by '
+                     '--help.')
+  return []
+
+
+def _finite_or_none(values) -> list:
+  return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def summarize(records, args) -> dict:
+  """Runs both parts; the summary, with the series the figure draws under `series`."""
+  del records  # no engine runs
+  lr, start, tol, max_steps = args.lr, tuple(args.start), args.tol, args.max_steps
+  steps, mlp_lrs, target, seed = args.steps, tuple(args.mlp_lrs), args.target, args.seed
   summary: dict = {'quadratic': {'lr': lr, 'start': list(start), 'tol': tol,
                                  'max_steps': max_steps}}
   paths = {}
@@ -200,30 +222,50 @@ def run(workdir: str, *, lr: float = 0.9, start: Sequence[float] = (-8.0, 4.0),
                  'best_steps_to_target': None if best is None else hits[best],
                  'best_final_mse': None if best is None else finals[best]}
   summary['mlp'] = mlp
-  summary['wall_seconds'] = round(time.time() - t0, 2)
-  with open(os.path.join(workdir, 'input_normalization.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
-  plot(summary, paths, curves, float(np.var(y)),
-       os.path.join(workdir, 'input_normalization.png'))
+  shown = {name: paths[name][:(summary['quadratic'][name]['steps_to_tol']
+                               if summary['quadratic'][name]['steps_to_tol'] is not None
+                               else max_steps) + 1] for name in BOWLS}
+  at = np.unique(np.linspace(0, steps, min(steps + 1, CURVE_POINTS)).round().astype(int))
+  summary['series'] = {
+      'paths': {name: [_finite_or_none(p) for p in path] for name, path in shown.items()},
+      'curve_steps': at.tolist(), 'label_variance': float(np.var(y)),
+      'curves': {kind: [_finite_or_none(c[at]) for c in cs] for kind, cs in curves.items()}}
   return summary
 
 
-def plot(summary: dict, paths: dict, curves: dict, label_var: float, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+def table(summary: dict) -> str:
+  """Steps to the tolerance on both bowls; per input kind, the MLP's best rate."""
+  q, m = summary['quadratic'], summary['mlp']
+  lines = [f'Gradient descent, lr {q["lr"]:g} from {q["start"]}, steps to |x|,|y| < '
+           f'{q["tol"]:g} (of at most {q["max_steps"]}):', '',
+           experiment.markdown_table(['bowl', 'curvatures', 'steps to tolerance', 'diverged'],
+                                     [[name, ', '.join(f'{a:g}' for a in q[name]['curvatures']),
+                                       q[name]['steps_to_tol'], q[name]['diverged']]
+                                      for name in BOWLS]),
+           '', f'tanh MLP, {m["steps"]} full-batch steps; target MSE < '
+           f'{m["target_relative_mse"]:g} Var(label):', '']
+  rows = []
+  for kind in ('unnormalised', 'normalised'):
+    k = m[kind]
+    rows.append([kind, 'every rate diverged' if k['best_lr'] is None else f'{k["best_lr"]:g}',
+                 k['best_steps_to_target'], k['best_final_mse'], sum(k['diverged'])])
+  lines.append(experiment.markdown_table(
+      ['inputs', 'best lr', 'steps to target', 'final MSE', 'rates diverged'], rows))
+  return '\n'.join(lines)
 
-  q = summary['quadratic']
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+
+def plot(summary: dict):
+  """Both bowls with their trajectories over the contours; the MLP's loss curves."""
+  q, series = summary['quadratic'], summary['series']
+  fig, axes = experiment.figure(3, width=16 / 3, height=4.6)
   span = 1.25 * max(abs(v) for v in q['start'])
   gx, gy = np.meshgrid(np.linspace(-span, span, 300), np.linspace(-span / 2, span / 2, 200))
   for ax, name in zip(axes[:2], BOWLS):
     ax_, ay_ = BOWLS[name]
     ax.contour(gx, gy, 0.5 * (ax_ * gx ** 2 + ay_ * gy ** 2), levels=15, cmap='Greys',
                linewidths=0.7)
-    p = paths[name]
     n = q[name]['steps_to_tol']
-    shown = p[:(n if n is not None else len(p) - 1) + 1]
+    shown = np.array(series['paths'][name], dtype=float)
     ax.plot(shown[:, 0], shown[:, 1], '.-', color='tab:red', ms=3, lw=0.8)
     ax.plot(*shown[0], 'o', color='k')
     ax.set_aspect('equal')
@@ -235,15 +277,17 @@ def plot(summary: dict, paths: dict, curves: dict, label_var: float, path: str) 
   ax = axes[2]
   m = summary['mlp']
   colors = {'unnormalised': 'tab:orange', 'normalised': 'tab:blue'}  # as no-BN / BN
-  for kind, c in curves.items():
+  label_var, at = series['label_variance'], series['curve_steps']
+  for kind, curves in series['curves'].items():
+    c = np.array(curves, dtype=float)  # None (diverged) as nan: not drawn
     best = None if m[kind]['best_lr'] is None else m['lrs'].index(m[kind]['best_lr'])
     for i, curve in enumerate(c):
       if i != best:
-        ax.plot(curve / label_var, color=colors[kind], alpha=0.15, lw=0.8)
+        ax.plot(at, curve / label_var, color=colors[kind], alpha=0.15, lw=0.8)
     if best is None:  # every rate diverged: no curve to single out
       continue
     hit = m[kind]['best_steps_to_target']
-    ax.plot(c[best] / label_var, color=colors[kind], lw=2,
+    ax.plot(at, c[best] / label_var, color=colors[kind], lw=2,
             label=f'{kind} inputs, best lr {m[kind]["best_lr"]:g}: '
                   f'{hit if hit is not None else "> " + str(m["steps"])} steps')
   ax.axhline(m['target_relative_mse'], color='k', ls=':', lw=1)
@@ -254,56 +298,8 @@ def plot(summary: dict, paths: dict, curves: dict, label_var: float, path: str) 
   ax.set_title('tanh MLP: raw vs standardised features (faint: other lrs)')
   ax.legend(loc='upper right', fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def parse_flags() -> dict:
-  """The run's arguments from the flags; ValueError naming the bad flag."""
-  cli.check_workdir(FLAGS.workdir)
-
-  def floats(name, values, count=None, positive=False):
-    try:
-      out = [float(v) for v in values]
-    except ValueError:
-      raise ValueError(f'--{name}={",".join(values)!r}: expected numbers.') from None
-    if not out or (count and len(out) != count) or not all(map(math.isfinite, out)) or (
-        positive and min(out) <= 0):
-      what = f'{count} finite numbers' if count else 'finite numbers'
-      raise ValueError(f'--{name}={",".join(values)!r}: expected {what}'
-                       f'{" > 0" if positive else ""}.')
-    return out
-
-  for name, value in (('lr', FLAGS.lr), ('tol', FLAGS.tol), ('target', FLAGS.target)):
-    if not (value > 0 and math.isfinite(value)):
-      raise ValueError(f'--{name}={value!r} is invalid: must be a finite number > 0.')
-  for name, value in (('max_steps', FLAGS.max_steps), ('steps', FLAGS.steps)):
-    if value < 1:
-      raise ValueError(f'--{name}={value!r} must be >= 1.')
-  return dict(lr=FLAGS.lr, start=floats('start', FLAGS.start, 2), tol=FLAGS.tol,
-              max_steps=FLAGS.max_steps, steps=FLAGS.steps,
-              mlp_lrs=floats('mlp_lrs', FLAGS.mlp_lrs, positive=True),
-              target=FLAGS.target, seed=FLAGS.seed)
-
-
-def main(argv: Sequence[str]) -> None:
-  kwargs = cli.parse_or_exit('input_normalization', argv, parse_flags)
-  with cli.one_line_errors('input_normalization'):
-    summary = run(FLAGS.workdir, **kwargs)
-  q, m = summary['quadratic'], summary['mlp']
-  print(f'lr {q["lr"]:g}, start {q["start"]}: steps to |x|,|y| < {q["tol"]:g}: '
-        f'elongated {q["elongated"]["steps_to_tol"]}, round {q["round"]["steps_to_tol"]}')
-  for kind in ('unnormalised', 'normalised'):
-    if m[kind]['best_lr'] is None:
-      print(f'MLP, {kind} inputs: every learning rate diverged; no best rate.')
-      continue
-    print(f'MLP, {kind} inputs: best lr {m[kind]["best_lr"]:g}, steps to MSE < '
-          f'{m["target_relative_mse"]:g} Var(y): {m[kind]["best_steps_to_target"]}, '
-          f'final {m[kind]["best_final_mse"]}')
-  print(f'wrote {FLAGS.workdir}/input_normalization.png and input_normalization.json in '
-        f'{summary["wall_seconds"]} s')
+  return fig
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  experiment.main(__name__)

@@ -1,27 +1,21 @@
-"""What the normalizer experiments (`bn_batch_size`, `bn_only`) share.
+"""What the normalizer jobs (`bn_batch_size`, `bn_only`) share: their networks and flags.
 
-* the two networks as config specs plus overrides, turned into typed `plan.Run`s
-  (`plan_runs`), so every run is exactly `plan.command(run)`;
-* `train_all`: trains the runs one after the other in this process (`plan.run_plan`,
-  how='inline'), which skips finished runs and resumes unfinished ones;
-  `write_summary` and `run_job`: the summary files and the command line's ending;
-* `read_result`: the one place these experiments read a run directory;
-* `ArgumentParser`: flags whose errors are one line and exit code 2.
+Not a job itself: the two networks every normalizer variant starts from, as a config
+spec plus typed overrides (`model_overrides`), the flags both jobs take
+(`common_flags`), the check that `--set` leaves the keys a job varies alone, and the
+reading of a run's result from the driver's `experiment.RunRecord` (`result`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
-import shlex
-import time
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
-from absl import logging
+from bn_research import checks
+from bn_research import experiment
+from bn_research import launch
+from bn_research import plan as plan_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ('mlp', 'inception')
 DATA = ('real', 'synthetic')
 # Wu & He's G = 32 does not divide the MLP's 100 units nor the width-1/8 Inception's
@@ -29,50 +23,28 @@ DATA = ('real', 'synthetic')
 NORM_GROUPS = 4
 
 
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose errors are one line on stderr and exit code 2 (no usage block)."""
-
-  def error(self, message: str):
-    self.exit(2, f'{self.prog}: error: {message}\n')
-
-
-def add_common_flags(parser: argparse.ArgumentParser, default_steps: int | None) -> None:
-  parser.add_argument('--workdir', required=True, help='Output directory.')
-  parser.add_argument('--steps', type=int, default=default_steps,
-                      help='Training steps per run (scales the whole job; default: '
-                      + (f'{default_steps}' if default_steps else "each network's own")
-                      + ').')
-  parser.add_argument('--models', default=','.join(MODELS),
-                      help=f'Comma-separated networks: {", ".join(MODELS)}.')
-  parser.add_argument('--data', default='real', choices=DATA,
-                      help='real: MNIST for the MLP (TFDS if prepared, else the offline '
-                      '5k sample) and Fashion-MNIST for Inception (Debian\'s '
-                      'dataset-fashion-mnist); synthetic: prototypes plus noise (tests).')
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='Config override for every run, e.g. --set=seed=1 (repeatable).')
+def common_flags(default_steps: int | None) -> dict[str, experiment.Flag]:
+  """--steps, --models and --data, as both normalizer jobs declare them."""
+  return {
+      'steps': experiment.Flag(
+          int, default_steps, 'Training steps per run (scales the whole job; default: '
+          + (f'{default_steps}' if default_steps else "each network's own") + ').',
+          checks.Int(2)),
+      'models': experiment.Flag('strs', MODELS, f'Comma-separated networks: '
+                                f'{", ".join(MODELS)}.', checks.Choice(MODELS)),
+      'data': experiment.Flag(str, 'real', "real: MNIST for the MLP (TFDS if prepared, "
+                              "else the offline 5k sample) and Fashion-MNIST for Inception "
+                              "(Debian's dataset-fashion-mnist); synthetic: prototypes "
+                              'plus noise (tests).', checks.Choice(DATA)),
+  }
 
 
-def check_common_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                       controlled: Sequence[str]) -> list[str]:
-  """Validates the shared flags (parser.error on a bad one); returns the models.
-
-  `controlled`: the config keys the experiment sets per run, which --set may not change.
-  """
-  if args.steps is not None and args.steps < 2:
-    parser.error(f'--steps={args.steps}: allowed: an integer >= 2.')
-  models = [m for m in args.models.split(',') if m]
-  bad = [m for m in models if m not in MODELS]
-  if bad or not models or len(set(models)) != len(models):
-    parser.error(f'--models={args.models!r}: allowed: a comma-separated subset of '
-                 f'{", ".join(MODELS)}, each named once.')
-  for kv in args.set:
-    key = kv.split('=', 1)[0].strip()
-    if '=' not in kv or not key:
-      parser.error(f'--set={kv!r}: allowed: KEY=VALUE, e.g. --set=seed=1.')
+def check_overrides(overrides: dict[str, Any], controlled: Sequence[str]) -> None:
+  """ValueError if `--set` names a key the job sets for each run."""
+  for key, value in overrides.items():
     if key in controlled:
-      parser.error(f'--set={kv!r}: the experiment sets {key} for each run; allowed: any '
-                   f'other key (not {", ".join(controlled)}).')
-  return models
+      raise ValueError(f'--set={key}={value!r}: the experiment sets {key} for each run; '
+                       f'allowed: any other key (not {", ".join(controlled)}).')
 
 
 def eval_every(steps: int) -> int:
@@ -84,8 +56,8 @@ def eval_every(steps: int) -> int:
   return steps
 
 
-def model_spec(model: str, steps: int, data: str) -> tuple[str, list[str]]:
-  """(config spec, overrides) of the network that every normalizer variant starts from.
+def model_overrides(model: str, steps: int, data: str) -> tuple[str, dict[str, Any]]:
+  """(config spec, typed overrides) of the network every normalizer variant starts from.
 
   mlp: the paper's Figure 1 network (configs/mnist_mlp.py: 3 x 100 sigmoid, momentum
   0.9, lr 0.05) at batch 64, so that ghost batches of 2 ... 64 all divide it.
@@ -94,119 +66,64 @@ def model_spec(model: str, steps: int, data: str) -> tuple[str, list[str]]:
   LRN, which have no part in a normalizer comparison.
   """
   every = eval_every(steps)
-  common = [f'num_train_steps={steps}', f'eval_every_steps={every}',
-            f'log_every_steps={every}', f'checkpoint_every_steps={steps}',
-            f'model.norm_groups={NORM_GROUPS}']
+  common = {'num_train_steps': steps, 'eval_every_steps': every, 'log_every_steps': every,
+            'checkpoint_every_steps': steps, 'model.norm_groups': NORM_GROUPS}
   if model == 'mlp':
     source = ',source=synthetic' if data == 'synthetic' else ''
     spec = f'configs/mnist_mlp.py:bn{source}'
-    # Evaluated with the moving averages, as Group Normalization's comparison is (and
-    # as the tables in README were measured); population statistics from ghost batches
-    # would be a second change of BN at once.
-    overrides = common + ['batch_size=64', f'steps_per_dispatch={every}',
-                          'probe.enabled=false', 'eval.batch_stats=moving_average']
+    # Evaluated with the moving averages, as Group Normalization's comparison is;
+    # population statistics from ghost batches would be a second change of BN at once.
+    overrides = {**common, 'batch_size': 64, 'steps_per_dispatch': every,
+                 'probe.enabled': False, 'eval.batch_stats': 'moving_average'}
   else:
     source = 'synthetic' if data == 'synthetic' else 'fashion_mnist'
     spec = f'configs/inception_small.py:model=bn_baseline,data={source}'
     from configs import inception_small  # pylint: disable=g-import-not-at-top
-    overrides = common + ['model.dropout_rate=0.0', 'model.use_lrn=false'] + [
-        f'{k}={v}' for k, v in inception_small.STUDY_RECIPE.items()]
-  return spec, overrides
+    overrides = {**common, 'model.dropout_rate': 0.0, 'model.use_lrn': False,
+                 **inception_small.STUDY_RECIPE}
+  return os.path.join(launch.REPO, spec), overrides
 
 
-@dataclasses.dataclass
-class RunSpec:
-  """One training run of an experiment: its directory name, config spec, overrides."""
-  name: str
-  spec: str
-  overrides: list[str]
-
-
-def plan_runs(root: str, planned: dict[str, Sequence[RunSpec]]) -> list:
-  """Every run as a `plan.Run` in root/<model>/<name>: resolved and validated before
-  anything is trained or written (ValueError naming the run and the bad value)."""
-  from bn_research import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  from bn_research import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
-  runs = []
-  for model, specs in planned.items():
-    for run in specs:
-      overrides = [(k, sweep_lib.parse_value(v))
-                   for k, _, v in (kv.partition('=') for kv in run.overrides)]
-      try:
-        runs.append(plan_lib.make_run(run.name, os.path.join(root, model, run.name),
-                                      os.path.join(REPO, run.spec), overrides))
-      except ValueError as e:
-        raise ValueError(f'run {run.name}: {e}') from None
-  return runs
-
-
-def train_all(root: str, planned: dict[str, Sequence[RunSpec]]) -> None:
-  """Trains every network's runs into root/<model>/<name>, one after the other in this
-  process (`plan.run_plan`, how='inline'): all are validated first, and finished runs
-  are skipped (a re-run only resumes what is unfinished)."""
-  from bn_research import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  runs = plan_runs(root, planned)
-  t0 = time.time()
-  for outcome in plan_lib.run_plan(runs, 'inline'):
-    logging.info('%s: %s%s', outcome.name, outcome.status,
-                 ' (already finished)' if outcome.skipped else '')
-  if runs:
-    logging.info('%d runs in %.0f s; each as a command: %s', len(runs), time.time() - t0,
-                 shlex.join(plan_lib.command(runs[0])))
-
-
-def write_summary(root: str, name: str, summary: dict, markdown: Callable[[dict], str],
-                  plot: Callable[[dict, str], None]) -> None:
-  """root/<name>.json, .md and .png."""
-  with open(os.path.join(root, f'{name}.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
-  with open(os.path.join(root, f'{name}.md'), 'w') as f:
-    f.write(markdown(summary))
-  plot(summary, os.path.join(root, f'{name}.png'))
-
-
-def run_job(parser: argparse.ArgumentParser, job: Callable[[], dict], name: str,
-            markdown: Callable[[dict], str], workdir: str) -> None:
-  """Runs a validated command line's job: a ValueError (a bad --set or config, raised
-  before anything trains) is one line and exit code 2; then prints the table."""
-  logging.set_verbosity(logging.INFO)
-  from bn_research import log_filter
-  log_filter.quiet_library_logs()
+def make_run(args: Any, model: str, name: str, steps: int,
+             overrides: dict[str, Any]) -> plan_lib.Run:
+  """The run `DIR/<model>/<name>`: the network's recipe for `steps`, `--set`, then
+  `overrides`; ValueError naming the run and the bad value."""
+  spec, base = model_overrides(model, steps, args.data)
   try:
-    summary = job()
+    return plan_lib.make_run(name, os.path.join(args.workdir, model, name), spec,
+                             {**base, **args.overrides, **overrides})
   except ValueError as e:
-    parser.error(str(e))
-  print(markdown(summary))
-  print(f'wrote {workdir}/{name}.png, {name}.md and {name}.json in '
-        f'{summary["wall_seconds"]} s')
+    raise ValueError(f'run {model}/{name}: {e}') from None
 
 
-def read_result(run_dir: str, *, count_params: bool = False) -> dict:
-  """Status and test-accuracy curve of one run: the only read of run files here.
+def model_of(record: experiment.RunRecord) -> str:
+  """The network of a run in `DIR/<model>/<name>`."""
+  return os.path.basename(os.path.dirname(os.path.abspath(record.run.workdir)))
 
-  Args:
-    run_dir: a run directory.
-    count_params: also count parameters in its latest checkpoint.
+
+def result(record: experiment.RunRecord, *, count_params: bool = False) -> dict:
+  """Status and test-accuracy curve of one run.
 
   Returns:
-    {'status', 'diverged_step', 'steps', 'test_accuracy', 'final_test_accuracy'
-    (None unless the run finished), 'initial_test_accuracy' (step 0)}, plus with
-    count_params 'num_params' and 'normalizer_params' (the normalizers' gamma and beta).
+    {'status' ('done', 'diverged at step N', ...), 'diverged_step', 'steps',
+    'test_accuracy', 'final_test_accuracy' (None unless the run finished),
+    'initial_test_accuracy' (step 0)}, plus with count_params 'num_params' and
+    'normalizer_params' (the normalizers' gamma and beta) of its latest checkpoint.
   """
-  from bn_research.analysis import runs
-  run = runs.load_run(run_dir)
-  steps, acc = runs.metric_series(run, 'eval_accuracy')
-  status = run.status or {}
+  from bn_research.analysis import runs  # pylint: disable=g-import-not-at-top
+  curve = record.curve('eval_accuracy')
+  steps, acc = [s for s, _ in curve], [a for _, a in curve]
+  status = record.status
   done = status.get('status') == 'done' and steps and steps[-1] == status.get('step')
-  out = {'status': runs.status_label(run), 'diverged_step': status.get('diverged_step'),
-         'steps': steps, 'test_accuracy': acc,
-         'final_test_accuracy': acc[-1] if done else None,
+  out = {'status': runs.status_label(runs.load_run(record.run.workdir)),
+         'diverged_step': status.get('diverged_step'), 'steps': steps,
+         'test_accuracy': acc, 'final_test_accuracy': acc[-1] if done else None,
          'initial_test_accuracy': acc[0] if steps and steps[0] == 0 else None}
   if count_params:
-    import jax
-    import numpy as np
-    from bn_research import optim, rundir
-    state = rundir.load_latest(run_dir) or {}
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from bn_research import optim, rundir  # pylint: disable=g-import-not-at-top
+    state = rundir.load_latest(record.run.workdir) or {}
     params = state.get('params', {})
     mask = optim.normalizer_mask(params, state.get('batch_stats'))
     sizes = [(int(np.size(p)), m) for p, m in zip(jax.tree_util.tree_leaves(params),

@@ -16,120 +16,92 @@ per-unit affine distortion that changes every step) and none (`baseline`). Every
 * the loss landscape along the gradient at step sizes `--etas`: the loss range, the
   gradient predictiveness (the change in gradient) and the effective beta-smoothness.
 
-Writes DIR/why_bn.png (accuracy; ICS per layer, l2 and cosine; loss and gradient-change
-bands over training; beta-smoothness) and DIR/why_bn.json (the series and their means
-per network), run directories DIR/<network>.
+Flags: --networks (a subset of bn, noisy_bn, baseline), --steps, --measure_every,
+--etas, --data (MLP: a data.source; Inception: fashion_mnist, digits or synthetic),
+--set=KEY=VALUE for every network. Writes run directories DIR/<network> (re-running
+skips finished ones), then DIR/why_bn.png (accuracy; ICS per layer, l2 and cosine; loss
+and gradient-change bands over training; beta-smoothness), DIR/why_bn.json (the series
+and their means per network) and DIR/why_bn.md (the means as a table).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from typing import Optional, Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
 
-from experiments import cli
-
-FLAGS = flags.FLAGS
+from bn_research import checks
+from bn_research import experiment
+from bn_research import plan as plan_lib
 
 # network -> model.normalizer
 NETWORKS = {'bn': 'batch_norm', 'noisy_bn': 'noisy_batch_norm', 'baseline': 'none'}
+LABELS = {'bn': 'BN', 'noisy_bn': 'noisy BN', 'baseline': 'no BN'}
 MODELS = ('mlp', 'inception')
+# What --data may name, per model (the MLP's data.source; the Inception config's data=).
+DATA = {'mlp': ('auto', 'tfds', 'idx', 'download', 'offline', 'synthetic'),
+        'inception': ('fashion_mnist', 'digits', 'synthetic')}
 LANDSCAPE_KEYS = ('landscape_loss_min', 'landscape_loss_max', 'landscape_loss_range',
                   'landscape_grad_pred_min', 'landscape_grad_pred', 'landscape_beta')
 
-
-def _define_flags() -> None:
-  """Defined when run as a program, so that tests can import several experiments."""
-  flags.DEFINE_string('workdir', None, 'Output directory.')
-  flags.DEFINE_enum('model', 'mlp', MODELS, 'The Figure 1 MLP or the small BN-Inception.')
-  flags.DEFINE_list('networks', list(NETWORKS), 'Which of bn, noisy_bn, baseline to train.')
-  flags.DEFINE_integer('steps', 5000, 'Training steps per network.')
-  flags.DEFINE_integer('measure_every', 250, 'Steps between measurements (and evals).')
-  flags.DEFINE_list('etas', ['0.01', '0.02', '0.05', '0.1', '0.2', '0.4'],
-                    'Step sizes along the gradient for the landscape.')
-  flags.DEFINE_string('data', None, 'MLP: a data.source (default auto: MNIST if prepared, '
-                      'else the offline sample; synthetic for tests). Inception: '
-                      'fashion_mnist (default), digits or synthetic.')
-  flags.DEFINE_multi_string('set', [], 'Config override for every network, e.g. '
-                            '--set=optimizer.learning_rate=0.5 (repeatable).')
-  flags.DEFINE_bool('overwrite', False, 'Passed on to every run.')
-
-
-def _override(c, assignment: str) -> None:
-  """Applies 'a.b=value' to config c, typed as the field is (`plan.set_value`)."""
-  from bn_research import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  from bn_research import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
-  key, eq, text = assignment.partition('=')
-  if not eq:
-    raise ValueError(f'--set={assignment!r}: expected key=value.')
-  try:
-    plan_lib.set_value(c, key, sweep_lib.parse_value(text))
-  except ValueError as e:
-    raise ValueError(f'--set={assignment!r}: {e}') from None
+NAME = 'why_bn'
+WORKDIR = 'runs/why_bn'
+HOW, PARALLEL = 'inline', 1
+FLAGS = {
+    'model': experiment.Flag(str, 'mlp', 'The Figure 1 MLP or the small BN-Inception.',
+                             checks.Choice(MODELS)),
+    'networks': experiment.Flag('strs', tuple(NETWORKS), 'Which of bn, noisy_bn, baseline '
+                                'to train.', checks.Choice(tuple(NETWORKS))),
+    'steps': experiment.Flag(int, 5000, 'Training steps per network.', checks.Int(1)),
+    'measure_every': experiment.Flag(int, 250, 'Steps between measurements (and evals).',
+                                     checks.Int(1)),
+    'etas': experiment.Flag('floats', (0.01, 0.02, 0.05, 0.1, 0.2, 0.4), 'Step sizes along '
+                            'the gradient for the landscape.',
+                            checks.Float(0.0, low_open=True)),
+    'data': experiment.Flag(str, None, 'MLP: a data.source (default auto: MNIST if '
+                            'prepared, else the offline sample; synthetic for tests). '
+                            'Inception: fashion_mnist (default), digits or synthetic.'),
+}
 
 
-def network_config(network: str, *, model: str = 'mlp', steps: int = 5000,
-                   measure_every: int = 250, etas: Sequence[float] = (0.05, 0.1, 0.2),
-                   data: Optional[str] = None, overrides: Sequence[str] = ()):
-  """The config of one network; validated (ValueError names the bad value)."""
-  from bn_research import config as config_lib  # pylint: disable=g-import-not-at-top
-  if model == 'mlp':
-    from configs import mnist_mlp  # pylint: disable=g-import-not-at-top
-    c = mnist_mlp.get_config('bn' + (f',source={data}' if data else ''))
-    c.steps_per_dispatch = measure_every
+def network_run(network: str, args) -> plan_lib.Run:
+  """The run of one network in DIR/<network>: the model's config with its normalizer
+  and the measurement cadence, then --set; validated (ValueError names the bad value)."""
+  from bn_research import launch  # pylint: disable=g-import-not-at-top
+  if args.data is not None and args.data not in DATA[args.model]:
+    raise ValueError(f'--data={args.data!r} is invalid for --model={args.model}: must be '
+                     f'one of {", ".join(DATA[args.model])}.')
+  every = args.measure_every
+  overrides = {'model.normalizer': NETWORKS[network], 'num_train_steps': args.steps,
+               'eval_every_steps': every, 'log_every_steps': every,
+               'checkpoint_every_steps': args.steps, 'measure.every_steps': every,
+               'measure.etas': tuple(args.etas)}
+  if args.model == 'mlp':
+    spec = 'mnist_mlp.py:bn' + (f',source={args.data}' if args.data else '')
+    overrides['steps_per_dispatch'] = every
   else:
     from configs import inception_small  # pylint: disable=g-import-not-at-top
-    c = inception_small.get_config(f'model=bn_baseline,data={data or "fashion_mnist"}')
-    c.update_from_flattened_dict(inception_small.STUDY_RECIPE)
-  c.model.normalizer = NETWORKS[network]
-  c.num_train_steps = steps
-  c.eval_every_steps = c.log_every_steps = measure_every
-  c.checkpoint_every_steps = steps
-  c.measure.every_steps = measure_every
-  c.measure.etas = tuple(float(e) for e in etas)
-  for assignment in overrides:
-    _override(c, assignment)
-  config_lib.validate_config(c)
-  return c
+    spec = f'inception_small.py:model=bn_baseline,data={args.data or "fashion_mnist"}'
+    overrides = {**inception_small.STUDY_RECIPE, **overrides}
+  return plan_lib.make_run(network, os.path.join(args.workdir, network),
+                           os.path.join(launch.REPO, 'configs', spec),
+                           {**overrides, **args.overrides})
 
 
-def run(workdir: str, *, networks: Sequence[str] = tuple(NETWORKS), overwrite: bool = False,
-        **kwargs) -> dict:
-  """Trains the networks, then writes why_bn.json and why_bn.png; returns the summary."""
-  t0 = time.time()
-  configs = {net: network_config(net, **kwargs) for net in networks}
-  from bn_research import train  # pylint: disable=g-import-not-at-top
-  cli.quiet_library_logs()
-  os.makedirs(workdir, exist_ok=True)
-  for net, c in configs.items():
-    logging.info('training %s (%s): %d steps, measuring every %d', net,
-                 c.model.normalizer, c.num_train_steps, c.measure.every_steps)
-    train.train_and_evaluate(c, os.path.join(workdir, net), overwrite=overwrite)
-  summary = summarize(workdir, list(configs))
-  summary.update(model=kwargs.get('model', 'mlp'),
-                 etas=list(next(iter(configs.values())).measure.etas),
-                 wall_seconds=round(time.time() - t0, 1))
-  with open(os.path.join(workdir, 'why_bn.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
-  plot(summary, os.path.join(workdir, 'why_bn.png'))
-  return summary
+def plan(args) -> list[plan_lib.Run]:
+  """One run per network, identical but for the normalizer."""
+  return [network_run(net, args) for net in args.networks]
 
 
-def summarize_network(run) -> dict:
+def summarize_network(run: experiment.RunRecord) -> dict:
   """The measurement series of one run and their means over training."""
-  from bn_research.analysis import runs as runs_lib  # pylint: disable=g-import-not-at-top
   keys = {k for row in run.metrics for k in row}
   # Layers in the order the model lists them (first row that has them).
   layers = next(([k.split('/', 1)[1] for k in row if k.startswith('ics_l2/')]
                  for row in run.metrics if any(k.startswith('ics_l2/') for k in row)), [])
-  out = {'status': (run.status or {}).get('status'), 'layers': layers}
-  series = lambda metric: [list(p) for p in zip(*runs_lib.metric_series(run, metric))]
+  out = {'status': run.status.get('status'), 'layers': layers}
+  series = run.curve
   out['eval_accuracy'] = series('eval_accuracy')
   out['final_eval_accuracy'] = out['eval_accuracy'][-1][1] if out['eval_accuracy'] else None
   for kind in ('l2', 'cos', 'rel'):
@@ -143,10 +115,9 @@ def summarize_network(run) -> dict:
   return out
 
 
-def summarize(workdir: str, networks: Sequence[str]) -> dict:
-  from bn_research.analysis import runs as runs_lib  # pylint: disable=g-import-not-at-top
-  out = {net: summarize_network(runs_lib.load_run(os.path.join(workdir, net)))
-         for net in networks}
+def summarize(records: Sequence[experiment.RunRecord], args) -> dict:
+  """Per network its series and means; BN against the baseline where both ran."""
+  out = {r.name: summarize_network(r) for r in records}
   if 'bn' in out and 'baseline' in out:
     bn, base = out['bn'], out['baseline']
     # Layer 1 has no shift by definition; compare the layers above it.
@@ -162,6 +133,7 @@ def summarize(workdir: str, networks: Sequence[str]) -> dict:
         'bn_grad_pred_lower': _lower(bn, base, 'mean_landscape_grad_pred'),
         'bn_beta_lower': _lower(bn, base, 'mean_landscape_beta'),
     }
+  out.update(model=args.model, etas=list(args.etas))
   return out
 
 
@@ -171,20 +143,39 @@ def _lower(a: dict, b: dict, key: str) -> Optional[bool]:
   return bool(a[key] < b[key])
 
 
-def plot(summary: dict, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+def table(summary: dict) -> str:
+  """Per network: final test accuracy, mean ICS (l2) per layer and the landscape means."""
   networks = [n for n in NETWORKS if n in summary]
-  from bn_research.experiment import COLORS as colors  # pylint: disable=g-import-not-at-top
-  labels = {'bn': 'BN', 'noisy_bn': 'noisy BN', 'baseline': 'no BN'}
-  fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+  layers = summary[networks[0]]['layers'] if networks else []
+  rows = []
+  for net in networks:
+    s = summary[net]
+    rows.append([LABELS[net], s['final_eval_accuracy'],
+                 *[s['mean_ics_l2'].get(l) for l in layers],
+                 *[s.get(f'mean_{k}') for k in ('landscape_loss_range',
+                                                'landscape_grad_pred', 'landscape_beta')]])
+  text = experiment.markdown_table(
+      ['network', 'final test accuracy', *[f'mean ICS l2 {l}' for l in layers],
+       'mean loss range', 'mean gradient change', 'mean beta'], rows)
+  c = summary.get('comparison')
+  if c:
+    text += (f'\n\nBN has the lower ICS (l2) in {len(c["layers_where_bn_ics_l2_is_lower"])} '
+             f'of the {len(c["layers_compared"])} layers above the first; lower loss '
+             f'range: {c["bn_loss_range_lower"]}, lower gradient change: '
+             f'{c["bn_grad_pred_lower"]}, lower beta: {c["bn_beta_lower"]}.')
+  return text
+
+
+def plot(summary: dict):
+  """Accuracy, ICS per layer, the landscape bands and beta-smoothness per network."""
+  networks = [n for n in NETWORKS if n in summary]
+  colors = experiment.COLORS
+  fig, axes = experiment.figure(3, width=16 / 3, height=8.5 / 2, nrows=2)
   ax = axes[0, 0]
   for net in networks:
     acc = np.asarray(summary[net]['eval_accuracy'])
     if len(acc):
-      ax.plot(acc[:, 0], acc[:, 1], color=colors[net], label=labels[net])
+      ax.plot(acc[:, 0], acc[:, 1], color=colors[net], label=LABELS[net])
   ax.set_title('(a) test accuracy')
   ax.legend()
   for ax, kind, title in ((axes[0, 1], 'l2', '(b) ICS ||G - G\'||, mean over training'),
@@ -194,7 +185,7 @@ def plot(summary: dict, path: str) -> None:
     for i, net in enumerate(networks):
       means = summary[net][f'mean_ics_{kind}']
       ax.bar(np.arange(len(layers)) + i * width, [means.get(l, np.nan) for l in layers],
-             width, color=colors[net], label=labels[net])
+             width, color=colors[net], label=LABELS[net])
     ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, layers, rotation=45,
                   ha='right', fontsize=8)
     ax.set_title(title)
@@ -210,7 +201,7 @@ def plot(summary: dict, path: str) -> None:
       if lo in s and hi in s:
         a, b = np.asarray(s[lo]), np.asarray(s[hi])
         ax.fill_between(a[:, 0], a[:, 1], b[:, 1], color=colors[net], alpha=0.3,
-                        label=labels[net])
+                        label=LABELS[net])
     ax.set_title(title)
     ax.set_yscale('log')
     ax.legend()
@@ -218,7 +209,7 @@ def plot(summary: dict, path: str) -> None:
   for net in networks:
     if 'landscape_beta' in summary[net]:
       b = np.asarray(summary[net]['landscape_beta'])
-      ax.plot(b[:, 0], b[:, 1], color=colors[net], label=labels[net])
+      ax.plot(b[:, 0], b[:, 1], color=colors[net], label=LABELS[net])
   ax.set_title('(f) effective beta-smoothness')
   ax.set_yscale('log')
   ax.legend()
@@ -229,42 +220,8 @@ def plot(summary: dict, path: str) -> None:
   fig.suptitle(f'Why BN helps, measured (Santurkar et al. 2018) on the '
                f'{summary.get("model", "mlp")}')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def parse_flags() -> dict:
-  cli.check_workdir(FLAGS.workdir)
-  unknown = [n for n in FLAGS.networks if n not in NETWORKS]
-  if unknown or not FLAGS.networks:
-    raise ValueError(f'--networks={",".join(FLAGS.networks)!r}; allowed: '
-                     f'{", ".join(NETWORKS)}.')
-  try:
-    etas = [float(e) for e in FLAGS.etas]
-  except ValueError:
-    raise ValueError(f'--etas={",".join(FLAGS.etas)!r}: expected numbers.') from None
-  kwargs = dict(model=FLAGS.model, steps=FLAGS.steps, measure_every=FLAGS.measure_every,
-                etas=etas, data=FLAGS.data, overrides=FLAGS.set)
-  for net in FLAGS.networks:
-    network_config(net, **kwargs)  # each config's own checks, before any work
-  return dict(networks=FLAGS.networks, **kwargs)
-
-
-def main(argv: Sequence[str]) -> None:
-  kwargs = cli.parse_or_exit('why_bn', argv, parse_flags)
-  logging.set_verbosity(logging.INFO)
-  with cli.one_line_errors('why_bn'):
-    summary = run(FLAGS.workdir, overwrite=FLAGS.overwrite, **kwargs)
-  for net in kwargs['networks']:
-    s = summary[net]
-    print(f'{net:<9} final test acc {s["final_eval_accuracy"]}  mean ICS l2 '
-          + ', '.join(f'{l} {v:.3g}' for l, v in s['mean_ics_l2'].items())
-          + f'  loss range {s.get("mean_landscape_loss_range", float("nan")):.3g}'
-          f'  grad pred {s.get("mean_landscape_grad_pred", float("nan")):.3g}'
-          f'  beta {s.get("mean_landscape_beta", float("nan")):.3g}')
-  print(f'wrote {FLAGS.workdir}/why_bn.png and why_bn.json in {summary["wall_seconds"]} s')
+  return fig
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  experiment.main(__name__)

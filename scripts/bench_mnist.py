@@ -27,8 +27,9 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
+
+from bn_research import launch
 
 _STEPS = flags.DEFINE_integer('steps', 20_000, 'Timed training steps per side.')
 _DISPATCH = flags.DEFINE_integer('steps_per_dispatch', 500, 'Our steps per dispatch.')
@@ -300,4 +301,4 @@ def side_by_side(ours_alone: float, floor_alone: float) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  launch.run_app(main)

@@ -33,6 +33,8 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from bn_research import launch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _MLP_K = flags.DEFINE_integer('mlp_k', 8, 'Members (learning rates) of the MLP.')
@@ -173,4 +175,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  launch.run_app(main)

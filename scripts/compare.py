@@ -37,6 +37,7 @@ import matplotlib
 matplotlib.use('Agg')  # Files only; no display on training machines.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+from bn_research import launch  # pylint: disable=g-import-not-at-top
 from bn_research.analysis import curves  # pylint: disable=g-import-not-at-top
 from bn_research.analysis import runs as runs_lib  # pylint: disable=g-import-not-at-top
 
@@ -211,4 +212,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  launch.run_app(main)

@@ -47,7 +47,6 @@ import signal
 import sys
 from typing import Sequence
 
-from absl import app
 from absl import flags
 
 from bn_research import launch
@@ -117,4 +116,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  launch.run_app(main, flags_parser=_parse_flags)

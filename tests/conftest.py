@@ -1,6 +1,43 @@
-"""Shared fixtures."""
+"""Shared fixtures, the session's compilation cache and the `slow` marker."""
+
+import os
+import shutil
+import sys
+import tempfile
 
 import pytest
+
+# ------------------------------------------------------------- compilation cache
+#
+# One persistent JAX compilation cache for the whole session, in a new temporary
+# directory (removed at the end): a program compiled by one test (the tiny MLP's
+# training chunk, its evaluation, an Inception step) is loaded from disk by every later
+# test and by every process the tests start, instead of compiled again. The cache is
+# empty when a session starts, so a fresh clone compiles everything itself; its keys
+# cover the program, the compile options (XLA's optimisation level included), the
+# devices and the JAX version, so a program is never taken for another. Set here, at
+# import, because JAX reads these variables when it is imported (the test modules
+# import it after this file); processes the tests start inherit them.
+_CACHE_DIR = tempfile.mkdtemp(prefix='bn_research_tests_jax_cache_')
+_CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': _CACHE_DIR,
+              # Every program, however quick to compile: the small ones add up.
+              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+              'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+_ENV_BEFORE = {k: os.environ.get(k) for k in _CACHE_ENV}
+os.environ.update(_CACHE_ENV)
+if 'jax' in sys.modules:  # imported first by a plugin: its config already read the env
+  from bn_research import compile_cache  # pylint: disable=g-import-not-at-top
+  compile_cache.enable(_CACHE_DIR)
+
+
+def pytest_unconfigure(config):
+  del config
+  for key, value in _ENV_BEFORE.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')
@@ -13,20 +50,6 @@ def fast_compiles():
   jax.config.update('jax_disable_most_optimizations', True)
   yield
   jax.config.update('jax_disable_most_optimizations', before)
-
-
-@pytest.fixture(scope='session', autouse=True)
-def _private_compilation_cache(tmp_path_factory):
-  """Runs launched by the tests use a compilation cache of their own, not the user's
-  ~/.cache (bn_research.main turns the cache on by default)."""
-  import os
-  before = os.environ.get('JAX_COMPILATION_CACHE_DIR')
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
-  yield
-  if before is None:
-    os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)
-  else:
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = before
 
 
 # ---------------------------------------------------------------- the `slow` marker
@@ -43,7 +66,8 @@ _SLOW_CALLS = ('train_and_evaluate', 'train_members', 'run_main(', 'run_module('
 _SLOW_MODULES = ('test_inception', 'test_vmap_sweep', 'test_normalization_pmap',
                  'test_mnist_lr_sweep', 'test_mnist_figure1', 'test_population_eval',
                  'test_normalizer_experiments', 'test_bn_only', 'test_ablation_configs',
-                 'test_conv_bn_regularization', 'test_input_normalization')
+                 'test_conv_bn_regularization', 'test_input_normalization',
+                 'test_multiprocess_stream')
 
 
 # Tests of the fast modules that still took 8 s or more each with `-m 'not slow'
@@ -78,6 +102,20 @@ _SLOW_TESTS = frozenset({
     'test_init_leaves_default_statistics_and_collects_no_moments',
     'test_offline_split',
     'test_virtual_batch_of_the_whole_batch_is_plain_batch_norm',
+    # 3.5 CPU seconds or more each (10 s or more of wall time) in `-m 'not slow'` on the
+    # 2-core CPU at load about 8: compiled image pipelines, worker processes, engine
+    # runs inside helpers the body does not name.
+    'test_train_batch_on_the_device_is_distortion_then_normalisation',
+    'test_stream_input_materializes_float_batches_inside_jit',
+    'test_every_saved_checkpoint_is_sealed_with_the_sha256_of_its_files',
+    'test_jacobian_singular_values_match_finite_differences',
+    'test_centre_crop_is_the_engines_evaluation_with_either_statistics',
+    'test_worker_processes_give_the_in_process_stream_and_resume_exactly',
+    'test_pre_normalization_bias_gets_a_gradient_only_without_the_statistics',
+    'test_reduced_distortions_change_pixels_less_than_full',
+    'test_refusals_are_one_line_and_write_nothing',
+    'test_population_statistics_of_streamed_data_equal_the_in_memory_ones',
+    'test_an_error_in_a_worker_process_reaches_the_training_loop',
 })
 
 

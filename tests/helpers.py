@@ -226,16 +226,21 @@ def np_batch_norm(x, gamma, beta, axes, eps):
 
 
 def train_few_steps(model, x, labels, *, steps: int = 3, learning_rate: float = 0.05,
-                    **apply_kwargs):
+                    variables=None, **apply_kwargs):
   """Trains a Flax classifier on one fixed batch for a few plain gradient steps (train
   mode, batch statistics updated, dropout rng given); returns (losses before each step,
   final variables). On a fixed batch with a small step the loss must fall: a network
-  that only builds, or whose gradients are wrong, does not pass that."""
+  that only builds, or whose gradients are wrong, does not pass that.
+
+  `variables` (e.g. filled in with NumPy) replaces `model.init`, whose random
+  initialisers can cost more to compile than the training step.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  variables = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)},
-                         x, train=False, **apply_kwargs)
+  if variables is None:
+    variables = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)},
+                           x, train=False, **apply_kwargs)
   params, state = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
 
   @jax.jit
@@ -256,6 +261,75 @@ def train_few_steps(model, x, labels, *, steps: int = 3, learning_rate: float = 
     params, state, loss = step(params, state)
     losses.append(float(loss))
   return losses, {'params': params, **state}
+
+
+def normalizer_train_steps(module, xs, *, variables=None, cotangent_seed=None):
+  """Applies a normalization layer in training mode to each batch of `xs` in turn,
+  carrying its batch statistics from one batch to the next, in one compiled step.
+
+  Args:
+    module: a Flax normalization layer taking `use_running_average`.
+    xs: the batches (arrays of one shape).
+    variables: its starting variables; default `module.init` with key 0.
+    cotangent_seed: with a seed, each step also differentiates sum(y * w) for a fixed
+      N(0, 1) array w of the batches' shape (NumPy, that seed).
+
+  Returns:
+    (params, outputs, final batch_stats): outputs holds each step's y, or with
+    `cotangent_seed` each step's (y, (gradient wrt params, gradient wrt x)).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if variables is None:
+    variables = module.init(jax.random.PRNGKey(0), jnp.asarray(xs[0]), use_running_average=True)
+  params, stats = variables['params'], variables['batch_stats']
+
+  def apply(params, stats, x):
+    y, updates = module.apply({'params': params, 'batch_stats': stats}, x,
+                              use_running_average=False, mutable=['batch_stats'])
+    return y, updates['batch_stats']
+
+  if cotangent_seed is None:
+    step = jax.jit(apply)
+  else:
+    w = jnp.asarray(np.random.default_rng(cotangent_seed).normal(size=np.shape(xs[0])),
+                    jnp.float32)
+
+    @jax.jit
+    def step(params, stats, x):
+      def loss(params, x):
+        y, new_stats = apply(params, stats, x)
+        return jnp.sum(y * w), (y, new_stats)
+      (_, (y, new_stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+          params, x)
+      return (y, grads), new_stats
+
+  outputs = []
+  for x in xs:
+    out, stats = step(params, stats, jnp.asarray(x))
+    outputs.append(out)
+  return params, outputs, stats
+
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[list[str]]:
+  """Within the block, the names of the functions JAX hands to XLA to compile (one entry
+  per executable requested, whether XLA builds it or the persistent cache supplies it);
+  the list is filled in as the block runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  names: list[str] = []
+
+  def listener(event: str, duration: float, **kwargs) -> None:
+    del duration
+    if event == '/jax/core/compile/backend_compile_duration':
+      names.append(str(kwargs.get('fun_name', '?')))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def write_run(path, rows: list[dict], status: str = 'done') -> None:

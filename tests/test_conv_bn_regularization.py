@@ -2,8 +2,8 @@
 
 import json
 import os
-import pathlib
 import sys
+import types
 from unittest import mock
 
 import jax
@@ -63,13 +63,14 @@ def test_config_counts_epochs_and_is_valid():
 
 
 def _fake_run(val_losses):
-  from bn_research.analysis import runs
+  from bn_research import experiment
+  from bn_research import plan as plan_lib
   metrics = [{'step': 0, 'eval_loss': 2.3, 'eval_accuracy': 0.1}]
   for epoch, loss in enumerate(val_losses, 1):
     metrics.append({'step': 10 * epoch, 'train_loss': loss / 2, 'train_accuracy': 0.9,
                     'eval_loss': loss, 'eval_accuracy': 0.8 + 0.01 * epoch})
-  return runs.Run(path=pathlib.Path('x'), config={}, metrics=metrics,
-                  status={'status': 'done'})
+  return experiment.RunRecord(plan_lib.Run('bn', 'x', None), {'status': 'done'}, metrics,
+                              {}, {})
 
 
 def test_validation_loss_turning_upward_is_measured_from_its_minimum():
@@ -109,8 +110,15 @@ def test_cifar10_through_tfds_data_source(tmp_path):
   assert tfds_source.check_prepared('cifar10', str(tmp_path / 'none'))[0] is None
 
 
-def test_job_trains_both_networks_and_writes_figure_and_summary(tmp_path, fast_compiles):
-  summary = exp.run(str(tmp_path), data='synthetic', epochs=2, train_examples=320)
+def _job(tmp_path, *args):
+  proc = helpers.run_module('experiments.conv_bn_regularization',
+                            [f'--workdir={tmp_path}', '--data=synthetic', *args])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return helpers.read_json(tmp_path / 'conv_bn_regularization.json')
+
+
+def test_job_trains_both_networks_and_writes_figure_and_summary(tmp_path):
+  summary = _job(tmp_path, '--epochs=2', '--train_examples=320')
   per_epoch = 320 // 32
   for net in exp.NETWORKS:
     s = summary[net]
@@ -121,18 +129,64 @@ def test_job_trains_both_networks_and_writes_figure_and_summary(tmp_path, fast_c
     with open(tmp_path / net / 'config.json') as f:
       cfg = json.load(f)
     assert cfg['eval_every_steps'] == cfg['log_every_steps'] == per_epoch
+    assert cfg['data']['num_train'] == 320
     assert cfg['model']['normalizer'] == ('batch_norm' if net == 'bn' else 'none')
   assert summary['val_accuracy_gap_final'] == pytest.approx(
       summary['bn']['final_val_accuracy'] - summary['baseline']['final_val_accuracy'])
-  assert helpers.read_json(tmp_path / 'conv_bn_regularization.json')['steps'] == 2 * per_epoch
+  assert summary['steps'] == 2 * per_epoch
   assert os.path.getsize(tmp_path / 'conv_bn_regularization.png') > 10_000
+  assert '| BN |' in (tmp_path / 'conv_bn_regularization.md').read_text()
 
 
-def test_bad_flag_is_one_line_and_exit_code_2(tmp_path):
+def test_a_diverged_network_is_summarised_as_a_result(tmp_path):
+  summary = _job(tmp_path, '--epochs=1', '--train_examples=64', '--lr=1e38')
+  for net in exp.NETWORKS:
+    assert summary[net]['status'] == 'diverged', summary[net]
+  assert 'diverged' in (tmp_path / 'conv_bn_regularization.md').read_text()
+
+
+def test_the_training_subset_is_written_once_and_read_as_idx(tmp_path):
+  """Not synthetic: `prepare` writes N random training examples and the whole held-out
+  split as IDX files; both runs read them (data.source=idx)."""
+  from bn_research import data as data_lib
+  args = types.SimpleNamespace(workdir=str(tmp_path / 'job'), data='fashion_mnist',
+                               data_dir='', train_examples=40, seed=3, epochs=1,
+                               steps=None, lr=None, overrides={})
+  planned = exp.plan(args)
+  assert planned[0].config.data.source != 'idx'
+  assert not os.path.exists(args.workdir)  # planning writes nothing
+  directory = exp.subset_dir(args.workdir, 'fashion_mnist', 40, 3)
+  rng = np.random.default_rng(0)
+  images = rng.random((100, 28, 28, 1)).astype(np.float32)
+  labels = rng.integers(0, 10, 100)
+  loaded = types.SimpleNamespace(name='fake', train_images=images, train_labels=labels,
+                                 test_images=images[:7], test_labels=labels[:7])
+  with mock.patch.object(data_lib, 'load_dataset', return_value=loaded) as load:
+    runs = exp.prepare(args, planned)
+    exp.prepare(args, planned)  # a re-run finds the files and loads nothing
+  assert load.call_count == 1
+  for run, before in zip(runs, planned):
+    assert (run.config.data.source, run.config.data.data_dir) == ('idx', directory)
+    assert run.config.model.normalizer == before.config.model.normalizer
+  keep = np.sort(np.random.default_rng(3).permutation(100)[:40])
+  train = data_lib.read_idx(os.path.join(directory, 'train-images-idx3-ubyte'))
+  np.testing.assert_array_equal(train.reshape(40, 28, 28),
+                                np.round(images[keep, ..., 0] * 255).astype(np.uint8))
+  assert len(data_lib.read_idx(os.path.join(directory, 't10k-labels-idx1-ubyte'))) == 7
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--data=svhn'], "--data='svhn' is invalid: must be one of 'fashion_mnist', "
+                      "'cifar10', 'synthetic'."),
+    (['--lr=inf'], '--lr=inf'),
+    (['--train_examples=-1'], '--train_examples=-1'),
+    (['--train_examples=70000'], 'fashion_mnist has only 60000 training examples'),
+    (['stray'], 'unexpected arguments: stray'),
+])
+def test_bad_flag_is_one_line_and_exit_code_2(tmp_path, args, fragment):
   proc = helpers.run_module('experiments.conv_bn_regularization',
-                            [f'--workdir={tmp_path}/out', '--data=svhn'])
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines() == [
-      "conv_bn_regularization: error: --data='svhn'; allowed: fashion_mnist, cifar10, "
-      'synthetic.']
+                            [f'--workdir={tmp_path}/out', *args])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  [line] = proc.stderr.strip().splitlines()
+  assert line.startswith('conv_bn_regularization: error: ') and fragment in line, line
   assert not os.listdir(tmp_path)

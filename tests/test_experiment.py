@@ -81,14 +81,22 @@ def test_a_workdir_that_cannot_be_one_is_refused(tmp_path, docstring_job):
   assert not (tmp_path / 'no').exists()
 
 
-def test_every_job_has_help():
-  for path in sorted(pathlib.Path(helpers.REPO, 'experiments').glob('*.py')):
-    if path.stem in ('__init__', 'cli', 'normalizer_runs'):
-      continue
-    proc = helpers.run_module(f'experiments.{path.stem}', ['--help'], timeout=120)
-    # absl's --help exits with code 1 after printing the flags.
-    assert '--workdir' in proc.stdout and 'Traceback' not in proc.stderr, (path.stem,
-                                                                         proc.stderr)
+# Modules of experiments/ that share code between jobs and are not jobs themselves.
+_NOT_JOBS = ('__init__', 'normalizer_runs')
+
+
+@pytest.mark.parametrize('module', [
+    f'{path.parent.name}.{path.stem}'
+    for folder in ('experiments', 'scripts')
+    for path in sorted(pathlib.Path(helpers.REPO, folder).glob('*.py'))
+    if path.stem not in _NOT_JOBS])
+def test_help_of_every_job_and_script_exits_0_with_a_usage_line(module):
+  proc = helpers.run_module(module, ['--help'], timeout=120)
+  assert proc.returncode == 0, (module, proc.returncode, proc.stderr[-2000:])
+  # A usage line: the command itself as its docstring shows it, or argparse's usage.
+  assert (f'python -m {module}' in proc.stdout
+          or proc.stdout.lower().startswith('usage:')), (module, proc.stdout[:500])
+  assert 'Traceback' not in proc.stderr
 
 
 def test_sigterm_stops_every_run_of_a_job_and_exits_143_in_one_line(tmp_path, docstring_job):

@@ -1,6 +1,5 @@
 """The input-normalisation experiment: gradient descent on bowls against its closed form."""
 
-import json
 import math
 import os
 
@@ -42,43 +41,53 @@ def test_a_loss_that_oscillates_across_the_target_has_not_reached_it():
   assert exp.steps_to_stay_below(np.array([0.5, 0.4]), 1.0) == 0
 
 
+def _job(tmp_path, *args):
+  proc = helpers.run_module('experiments.input_normalization', [f'--workdir={tmp_path}', *args])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return helpers.read_json(tmp_path / 'input_normalization.json')
+
+
 def test_experiment_writes_figure_and_summary(tmp_path):
-  summary = exp.run(str(tmp_path), lr=0.9, max_steps=200, steps=60, mlp_lrs=(0.01, 0.1, 30.0))
-  assert summary['quadratic']['elongated']['steps_to_tol'] == closed_form_steps(
-      exp.BOWLS['elongated'], (-8.0, 4.0), 0.9, 0.01)
-  with open(tmp_path / 'input_normalization.json') as f:
-    assert json.load(f)['quadratic'] == summary['quadratic']
+  summary = _job(tmp_path, '--lr=0.9', '--max_steps=200', '--steps=60',
+                 '--mlp_lrs=0.01,0.1,30')
+  steps = closed_form_steps(exp.BOWLS['elongated'], (-8.0, 4.0), 0.9, 0.01)
+  assert summary['quadratic']['elongated']['steps_to_tol'] == steps
+  # The figure's trajectory: the path up to the step it reached the tolerance.
+  path = summary['series']['paths']['elongated']
+  assert len(path) == steps + 1 and path[0] == [-8.0, 4.0]
   assert os.path.getsize(tmp_path / 'input_normalization.png') > 10_000
+  assert '| elongated | 0.1, 2 |' in (tmp_path / 'input_normalization.md').read_text()
   mlp = summary['mlp']
   # lr 30 diverges on raw features (inputs up to ~40): a result, not a crash.
   assert mlp['unnormalised']['diverged'][2] and mlp['unnormalised']['final_mse'][2] is None
   assert mlp['normalised']['best_final_mse'] < mlp['unnormalised']['best_final_mse']
+  curves = summary['series']['curves']
+  assert summary['series']['curve_steps'] == list(range(61))
+  assert curves['normalised'][1][-1] == pytest.approx(mlp['normalised']['final_mse'][1])
+  assert curves['unnormalised'][2][-1] is None
 
 
-def test_bad_flag_is_one_line_and_exit_code_2(tmp_path):
-  proc = helpers.run_module('experiments.input_normalization',
-                            [f'--workdir={tmp_path}', '--mlp_lrs=0.1,-1'])
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines() == [
-      "input_normalization: error: --mlp_lrs='0.1,-1': expected finite numbers > 0."]
-  assert not os.listdir(tmp_path)
-
-
-@pytest.mark.parametrize('flag', ['--lr=inf', '--lr=nan', '--tol=inf', '--target=-1'])
-def test_a_non_finite_or_negative_number_is_refused_before_anything(tmp_path, flag):
+@pytest.mark.parametrize('flag, fragment', [
+    ('--mlp_lrs=0.1,-1', '--mlp_lrs=-1.0 is invalid: must be a finite number > 0'),
+    ('--lr=inf', '--lr=inf'), ('--lr=nan', '--lr=nan'), ('--tol=inf', '--tol=inf'),
+    ('--target=-1', '--target=-1'), ('--start=1', '--start'), ('--start=1,inf', '--start'),
+    ('--set=seed=1', 'no config to override'),
+])
+def test_a_bad_flag_is_refused_in_one_line_before_anything(tmp_path, flag, fragment):
   workdir = tmp_path / 'job'
   proc = helpers.run_module('experiments.input_normalization', [f'--workdir={workdir}', flag])
   assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and flag.split('=')[0] in lines[0], proc.stderr
+  [line] = proc.stderr.strip().splitlines()
+  assert line.startswith('input_normalization: error: ') and fragment in line, line
   assert not workdir.exists()
 
 
 def test_when_every_rate_diverges_no_best_rate_is_named(tmp_path):
   # Rates far past 2 / curvature diverge on raw and on standardised features alike.
-  summary = exp.run(str(tmp_path), max_steps=20, steps=30, mlp_lrs=(1e4, 1e6))
+  summary = _job(tmp_path, '--max_steps=20', '--steps=30', '--mlp_lrs=1e4,1e6')
   for kind in ('unnormalised', 'normalised'):
     assert summary['mlp'][kind]['diverged'] == [True, True]
     assert summary['mlp'][kind]['best_lr'] is None
     assert summary['mlp'][kind]['best_steps_to_target'] is None
   assert os.path.getsize(tmp_path / 'input_normalization.png') > 10_000
+  assert 'every rate diverged' in (tmp_path / 'input_normalization.md').read_text()

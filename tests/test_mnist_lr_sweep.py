@@ -54,3 +54,19 @@ def test_every_rate_diverged_names_no_rate_that_trains():
              'bn_trains_up_to_lr': None, 'baseline_trains_up_to_lr': None}
   assert 'BN none of the rates, baseline none of the rates' in mnist_lr_sweep.table(summary)
   mnist_lr_sweep.plot(summary)  # a figure without a single finished run
+
+
+@pytest.mark.slow
+def test_vmap_groups_in_their_own_processes_give_the_same_summary(tmp_path):
+  """--how=vmap --parallel=2: each network's rates as one program in its own
+  `scripts.sweep --vmap` process, both at once; the same numbers as in this process."""
+  summaries = []
+  for parallel in (1, 2):
+    root = tmp_path / f'p{parallel}'
+    proc = helpers.run_module('experiments.mnist_lr_sweep', [
+        f'--workdir={root}', '--steps=20', '--source=synthetic', '--lrs=0.1,1e38',
+        '--eval_every=10', f'--parallel={parallel}'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries.append(helpers.read_json(root / 'lr_sweep.json')['rows'])
+  assert summaries[0] == summaries[1]
+  assert (tmp_path / 'p2' / 'bn.log').exists()  # the group's process wrote its console

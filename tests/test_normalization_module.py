@@ -233,18 +233,9 @@ def test_fold_batch_norm_flax_conv_and_defaults():
 
 
 def train_steps(module, xs):
-  """Applies `module` in training mode to each batch; returns outputs and batch_stats."""
-  variables = random_variables(module, xs[0], 4, use_running_average=True)
-  params, stats = variables['params'], variables['batch_stats']
-  apply = jax.jit(lambda stats, x: module.apply({'params': params, 'batch_stats': stats},
-                                                x, use_running_average=False,
-                                                mutable=['batch_stats']))
-  ys = []
-  for x in xs:
-    y, updates = apply(stats, x)
-    stats = updates['batch_stats']
-    ys.append(y)
-  return params, ys, stats
+  """Training-mode outputs and batch_stats over the batches, from random variables."""
+  return helpers.normalizer_train_steps(
+      module, xs, variables=random_variables(module, xs[0], 4, use_running_average=True))
 
 
 @pytest.mark.parametrize('shape, axes', [((20, 3), (0,)), ((4, 3, 2, 3), (0, 1, 2))],

@@ -1,32 +1,37 @@
-"""The normalizer experiments end to end, tiny: bn_batch_size and bn_only on synthetic data."""
-
-import json
+"""The normalizer jobs end to end, tiny, through their command lines: bn_batch_size and
+bn_only on synthetic data (the experiment driver's flags, outputs and refusals)."""
 
 import pytest
 
 from tests import helpers
 
-pytestmark = pytest.mark.usefixtures('fast_compiles')
+TINY = ['--data=synthetic', '--models=mlp', '--set=model.hidden_sizes=(16,16)',
+        '--set=data.image_size=8', '--set=data.num_train=256', '--set=data.num_test=64',
+        '--set=eval_batch_size=64', '--set=model.init_stddev=0.1']
 
-TINY = ['model.hidden_sizes=(16,16)', 'data.image_size=8', 'data.num_train=256',
-        'data.num_test=64', 'eval_batch_size=64', 'optimizer.learning_rate=0.5',
-        'model.init_stddev=0.1']
+
+def _run(module, root, *args):
+  proc = helpers.run_module(f'experiments.{module}', [f'--workdir={root}', *TINY, *args])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
 
 
 def test_bn_batch_size_runs_table_figure_and_resume(tmp_path):
-  from experiments import bn_batch_size
   root = tmp_path / 'bbs'
-  kw = dict(steps=4, models=('mlp',), data='synthetic', ghost_sizes=(2, 64),
-            normalizers=('batch_norm', 'batch_renorm', 'group_norm'), extra=TINY)
-  summary = bn_batch_size.run(str(root), **kw)
+  args = ['--steps=4', '--ghost_sizes=2,64', '--normalizers=batch_norm,batch_renorm,group_norm',
+          '--set=optimizer.learning_rate=0.5']
+  _run('bn_batch_size', root, *args)
   for name in ('bn_batch_size.png', 'bn_batch_size.json', 'bn_batch_size.md'):
     assert (root / name).stat().st_size > 0, name
-  assert json.loads((root / 'bn_batch_size.json').read_text()) == json.loads(json.dumps(summary))
+  summary = helpers.read_json(root / 'bn_batch_size.json')
   got = {(r['normalizer'], r['examples_per_norm_batch']) for r in summary['rows']}
   assert got == {('batch_norm', 64), ('batch_norm', 2), ('batch_renorm', 64),
                  ('batch_renorm', 2), ('group_norm', None)}
   for r in summary['rows']:
     assert r['status'] == 'done' and 0 <= r['final_test_error'] <= 1, r
+    metrics = helpers.read_jsonl(root / r['run'] / 'metrics.jsonl')
+    final = [m['eval_accuracy'] for m in metrics if 'eval_accuracy' in m][-1]
+    assert r['final_test_error'] == round(1 - final, 4)
   # Ghost batches of 2 are the statistics' batch; the whole batch is plain BN / renorm.
   def config(name):
     return helpers.read_json(root / 'mlp' / name / 'config.json')['model']
@@ -38,19 +43,29 @@ def test_bn_batch_size_runs_table_figure_and_resume(tmp_path):
   assert (renorm['normalizer'], renorm['virtual_batch_size']) == ('batch_renorm', 2)
   assert config('group_norm')['norm_groups'] == 4
   assert '| BN |' in (root / 'bn_batch_size.md').read_text()
-  # A re-run finds every run finished: nothing is trained again.
+  # A re-run finds every run finished: nothing is trained again, the summary is the same.
   before = (root / 'mlp' / 'group_norm' / 'metrics.jsonl').stat().st_mtime_ns
-  again = bn_batch_size.run(str(root), **kw)
-  assert again['rows'] == summary['rows']
+  _run('bn_batch_size', root, *args)
+  assert helpers.read_json(root / 'bn_batch_size.json')['rows'] == summary['rows']
   assert (root / 'mlp' / 'group_norm' / 'metrics.jsonl').stat().st_mtime_ns == before
 
 
+def test_bn_batch_size_summarises_a_diverged_run_as_a_result(tmp_path):
+  root = tmp_path / 'bbs'
+  # 1e38 overflows float32 in the first update.
+  _run('bn_batch_size', root, '--steps=4', '--normalizers=group_norm',
+       '--set=optimizer.learning_rate=1e38')
+  [row] = helpers.read_json(root / 'bn_batch_size.json')['rows']
+  assert row['status'].startswith('diverged at step') and row['final_test_error'] is None
+  assert 'diverged at step' in (root / 'bn_batch_size.md').read_text()
+
+
 def test_bn_only_trains_gamma_beta_from_the_same_init(tmp_path):
-  from experiments import bn_only
   root = tmp_path / 'bn_only'
-  summary = bn_only.run(str(root), steps=20, models=('mlp',), data='synthetic', extra=TINY)
+  _run('bn_only', root, '--steps=20', '--set=optimizer.learning_rate=0.5')
   for name in ('bn_only.png', 'bn_only.json', 'bn_only.md'):
     assert (root / name).stat().st_size > 0, name
+  summary = helpers.read_json(root / 'bn_only.json')
   rows = {r['variant']: r for r in summary['rows']}
   assert set(rows) == {'full', 'bn_only', 'random'}
   total = 8 * 8 * 16 + 16 * 16 + 16 * 10 + 10  # kernels + the classifier's bias
@@ -64,35 +79,28 @@ def test_bn_only_trains_gamma_beta_from_the_same_init(tmp_path):
   assert rows['full']['final_test_accuracy'] > 0.2  # twice chance: the full network learns
 
 
-@pytest.mark.parametrize('module', ['bn_batch_size', 'bn_only'])
-@pytest.mark.parametrize('flag, needle', [
-    ('--steps=1', '--steps=1'),
-    ('--models=resnet', "--models='resnet'"),
-    ('--models=mlp,mlp', "--models='mlp,mlp'"),
-    ('--set=seed', "--set='seed'"),
-    ('--set=model.normalizer=none', 'sets model.normalizer for each run'),
-    ('--set=model.bn_epsilon=-1.0', 'model.bn_epsilon=-1.0'),
+@pytest.mark.parametrize('module, flag, needle', [
+    ('bn_only', '--steps=1', '--steps=1'),
+    ('bn_batch_size', '--steps=1', '--steps=1'),
+    ('bn_only', '--models=resnet', "--models='resnet'"),
+    ('bn_batch_size', '--models=mlp,mlp', "--models='mlp,mlp'"),
+    ('bn_only', '--set=seed', "--set='seed'"),
+    ('bn_only', '--set=optimizer.trainable=all', 'sets optimizer.trainable for each run'),
+    ('bn_batch_size', '--set=model.normalizer=none', 'sets model.normalizer for each run'),
+    ('bn_batch_size', '--set=model.bn_epsilon=-1.0', 'model.bn_epsilon=-1.0'),
+    ('bn_only', 'stray', 'unexpected arguments: stray'),
+    ('bn_batch_size', '--ghost_sizes=3', '--ghost_sizes'),
+    ('bn_batch_size', '--ghost_sizes=1', '--ghost_sizes'),
+    ('bn_batch_size', '--ghost_sizes=2,3', '3 divides no chosen batch'),
+    ('bn_batch_size', '--ghost_sizes=2,2', 'twice'),
+    ('bn_batch_size', '--normalizers=batch_norm,weight_norm', '--normalizers'),
+    ('bn_batch_size', '--normalizers=batch_norm,batch_norm', 'twice'),
 ])
-def test_bad_flags_are_one_line_exit_2_before_any_run(tmp_path, capsys, module, flag, needle):
-  import importlib
-  main = importlib.import_module(f'experiments.{module}').main
-  with pytest.raises(SystemExit) as exit_info:
-    main([f'--workdir={tmp_path / "job"}', '--data=synthetic', flag])
-  err = capsys.readouterr().err
-  assert exit_info.value.code == 2
-  assert needle in err and err.count('\n') == 1, err
+def test_bad_flags_are_one_line_exit_2_before_any_run(tmp_path, module, flag, needle):
+  proc = helpers.run_module(f'experiments.{module}',
+                            [f'--workdir={tmp_path / "job"}', '--data=synthetic',
+                             '--models=mlp', flag])
+  err = proc.stderr
+  assert proc.returncode == 2, err[-2000:]
+  assert needle in err and err.count('\n') == 1 and err.startswith(f'{module}: error: '), err
   assert not (tmp_path / 'job').exists()
-
-
-@pytest.mark.parametrize('flag, needle', [
-    ('--ghost_sizes=3', '--ghost_sizes'), ('--ghost_sizes=1', '--ghost_sizes'),
-    ('--ghost_sizes=2,3', '3 divides no chosen batch'), ('--ghost_sizes=2,2', 'twice'),
-    ('--normalizers=batch_norm,weight_norm', '--normalizers'),
-    ('--normalizers=batch_norm,batch_norm', 'each named once'),
-])
-def test_bn_batch_size_flags(tmp_path, capsys, flag, needle):
-  from experiments import bn_batch_size
-  with pytest.raises(SystemExit) as exit_info:
-    bn_batch_size.main([f'--workdir={tmp_path / "job"}', '--models=mlp', flag])
-  err = capsys.readouterr().err
-  assert exit_info.value.code == 2 and needle in err and err.count('\n') == 1, err

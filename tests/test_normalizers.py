@@ -7,6 +7,7 @@ properties of noisy BN's distortion (its distribution's moments, a new draw each
 the identity at inference).
 """
 
+import functools
 import re
 
 import jax
@@ -37,27 +38,8 @@ def data(seed, shape):
   return x.astype(np.float32), gamma.astype(np.float32), beta.astype(np.float32)
 
 
-def train_steps(module, xs, rng=None):
-  """Training-mode outputs, input gradients of sum(y * w), params' gradients and the
-  final batch_stats over a sequence of batches; one compiled step."""
-  variables = module.init(jax.random.PRNGKey(0), jnp.asarray(xs[0]), use_running_average=True)
-  params, stats = variables['params'], variables['batch_stats']
-  w = jnp.asarray(np.random.default_rng(9).normal(size=xs[0].shape), jnp.float32)
-
-  @jax.jit
-  def step(params, stats, x):
-    def loss(params, x):
-      y, upd = module.apply({'params': params, 'batch_stats': stats}, x,
-                            use_running_average=False, mutable=['batch_stats'])
-      return jnp.sum(y * w), (y, upd['batch_stats'])
-    (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-    return y, grads, stats
-
-  outs = []
-  for x in xs:
-    y, grads, stats = step(params, stats, jnp.asarray(x))
-    outs.append((y, grads))
-  return params, outs, stats
+# Training-mode outputs, (params, input) gradients of sum(y * w) and batch_stats.
+train_steps = functools.partial(helpers.normalizer_train_steps, cotangent_seed=9)
 
 
 # ----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ sweep command line (skip/resume, --parallel, --print_commands, signals)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -98,8 +99,8 @@ def test_split_config_overrides():
   assert overrides == ['--config.seed=3', '--config.batch_size=10',
                        '--noconfig.model.flag']
   assert rest == ['--config=c.py:x', '--sweep=seed=1,2', '--workdir=w']
-  assert [sweep_lib.override_key(o) for o in overrides] == [
-      'seed', 'batch_size', 'model.flag']
+  assert [sweep_lib.parse_override(o) for o in overrides] == [
+      ('seed', 3), ('batch_size', 10), ('model.flag', False)]
 
 
 def test_sweep_file_and_command_line_merge(tmp_path):
@@ -354,3 +355,30 @@ def test_a_signal_stops_every_run_of_a_parallel_sweep(tmp_path, fake_python, sig
     status = json.loads((workdir / name / 'status.json').read_text())
     assert status['status'] == 'interrupted'
   assert not (workdir / 'seed=2').exists()
+
+
+def test_a_vmap_group_in_its_own_process_is_the_sweep_of_its_grid(tmp_path):
+  """how='vmap' with parallel > 1: each group is `scripts.sweep --vmap` over exactly its
+  grid, in the directory of its runs, with the common overrides; the sweep script's
+  own parsing gives back the same typed values and run names."""
+  spec = 'configs/mnist_mlp.py:bn,source=synthetic'
+  runs = plan_lib.grid(spec, str(tmp_path / 'bn'),
+                       {'seed': [0, 1], 'optimizer.learning_rate': [0.1, 1e-3]},
+                       {'num_train_steps': 8, 'model.hidden_sizes': (16, 16)})
+  [group] = plan_lib.vmap_groups(runs)
+  argv = plan_lib.group_command(group, 'PY')
+  assert argv[:6] == ['PY', '-m', 'scripts.sweep', f'--config={spec}',
+                      f'--workdir={tmp_path / "bn"}', '--vmap']
+  sweeps = [a[len('--sweep='):] for a in argv if a.startswith('--sweep=')]
+  assert dict(sweep_lib.parse_sweep_arg(a) for a in sweeps) == {
+      'seed': [0, 1], 'optimizer.learning_rate': [0.1, 1e-3]}
+  overrides, _ = sweep_lib.split_config_overrides(argv)
+  assert dict(map(sweep_lib.parse_override, overrides)) == {
+      'num_train_steps': 8, 'model.hidden_sizes': (16, 16)}
+  # Not a whole grid (one point missing): the sweep would train a run not planned.
+  with pytest.raises(plan_lib.SweepError, match='not one whole grid'):
+    plan_lib.group_command(group[:3], 'PY')
+  renamed = [dataclasses.replace(r, workdir=str(tmp_path / 'bn' / f'r{i}'))
+             for i, r in enumerate(group)]
+  with pytest.raises(plan_lib.SweepError, match='not one whole grid'):
+    plan_lib.group_command(renamed, 'PY')

@@ -111,9 +111,14 @@ def test_learning_rate_sweep_equals_separate_runs_and_a_diverging_member_stops(
   assert int(final['step']) == 0
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(final['params']))
 
-  # Re-running finds every member finished and compiles nothing.
-  again = train.train_members(base, points)
+  # Re-running finds every member finished: it compiles nothing (no XLA compilation is
+  # requested, from the persistent cache or not) and leaves every file as it was.
+  files = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()}
+  with helpers.count_compilations() as compiled:
+    again = train.train_members(base, points)
   assert [r['status'] for r in again] == ['done', 'done', 'diverged']
+  assert compiled == [], compiled
+  assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == files
 
 
 def test_seed_and_init_sweep_through_the_sweep_script(tmp_path, separate_runs):
