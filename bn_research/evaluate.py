@@ -35,6 +35,11 @@ anything is compiled or written.
 
 from __future__ import annotations
 
+from bn_research import signals  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  signals.record_until_started('bn_research.evaluate')  # first: the imports below take seconds
+
 import dataclasses
 import datetime
 import os
@@ -428,6 +433,7 @@ def main(argv: Sequence[str]) -> None:
     print(f'bn_research.evaluate: error: {e}', file=sys.stderr)
     sys.exit(2)
   logging.set_verbosity(logging.INFO)
+  signals.started('bn_research.evaluate')  # after JAX's import and the runs' loading
   record = evaluate(plan, loaded)
   import jax  # pylint: disable=g-import-not-at-top
   record['command'] = ' '.join(['python -m bn_research.evaluate'] + sys.argv[1:])

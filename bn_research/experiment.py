@@ -72,6 +72,7 @@ from bn_research import launch
 from bn_research import log_filter
 from bn_research import plan as plan_lib
 from bn_research import rundir
+from bn_research import signals
 from bn_research import sweep as sweep_lib
 
 # One colour per network across every figure: BN always blue, no normalizer always
@@ -351,6 +352,7 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
     args = parse_args(module, handles, argv)
     runs = module.plan(args)
     plan_lib.check_names(runs)
+  signals.started(program)
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, _raise_interrupted)
   t0 = time.time()
@@ -389,6 +391,7 @@ def run(module: types.ModuleType, handles: dict[str, Any], argv: Sequence[str]) 
 def main(name: str) -> None:
   """The entry point of `python -m experiments.<name>`: `experiment.main(__name__)`."""
   module = sys.modules[name]
+  signals.record_until_started(module_name(module).rsplit('.', 1)[-1])
   handles = _define_flags(module)
 
   def parser(argv: Sequence[str]) -> list[str]:

@@ -7,10 +7,15 @@ Everything a run does is in the config; see `bn_research.train.train_and_evaluat
 Re-running the same command in the same workdir resumes from the latest checkpoint.
 """
 
-import signal
 import sys
 
-from absl import app
+from bn_research import signals  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  # First: a signal during the imports and start-up below is one line, not a traceback.
+  signals.record_until_started('bn_research')
+
+from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -32,22 +37,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  # Until the run installs its own handler (bn_research.engine.api), SIGINT/SIGTERM are
-  # only recorded: raised inside JAX's import, KeyboardInterrupt becomes an ImportError.
-  received: list[int] = []
-  for s in (signal.SIGINT, signal.SIGTERM):
-    if signal.getsignal(s) is not signal.SIG_IGN:
-      signal.signal(s, lambda signum, frame: received.append(signum))
   from bn_research import log_filter  # pylint: disable=g-import-not-at-top
   log_filter.quiet_library_logs()
   from bn_research import compile_cache  # pylint: disable=g-import-not-at-top
   compile_cache.enable(_CACHE.value if _CACHE.value is not None
                        else compile_cache.default_dir())
   from bn_research import train  # after flag parsing: keeps --help fast
-  if received:
-    print(f'bn_research: stopped by signal {received[0]} during start-up; nothing was '
-          'written.', file=sys.stderr)
-    sys.exit(128 + received[0])
+  # The run installs its own handler (bn_research.engine.api) from here on.
+  signals.started('bn_research', restore=False)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except ValueError as e:

@@ -18,6 +18,11 @@ as `killed`.
 
 from __future__ import annotations
 
+from bn_research import signals  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  signals.record_until_started('compare')  # first: the imports below take seconds
+
 import csv
 import math
 import os
@@ -192,6 +197,7 @@ def compare(dirs: Sequence[str], out: str, metric: str = 'eval_accuracy',
 
 
 def main(argv: Sequence[str]) -> None:
+  signals.started('compare')
   if len(argv) < 2:
     raise app.UsageError('give at least one run or sweep directory')
   if not _OUT.value:

@@ -38,6 +38,11 @@ every run started (each saves and records `interrupted`) and exits 143 or 130.
 
 from __future__ import annotations
 
+from bn_research import signals  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  signals.record_until_started('sweep')  # first: the imports below take seconds
+
 import signal
 import sys
 from typing import Sequence
@@ -90,6 +95,7 @@ def _raise_interrupted(signum, frame):
 
 def main(argv: Sequence[str]) -> None:
   log_filter.quiet_library_logs()
+  signals.started('sweep')
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, _raise_interrupted)
   try:

@@ -51,7 +51,7 @@ def _data_files(checkpoint) -> list[str]:
   return sorted(found, key=os.path.getsize, reverse=True)
 
 
-def _flip_bytes(checkpoint) -> None:
+def flip_bytes(checkpoint) -> None:
   """Inverts bytes in the middle of the largest data file: the size stays the same."""
   path = _data_files(checkpoint)[0]
   data = bytearray(open(path, 'rb').read())
@@ -81,7 +81,7 @@ def _tree_digest(path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize('damage,reason', [
-    (_flip_bytes, 'does not match its sha256'),
+    (flip_bytes, 'does not match its sha256'),
     (_truncate, 'truncated'),
     (_unseal, 'save never completed'),
 ])
@@ -154,3 +154,38 @@ def test_a_run_without_its_config_is_refused_in_one_line_and_nothing_is_deleted(
   backups = [p for p in os.listdir(tmp_path) if p.startswith('run.replaced-')]
   assert len(backups) == 1 and _tree_digest(tmp_path / backups[0]) == before
   assert _rows(workdir) == _rows(whole)
+
+
+def test_a_run_from_before_checkpoints_were_sealed_resumes_from_its_newest(tmp_path, whole):
+  """No checkpoint of the run has an integrity record (written by a version that did not
+  seal them): upgrading must not cost the resume point. The newest is restored as orbax
+  finalised it, named in one warning line, and sealed; nothing is moved aside; the run
+  ends equal to an uninterrupted one. Readers load such a run's final state too."""
+  workdir = tmp_path / 'run'
+  killed = helpers.run_main(ARGS + [f'--workdir={workdir}'],
+                            env={'BN_RESEARCH_KILL_AT_STEP': '50'})
+  assert killed.returncode != 0  # SIGKILL
+  assert rundir.checkpoint_steps(str(workdir)) == [20, 40]
+  for step in (20, 40):
+    _unseal(workdir / rundir.CHECKPOINT_DIR / str(step))
+  newest = workdir / rundir.CHECKPOINT_DIR / '40'
+
+  resumed = helpers.run_main(ARGS + [f'--workdir={workdir}'])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  named = [line for line in resumed.stderr.splitlines() if str(newest) in line]
+  assert len(named) == 1 and 'before checkpoints were sealed' in named[0], named
+  assert 'Resumed from the checkpoint at step 40' in resumed.stderr
+  assert not (workdir / rundir.DAMAGED_CHECKPOINT_DIR).exists()
+  helpers.assert_same_run(workdir, whole, atol=0)
+  for step in rundir.checkpoint_steps(str(workdir)):  # the newer ones sealed as they came
+    assert rundir.verify(str(workdir / rundir.CHECKPOINT_DIR / str(step))) is None
+
+  import shutil  # pylint: disable=g-import-not-at-top
+  legacy = tmp_path / 'legacy'
+  shutil.copytree(whole, legacy)
+  for step in rundir.checkpoint_steps(str(legacy)):
+    _unseal(legacy / rundir.CHECKPOINT_DIR / str(step))
+  import jax  # pylint: disable=g-import-not-at-top
+  for x, y in zip(jax.tree_util.tree_leaves(rundir.load_latest(str(whole))),
+                  jax.tree_util.tree_leaves(rundir.load_latest(str(legacy)))):
+    np.testing.assert_array_equal(x, y)

@@ -76,21 +76,90 @@ def test_population_statistics_and_evaluation_stop_between_their_pieces():
   assert len(pieces) == 4 and len(batches) == 1
 
 
-def test_sigint_during_start_up_is_one_line_and_exit_130(tmp_path):
-  workdir = tmp_path / 'run'
-  env = dict(os.environ, PYTHONPATH=helpers.REPO)
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'bn_research.main',
-       '--config=configs/mnist_mlp.py:bn,source=synthetic', f'--workdir={workdir}'],
-      cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  # SIGINT while it starts up (before its first checkpoint can exist).
-  time.sleep(0.5)
+def _catches(pid: int, signum: int) -> bool:
+  """Whether process `pid` has a handler for `signum` (Linux: /proc/PID/status SigCgt)."""
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      mask = next(l for l in f if l.startswith('SigCgt:')).split()[1]
+  except (OSError, StopIteration):
+    return False
+  return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  """A tiny finished run, for the commands that read one."""
+  from bn_research import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('finished') / 'run'
+  c = helpers.tiny_mlp_config()
+  c.probe.enabled = False
+  assert train.train_and_evaluate(c, str(workdir))['status'] == 'done'
+  return workdir
+
+
+def _entry_point(module: str, tmp_path, finished) -> tuple[list[str], object]:
+  """A command line's arguments, input it would accept (so that only the signal stops
+  it), and the path it must not have written once stopped."""
+  config = '--config=configs/mnist_mlp.py:bn,source=synthetic'
+  out = tmp_path / 'out'
+  return {
+      'bn_research.main': [config, f'--workdir={out}'],
+      'scripts.sweep': [config, f'--workdir={out}', '--vmap',
+                        '--sweep=optimizer.learning_rate=0.1,0.3'],
+      'experiments.mnist_lr_sweep': [f'--workdir={out}', '--steps=10',
+                                     '--source=synthetic'],
+      'scripts.compare': [str(finished), f'--out={out}.png'],
+      'bn_research.evaluate': [f'--workdir={finished}', f'--out={out}'],
+  }[module], (tmp_path / 'out.png' if module == 'scripts.compare' else out)
+
+
+ENTRY_POINTS = ['bn_research.main', 'scripts.sweep', 'experiments.mnist_lr_sweep',
+                'scripts.compare', 'bn_research.evaluate']
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='needs /proc')
+@pytest.mark.parametrize('module', ENTRY_POINTS)
+def test_sigint_during_start_up_is_one_line_and_exit_130(tmp_path, finished, module):
+  """SIGINT as soon as the command records signals (its first statements, before its
+  heavy imports): it ends at the end of its start-up with exit status 130 and one line,
+  no traceback, nothing written. The command's own handler replaces the recorder only
+  after start-up, so a SIGTERM handler seen early is the recorder's."""
+  args, written = _entry_point(module, tmp_path, finished)
+  proc = subprocess.Popen([sys.executable, '-m', module, *args], cwd=helpers.REPO,
+                          env=helpers.subprocess_env(1, cpu=True), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  # Polled more often than helpers.wait_for polls: a command's start-up can be short.
+  end = time.monotonic() + helpers.CEILING
+  while not _catches(proc.pid, signal.SIGTERM):
+    assert proc.poll() is None and time.monotonic() < end, 'no signal recorder seen'
+    time.sleep(0.002)
   proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=300)
+  _, err = proc.communicate(timeout=helpers.CEILING)
   assert proc.returncode == 130, err[-3000:]
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
-  last = [line for line in err.splitlines() if line.startswith('bn_research:')]
-  assert len(last) == 1 and ('SIGINT' in last[0] or 'signal 2' in last[0]), err[-3000:]
-  # Nothing claims to be running.
-  status = workdir / 'status.json'
-  assert not status.exists() or helpers.read_json(status)['status'] == 'interrupted'
+  lines = [l for l in err.splitlines() if 'signal 2' in l]
+  assert len(lines) == 1 and 'during start-up' in lines[0], err[-3000:]
+  assert not written.exists()
+
+
+def test_a_signal_between_start_up_and_the_runs_own_handler_stops_the_run(tmp_path):
+  """`bn_research.main` keeps its start-up recorder until the engine installs its own
+  handler (no moment without either); a signal recorded in between ends the run at
+  start-up instead of being dropped (the run would then train to its end)."""
+  code = f'''
+import os, signal
+from bn_research import signals
+signals.record_until_started('test')
+signals.started('test', restore=False)
+os.kill(os.getpid(), signal.SIGTERM)  # recorded, not acted on
+from bn_research import train
+from tests import helpers
+try:
+  train.train_and_evaluate(helpers.tiny_mlp_config(), {str(tmp_path / 'run')!r})
+except train.Interrupted as e:
+  print('interrupted', e.signum, e.step)
+'''
+  proc = helpers.run_python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ['interrupted', str(int(signal.SIGTERM)), '0'], (
+      proc.stdout, proc.stderr[-3000:])

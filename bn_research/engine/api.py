@@ -23,6 +23,7 @@ from bn_research import config as config_lib
 from bn_research import inputs as inputs_lib
 from bn_research import models
 from bn_research import rundir
+from bn_research import signals
 from bn_research.engine import SweepError
 from bn_research.engine import distributed
 from bn_research.engine import loop
@@ -139,7 +140,8 @@ def _prepare(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[st
 def _stop_on_signals() -> Iterator[Any]:
   """SIGTERM and SIGINT end the run cleanly: at the next chunk end, or at once inside a
   long phase (start-up, compilation, evaluation; see `loop.Stopped`)."""
-  received: list[int] = []
+  # One that the command's start-up recorder took after its start-up ended counts.
+  received: list[int] = [s for s in [signals.received()] if s is not None]
   if threading.current_thread() is not threading.main_thread():
     yield lambda: None
     return
@@ -384,8 +386,15 @@ def train_members(base: ml_collections.ConfigDict,
       raise
     refusal = e  # told to the other processes once they are all there
   with _stop_on_signals() as stop_requested:
-    return _train_members(base, configs, workdirs, keys, overwrite=overwrite, plain=_plain,
-                          stop_requested=stop_requested, refusal=refusal)
+    try:
+      return _train_members(base, configs, workdirs, keys, overwrite=overwrite,
+                            plain=_plain, stop_requested=stop_requested, refusal=refusal)
+    except jax.errors.JaxRuntimeError as e:
+      # Most often another process is gone. 'failed' is recorded and the locks released;
+      # Python's exit would wait for the others in JAX's shutdown barrier, then abort.
+      if base.distributed and distributed.is_multiprocess():
+        distributed.end_after_failed_collective(e)
+      raise
 
 
 def _train_members(base: ml_collections.ConfigDict,
@@ -415,6 +424,9 @@ def _train_members(base: ml_collections.ConfigDict,
     data = inputs_lib.load_run_data(todo[0][1].config)
     _check_start_up(stop_requested, 0)
     groups = sorted(_restore([m for _, m in todo], keys, data).items())
+    distributed.agree_on('the steps to resume from', ', '.join(
+        f'{m.workdir} at step {start}' for start, group in groups for m, _ in group),
+        'every process must see the same workdir (a filesystem shared by all)')
     _check_start_up(stop_requested, groups[0][0])
     # Each group (members resuming from one step) is its own program, with its own mesh:
     # the batches must split over that mesh's data axis.

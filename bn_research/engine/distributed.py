@@ -20,6 +20,12 @@ would end them with a C++ stack trace). Refusals found after start-up (a workdir
 by another run, a workdir of another config) are exchanged through the coordinator's
 key-value store, which needs no collective: every process raises the same error instead
 of one process leaving while the others wait at a barrier for it.
+
+A process that dies mid-run makes the next collective of every other process fail. Each
+survivor records its run `failed` (the training loop does), releases its locks, prints
+one line naming the lost process and the reason, and exits with status EXIT_PEER_LOST
+(`end_after_failed_collective`), without JAX's shutdown barrier: that barrier waits for
+the dead process and ends in an abort with a C++ stack trace.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import os
 import socket
 import sys
 import threading
-from typing import Mapping, Optional
+import time
+from typing import Mapping, NoReturn, Optional
 
 import jax
 
@@ -44,6 +51,9 @@ DEFAULT_PEER_TIMEOUT = 100
 # Exit status of a process that gave up waiting for the others at start-up: nothing was
 # compiled or written, as for any refusal of bad input.
 EXIT_START_TIMEOUT = 2
+# Exit status of a process whose peer was lost mid-run: its run is recorded 'failed' and
+# every process resumes when the same command is started again.
+EXIT_PEER_LOST = 3
 
 
 class DistributedError(ValueError):
@@ -117,6 +127,17 @@ def _coordinator_reachable(address: str) -> bool:
     return False
 
 
+def _coordinator_stays_up(address: str, seconds: float = 2.0) -> bool:
+  """Whether the coordinator answers throughout `seconds`: a process that was just
+  killed may still hold its port for a moment after its peers saw it go."""
+  end = time.monotonic() + seconds
+  while time.monotonic() < end:
+    if not _coordinator_reachable(address):
+      return False
+    time.sleep(0.2)
+  return True
+
+
 def _missing_message(settings: Settings) -> str:
   """One line: who did not arrive, where this process waited, and what to change."""
   n, i, address = settings.num_processes, settings.process_id, settings.coordinator
@@ -163,7 +184,27 @@ def initialize(settings: Settings) -> None:
     timer.cancel()
 
 
-_agreements = [0]  # how many `agree` calls this process made: part of each key
+_agreements = [0]  # how many exchanges this process made: part of each key
+
+
+def _exchange(value: str, timeout: Optional[int]) -> dict[int, Optional[str]]:
+  """Publishes `value` and returns every other process's, from the coordinator's
+  key-value store (None: no answer within `timeout` seconds, default the peer timeout).
+  Every process must make the same exchanges in the same order."""
+  client = _jax_state().client
+  _agreements[0] += 1
+  key = f'bn_research/agree/{_agreements[0]}'
+  me = jax.process_index()
+  client.key_value_set(f'{key}/{me}', value)
+  timeout = timeout or read_environment().peer_timeout
+  answers: dict[int, Optional[str]] = {}
+  for p in range(jax.process_count()):
+    if p != me:
+      try:
+        answers[p] = client.blocking_key_value_get(f'{key}/{p}', timeout * 1000)
+      except Exception:  # pylint: disable=broad-except  (JAX raises its runtime error)
+        answers[p] = None
+  return answers
 
 
 def agree(what: str, error: Optional[BaseException],
@@ -184,30 +225,116 @@ def agree(what: str, error: Optional[BaseException],
     `error` itself in the process that refused; in the others, DistributedError naming
     the refusing process and its message.
   """
-  if not jax.distributed.is_initialized() or jax.process_count() == 1:
+  if not is_multiprocess():
     if error is not None:
       raise error
     return
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  client = jax_distributed.global_state.client
-  _agreements[0] += 1
-  key = f'bn_research/agree/{_agreements[0]}'
-  me = jax.process_index()
   message = '' if error is None else (str(error).strip().splitlines() or ['refused'])[0]
-  client.key_value_set(f'{key}/{me}', 'ok' if error is None else 'refused: ' + message)
-  timeout = timeout or read_environment().peer_timeout
-  refusals = []
-  for p in range(jax.process_count()):
-    if p == me:
-      continue
-    try:
-      answer = client.blocking_key_value_get(f'{key}/{p}', timeout * 1000)
-    except Exception:  # pylint: disable=broad-except  (JAX raises its runtime error)
-      answer = f'refused: no answer within {timeout} s ({PEER_TIMEOUT})'
-    if answer != 'ok':
-      refusals.append((p, answer.removeprefix('refused: ')))
+  answers = _exchange('ok' if error is None else 'refused: ' + message, timeout)
   if error is not None:
     raise error
-  if refusals:
-    p, reason = refusals[0]
-    raise DistributedError(f'{what}: process {p} refused: {reason}')
+  for p, answer in sorted(answers.items()):
+    if answer != 'ok':
+      reason = (answer.removeprefix('refused: ') if answer is not None else
+                f'no answer within {timeout or read_environment().peer_timeout} s '
+                f'({PEER_TIMEOUT})')
+      raise DistributedError(f'{what}: process {p} refused: {reason}')
+
+
+def agree_on(what: str, value: str, hint: str = '',
+             timeout: Optional[int] = None) -> None:
+  """Every process must have found the same `value`; all raise if one did not.
+
+  For what each process decides alone from files (e.g. the checkpoint a run resumes
+  from) and all must decide alike: processes that went on from different values would
+  run different programs, and wait for each other at a collective.
+
+  Raises:
+    DistributedError: one line naming this process's value and another's, and `hint`.
+  """
+  if not is_multiprocess():
+    return
+  for p, answer in sorted(_exchange(value, timeout).items()):
+    if answer != value:
+      theirs = (answer if answer is not None else
+                f'nothing within {timeout or read_environment().peer_timeout} s')
+      raise DistributedError(f'{what}: process {jax.process_index()} found {value}, '
+                             f'process {p} found {theirs}{"; " + hint if hint else ""}.')
+
+
+def is_multiprocess() -> bool:
+  """Whether this process is one of several in a `jax.distributed` run."""
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+# Words of a collective's error when the other side went away (gloo's TCP pairs, gRPC's
+# UNAVAILABLE, NCCL's remote errors), as opposed to this process's own failure.
+_LOST_CONNECTION = ('connection', 'gloo', 'unavailable', 'socket', 'peer', 'remote')
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [''])[0]
+
+
+def _reads_as_lost_peer(error: BaseException) -> bool:
+  return any(word in _first_line(error).lower() for word in _LOST_CONNECTION)
+
+
+def lost_peer_message(error: BaseException,
+                      environ: Mapping[str, str] = os.environ) -> str:
+  """One line: which process was lost, the error that showed it, and what to do.
+
+  A survivor cannot ask the coordinator which process died (the coordinator learns of
+  it only at the peer timeout, when JAX ends every process), so the process is named
+  from what this one can see: the other one of two, or process 0 when the coordinator
+  no longer answers. An error that does not read as a lost connection (e.g. memory
+  exhausted) is this process's own failure, and the line says so.
+  """
+  settings = read_environment(environ)
+  me, n = jax.process_index(), jax.process_count()
+  reason = _first_line(error)
+  lost = _reads_as_lost_peer(error)
+  address = settings.coordinator or _jax_state().coordinator_address
+  coordinator_gone = (lost and me != 0 and bool(address)
+                      and not _coordinator_stays_up(address))
+  if not lost:
+    who = 'failed'
+  elif coordinator_gone:
+    who = 'process 0 (the coordinator) is gone'
+  elif n == 2:
+    who = f'process {1 - me} is gone'
+  else:
+    who = 'a peer process is gone'
+  if me == 0:
+    recorded = "the run is recorded 'failed'"
+  elif coordinator_gone:
+    recorded = 'the run stays as process 0 left it'
+  else:
+    recorded = "process 0 records the run 'failed'"
+  return (f'bn_research: process {me} of {n}: {who} ({type(error).__name__}: {reason}); '
+          f'{recorded}; start every process again with the same command to resume.')
+
+
+def _jax_state():
+  """JAX's distributed state: the coordinator's address and the key-value client."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return jax_distributed.global_state
+
+
+def end_after_failed_collective(error: BaseException) -> NoReturn:
+  """Ends this process after a failed collective: one line (`lost_peer_message`), exit
+  status EXIT_PEER_LOST if the error reads as a lost peer, else 1.
+
+  Call once the failure is recorded and locks are released. Python's exit would run
+  `jax.distributed.shutdown`, whose barrier waits for the dead process until the peer
+  timeout and then aborts (SIGABRT, a C++ stack trace), so the process ends here with
+  `os._exit`, after flushing what it printed and logged.
+  """
+  line = lost_peer_message(error)
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  print(line, file=sys.stderr, flush=True)
+  os._exit(EXIT_PEER_LOST if _reads_as_lost_peer(error) else 1)  # pylint: disable=protected-access

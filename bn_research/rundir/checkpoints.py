@@ -11,7 +11,9 @@ disk error, a copy cut short or a stray write leaves a checkpoint that orbax res
 without a word. So a checkpoint is trusted only if its integrity record is there and
 every file it lists has its size and its checksum. One without a record was never
 sealed (its process died between the save and the seal): it is incomplete, and is
-treated like a damaged one. A checkpoint that fails is moved aside, never deleted, and
+treated like a damaged one, except in a run none of whose checkpoints has a record
+(written before checkpoints were sealed): those are used as orbax finalised them, with
+a warning, and sealed when restored, so that upgrading never costs a resume point. A checkpoint that fails is moved aside, never deleted, and
 named in one line; a resume goes on with the newest checkpoint that passes.
 """
 
@@ -96,6 +98,20 @@ def verify(directory: str) -> Optional[str]:
     if sha256_of(path) != expected.get('sha256'):
       return f'{rel} does not match its sha256 (damaged)'
   return None
+
+
+def predates_sealing(workdir: str) -> bool:
+  """Whether a run's checkpoints were written before checkpoints were sealed: it has
+  checkpoints and none of them has an integrity record. (A run of this version seals
+  each checkpoint at its next save, so at most its first one can lack a record.)"""
+  steps = checkpoint_steps(workdir)
+  return bool(steps) and not any(is_sealed(step_dir(workdir, s)) for s in steps)
+
+
+def _legacy_warning(directory: str) -> None:
+  logging.warning('Checkpoint %s has no %s: written before checkpoints were sealed, so '
+                  'its bytes cannot be checked; used as orbax finalised it.', directory,
+                  INTEGRITY_FILE)
 
 
 def move_damaged(workdir: str, step: int) -> str:
@@ -185,8 +201,9 @@ class Checkpointer:
     """Restores the newest checkpoint that passes its integrity check and restores.
 
     Newer ones that fail (damaged, truncated, unsealed, or rejected by orbax) are
-    each named in one warning line and moved to `checkpoints.damaged/`: kept, but out
-    of the way of the checkpoint the resumed run writes at the same step. A restore
+    each named in one warning line and moved to `checkpoints.damaged/` by process 0
+    (the others skip them silently): kept, but out of the way of the checkpoint the
+    resumed run writes at the same step. A restore
     either returns a whole state or fails: nothing is ever partly restored.
 
     Args:
@@ -196,19 +213,29 @@ class Checkpointer:
       (state, step), or (None, None) when no checkpoint can be restored.
     """
     self.wait()
+    legacy = predates_sealing(self.workdir)
     for step in sorted(self._manager.all_steps(), reverse=True):
       directory = step_dir(self.workdir, step)
-      reason = verify(directory)
+      unchecked = legacy and not is_sealed(directory)
+      reason = None if unchecked else verify(directory)
       if reason is None:
         try:
-          return self.restore(like, step), int(step)
+          state = self.restore(like, step)
         except Exception as e:  # orbax, tensorstore and msgpack raise many kinds
           reason = _first_line(e)
-      where = 'left in place for process 0 to move'
+        else:
+          if unchecked:
+            _legacy_warning(directory)
+            if self._primary:  # checked from now on, as every newer checkpoint
+              seal(directory)
+          return state, int(step)
+      # Every process checks the same files; process 0 alone moves them and names them
+      # (one line for the run, not one per process). Another process may find the
+      # checkpoint already moved: then its record is missing, and it goes on the same.
       if self._primary:
-        where = 'moved to ' + move_damaged(self.workdir, step)
-      logging.warning('Checkpoint %s cannot be used (%s); %s; trying an earlier one.',
-                      directory, reason, where)
+        logging.warning('Checkpoint %s cannot be used (%s); moved to %s; trying an '
+                        'earlier one.', directory, reason,
+                        move_damaged(self.workdir, step))
       self._manager.reload()
     return None, None
 
@@ -228,9 +255,12 @@ def load_latest(workdir: str) -> Optional[Any]:
   a failing checkpoint is only named in a warning."""
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  legacy = predates_sealing(workdir)
   for step in reversed(checkpoint_steps(workdir)):
     directory = step_dir(workdir, step)
-    reason = verify(directory)
+    reason = None if legacy else verify(directory)
+    if legacy:
+      _legacy_warning(directory)
     if reason is not None:
       logging.warning('Checkpoint %s cannot be used (%s); trying an earlier one.',
                       directory, reason)
