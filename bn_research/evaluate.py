@@ -53,10 +53,8 @@ from absl import logging
 
 TOP_K = 5
 
-# The crop views live in bn_research.crops; their names stay importable from here.
-from bn_research.crops import (  # pylint: disable=g-import-not-at-top,unused-import
-    MAX_CROPS, POSITIONS, SCALES, SQUARES, View, apply_view, check_scheme_fits,
-    interpolation_matrix, parse_scheme, view_matrices, window)
+from bn_research.crops import (  # pylint: disable=g-import-not-at-top
+    SQUARES, View, apply_view, check_scheme_fits, parse_scheme, view_matrices)
 
 # ---------------------------------------------------------------- the runs
 
@@ -385,9 +383,7 @@ def ensemble_vs_best_single(rows: Sequence[dict]) -> list[dict]:
   return out
 
 
-# The result files live in bn_research.evaluation_files; their names stay importable.
-from bn_research.evaluation_files import (  # pylint: disable=g-import-not-at-top,unused-import
-    check_out, default_out, markdown, write)
+from bn_research.evaluation_files import check_out, default_out, write  # pylint: disable=g-import-not-at-top
 
 
 def _define_flags() -> None:

@@ -57,10 +57,10 @@ def record_until_started(program: Optional[str] = None) -> None:
     program: the name that begins the line of a second signal (default: 'bn_research';
       `started` names the program itself).
   """
-  if _previous or threading.current_thread() is not threading.main_thread():
-    return
   if program:
     _program[0] = program
+  if _previous or threading.current_thread() is not threading.main_thread():
+    return
   for s in _SIGNALS:
     if signal.getsignal(s) is not signal.SIG_IGN:
       _previous[s] = signal.signal(s, _handler)

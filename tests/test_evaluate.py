@@ -14,6 +14,8 @@ import os
 import numpy as np
 import pytest
 
+from bn_research import crops
+from bn_research import evaluation_files
 from tests import helpers
 
 
@@ -86,19 +88,19 @@ def test_views_match_a_numpy_crop_resize_and_flip():
   from bn_research import evaluate as ev
   rng = np.random.default_rng(1)
   images = rng.normal(size=(2, 8, 10, 3)).astype(np.float32)
-  views = ev.parse_scheme(f'multi:{ev.MAX_CROPS}')
-  assert len(views) == 2 * ev.MAX_CROPS and len(set(views)) == len(views)
+  views = crops.parse_scheme(f'multi:{crops.MAX_CROPS}')
+  assert len(views) == 2 * crops.MAX_CROPS and len(set(views)) == len(views)
   for view in views:
-    rows, cols = ev.view_matrices(view, 8, 10)
-    got = np.asarray(ev.apply_view(images, rows, cols))
+    rows, cols = crops.view_matrices(view, 8, 10)
+    got = np.asarray(crops.apply_view(images, rows, cols))
     want = np.stack([_np_view(im.astype(np.float64), view.scale, view.position, view.flip)
                      for im in images])
     np.testing.assert_allclose(got, want, atol=1e-5, err_msg=view.name)
-  rows, cols = ev.view_matrices(ev.View(), 8, 10)  # the whole image is the image
-  np.testing.assert_allclose(np.asarray(ev.apply_view(images, rows, cols)), images, atol=1e-6)
-  assert ev.parse_scheme('center') == [ev.View()]
-  assert ev.parse_scheme('flip') == [ev.View(), ev.View(flip=True)]
-  assert len(ev.parse_scheme('multi:3')) == 6
+  rows, cols = crops.view_matrices(crops.View(), 8, 10)  # the whole image is the image
+  np.testing.assert_allclose(np.asarray(crops.apply_view(images, rows, cols)), images, atol=1e-6)
+  assert crops.parse_scheme('center') == [crops.View()]
+  assert crops.parse_scheme('flip') == [crops.View(), crops.View(flip=True)]
+  assert len(crops.parse_scheme('multi:3')) == 6
 
 
 def _googlenet_boxes(height, width, size):
@@ -116,10 +118,10 @@ def _googlenet_boxes(height, width, size):
       off = (max(rh, rw) - sq) * q / 2
       st, sl = (off, 0) if rh > rw else (0, off)
       m = sq - size
-      crops = [(st, sl, sq, sq)] + [(st + dy, sl + dx, size, size)
-                                    for dy, dx in ((0, 0), (0, m), (m, 0), (m, m),
-                                                   (m / 2, m / 2))]
-      for t, l, h, w in crops:
+      windows = [(st, sl, sq, sq)] + [(st + dy, sl + dx, size, size)
+                                      for dy, dx in ((0, 0), (0, m), (m, 0), (m, m),
+                                                     (m / 2, m / 2))]
+      for t, l, h, w in windows:
         for mirrored in (False, True):
           boxes.append((t / r, l / r, h / r, w / r, mirrored))
   return boxes
@@ -128,7 +130,6 @@ def _googlenet_boxes(height, width, size):
 @pytest.mark.parametrize('height,width,size', [(300, 400, 224), (400, 300, 224),
                                                (28, 28, 28), (50, 90, 32)])
 def test_googlenet_crops_match_an_independent_enumeration(height, width, size):
-  from bn_research import crops
   views = crops.parse_scheme('multi:144')
   assert len(views) == 144 == 4 * 3 * 6 * 2 and len(set(views)) == 144
   got = sorted(tuple(round(x, 6) for x in crops.googlenet_window(v, height, width, size))
@@ -147,7 +148,6 @@ def test_googlenet_crops_of_the_three_squares_are_the_same_windows(height, width
   """Streamed ImageNet hands over the three squares resized to S = 352/224 of the
   input: each view's window in its square, mapped back to the photograph, is the
   enumerated crop."""
-  from bn_research import crops
   from bn_research.data import imagenet_images
   size = 32
   side = imagenet_images.squares_size(size)
@@ -488,7 +488,7 @@ def test_refusals_are_one_line_and_write_nothing(runs, tmp_path):
   assert sorted(p for p in runs.rglob('*')) == before_runs
   # The 4x4 images still take the schemes that fit them.
   from bn_research import evaluate as ev
-  ev.check_scheme_fits('flip', ev.parse_scheme('flip'), 4, 4)
+  crops.check_scheme_fits('flip', crops.parse_scheme('flip'), 4, 4)
 
 
 def test_committed_ensemble_results_md_is_written_from_its_json():
@@ -498,7 +498,7 @@ def test_committed_ensemble_results_md_is_written_from_its_json():
   path = os.path.join(helpers.REPO, 'experiments', 'results', 'ensemble_small')
   record = helpers.read_json(path + '.json')
   with open(path + '.md') as f:
-    assert f.read() == ev.markdown(record)
+    assert f.read() == evaluation_files.markdown(record)
   for summary in record['ensemble_vs_best_single']:
     members = [r for r in record['rows']
                if r['crops'] == summary['crops'] and r['name'] != 'ensemble']

@@ -142,6 +142,27 @@ def test_sigint_during_start_up_is_one_line_and_exit_130(tmp_path, finished, mod
   assert not written.exists()
 
 
+@pytest.mark.parametrize('argv0, recorded', [('-m', True), ('script.py', False)])
+def test_a_job_records_signals_from_its_packages_import(argv0, recorded):
+  """`python -m experiments.<job>` imports the package `experiments` before the job's
+  own (heavy) imports: the recorder starts there, and only for `-m`; a library import
+  of the package leaves the process's handlers alone."""
+  code = f'''
+import signal, sys
+sys.argv[0] = {argv0!r}
+before = signal.getsignal(signal.SIGINT)
+import experiments
+from bn_research import signals
+handler = signal.getsignal(signal.SIGINT)
+print(handler is signals._handler, handler is before)
+'''
+  proc = subprocess.run([sys.executable, '-c', code], cwd=helpers.REPO,
+                        env=helpers.subprocess_env(1, cpu=True), capture_output=True,
+                        text=True, timeout=helpers.CEILING)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == [str(recorded), str(not recorded)]
+
+
 def test_a_signal_between_start_up_and_the_runs_own_handler_stops_the_run(tmp_path):
   """`bn_research.main` keeps its start-up recorder until the engine installs its own
   handler (no moment without either); a signal recorded in between ends the run at

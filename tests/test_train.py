@@ -118,7 +118,14 @@ def test_compilation_cache_default_location(monkeypatch):
   assert compile_cache.default_dir() == '/xdg/bn_research/jax'
   monkeypatch.delenv('XDG_CACHE_HOME')
   assert compile_cache.default_dir() == os.path.expanduser('~/.cache/bn_research/jax')
-  assert compile_cache.enable('none') is None and compile_cache.enable('') is None
+  import jax  # pylint: disable=g-import-not-at-top
+  # enable('none') switches JAX's cache off in this process: put the session's back.
+  session_cache = jax.config.jax_compilation_cache_dir
+  try:
+    assert compile_cache.enable('none') is None and compile_cache.enable('') is None
+    assert jax.config.jax_compilation_cache_dir is None
+  finally:
+    jax.config.update('jax_compilation_cache_dir', session_cache)
 
 
 def test_training_learns_and_bn_has_batch_stats(tmp_path):
