@@ -430,6 +430,7 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(2)
   logging.set_verbosity(logging.INFO)
   signals.started('bn_research.evaluate')  # after JAX's import and the runs' loading
+  signals.end_in_one_line('bn_research.evaluate')
   record = evaluate(plan, loaded)
   import jax  # pylint: disable=g-import-not-at-top
   record['command'] = ' '.join(['python -m bn_research.evaluate'] + sys.argv[1:])

@@ -88,3 +88,22 @@ def started(program: str, *, restore: bool = True) -> None:
   for s, h in _previous.items():
     signal.signal(s, h)
   _previous.clear()
+
+
+def end_in_one_line(program: str) -> None:
+  """For a command that writes its results only at its end (evaluate, compare): from now
+  on SIGINT/SIGTERM end it in one line with exit status 128 + signum, instead of a
+  KeyboardInterrupt traceback from wherever it was (a long evaluation). The handler
+  runs between Python bytecodes, so a compiled computation in flight finishes first:
+  the command stops within one batch."""
+  def handler(signum: int, frame: Any) -> None:
+    del frame
+    print(f'{program}: stopped by signal {signum} ({signal.Signals(signum).name}); '
+          'no results were written.', file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+  if threading.current_thread() is not threading.main_thread():
+    return
+  for s in _SIGNALS:
+    if signal.getsignal(s) is not signal.SIG_IGN:
+      signal.signal(s, handler)

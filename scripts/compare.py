@@ -198,6 +198,7 @@ def compare(dirs: Sequence[str], out: str, metric: str = 'eval_accuracy',
 
 def main(argv: Sequence[str]) -> None:
   signals.started('compare')
+  signals.end_in_one_line('compare')
   if len(argv) < 2:
     raise app.UsageError('give at least one run or sweep directory')
   if not _OUT.value:

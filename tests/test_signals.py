@@ -184,3 +184,29 @@ except train.Interrupted as e:
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split() == ['interrupted', str(int(signal.SIGTERM)), '0'], (
       proc.stdout, proc.stderr[-3000:])
+
+
+@pytest.mark.parametrize('signum, code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_read_only_command_stops_in_one_line_after_start_up(signum, code):
+  """evaluate and compare write only at their end: after start-up a signal in the
+  middle of their work (here a busy loop standing for a long evaluation) ends them in
+  one line with 128 + signum, no KeyboardInterrupt traceback."""
+  code_text = '''
+import sys
+from bn_research import signals
+signals.end_in_one_line('busy')
+print('ready', flush=True)
+while True:
+  sum(range(10000))
+'''
+  proc = subprocess.Popen([sys.executable, '-c', code_text], cwd=helpers.REPO,
+                          env=helpers.subprocess_env(1, cpu=True), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == 'ready'  # the process prints it or exits
+  proc.send_signal(signum)
+  _, err = proc.communicate(timeout=helpers.CEILING)
+  assert proc.returncode == code, err
+  assert 'Traceback' not in err and err.strip().splitlines() == [
+      f'busy: stopped by signal {int(signum)} ({signal.Signals(signum).name}); '
+      'no results were written.']
+
