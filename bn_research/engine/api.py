@@ -208,8 +208,8 @@ def _has_accelerator() -> bool:
              for m in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu', 'jax_rocm_plugin'))
 
 
-def _restore(members: list[_Member], keys: Sequence[str], data: inputs_lib.RunData
-             ) -> dict[int, list]:
+def _restore(members: list[_Member], keys: Sequence[str], data: inputs_lib.RunData,
+             unusable: list) -> dict[int, list]:
   """Restores every resuming member from its newest restorable checkpoint.
 
   A checkpoint that cannot be restored is named in one warning line and an earlier one
@@ -227,8 +227,10 @@ def _restore(members: list[_Member], keys: Sequence[str], data: inputs_lib.RunDa
       hparams = {k: state_lib.member_value(m.config, k) for k in keys}
       like = jax.eval_shape(init, hparams, np.asarray(data.sample_image))
       checkpointer = rundir.Checkpointer(m.workdir)
-      restored, found = checkpointer.restore_latest_good(like)
+      restored, found = checkpointer.restore_latest_good(
+          like, set_aside_now=not distributed.is_multiprocess())
       checkpointer.close()
+      unusable.extend((m.workdir, step, why) for step, why in checkpointer.unusable)
       if restored is not None:
         restored, step = jax.device_get(restored), found
       else:
@@ -423,10 +425,14 @@ def _train_members(base: ml_collections.ConfigDict,
       return results
     data = inputs_lib.load_run_data(todo[0][1].config)
     _check_start_up(stop_requested, 0)
-    groups = sorted(_restore([m for _, m in todo], keys, data).items())
+    unusable: list = []
+    groups = sorted(_restore([m for _, m in todo], keys, data, unusable).items())
     distributed.agree_on('the steps to resume from', ', '.join(
         f'{m.workdir} at step {start}' for start, group in groups for m, _ in group),
         'every process must see the same workdir (a filesystem shared by all)')
+    if distributed.is_multiprocess() and jax.process_index() == 0:
+      for workdir, step, why in unusable:  # every process has looked: now out of the way
+        rundir.set_aside(workdir, step, why)
     _check_start_up(stop_requested, groups[0][0])
     # Each group (members resuming from one step) is its own program, with its own mesh:
     # the batches must split over that mesh's data axis.

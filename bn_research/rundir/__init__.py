@@ -16,7 +16,7 @@ made from what these readers report. Every error about a file is a one-line
 """
 
 from bn_research.rundir.checkpoints import (INTEGRITY_FILE, Checkpointer, checkpoint_steps,
-                                            load_latest, verify)
+                                            load_latest, set_aside, verify)
 from bn_research.rundir.files import (CHECKPOINT_DIR, CONFIG_FILE, DAMAGED_CHECKPOINT_DIR,
                                       DESCRIPTION_FILE, EVENTS_PREFIX, FINISHED_STATUSES,
                                       LOCK_FILE, METRICS_FILE, STATUS_FILE, STATUSES,

@@ -90,13 +90,18 @@ def verify(directory: str) -> Optional[str]:
     return f'its {INTEGRITY_FILE} lists no files'
   for rel, expected in sorted(files.items()):
     path = os.path.join(directory, rel)
-    if not isinstance(expected, dict) or not os.path.isfile(path):
+    if not isinstance(expected, dict):
       return f'{rel} is missing'
-    size = os.path.getsize(path)
-    if size != expected.get('size'):
-      return f'{rel} has {size} bytes, not {expected.get("size")} (truncated or replaced)'
-    if sha256_of(path) != expected.get('sha256'):
-      return f'{rel} does not match its sha256 (damaged)'
+    try:
+      size = os.path.getsize(path)
+      if size != expected.get('size'):
+        return f'{rel} has {size} bytes, not {expected.get("size")} (truncated or replaced)'
+      if sha256_of(path) != expected.get('sha256'):
+        return f'{rel} does not match its sha256 (damaged)'
+    except OSError:
+      # Missing, or gone while being read: in a multi-process run, process 0 moves a
+      # damaged checkpoint aside while the other processes may still be checking it.
+      return f'{rel} is missing'
   return None
 
 
@@ -125,6 +130,13 @@ def move_damaged(workdir: str, step: int) -> str:
     dst = os.path.join(root, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}-{n}')
   shutil.move(step_dir(workdir, step), dst)
   return dst
+
+
+def set_aside(workdir: str, step: int, reason: str) -> None:
+  """Names an unusable checkpoint in one warning line and moves it aside."""
+  directory = step_dir(workdir, step)
+  logging.warning('Checkpoint %s cannot be used (%s); moved to %s; trying an earlier one.',
+                  directory, reason, move_damaged(workdir, step))
 
 
 def _first_line(e: BaseException) -> str:
@@ -197,22 +209,28 @@ class Checkpointer:
     abstract = jax.tree_util.tree_map(self._ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
 
-  def restore_latest_good(self, like: Any) -> tuple[Optional[Any], Optional[int]]:
+  def restore_latest_good(self, like: Any, *, set_aside_now: bool = True
+                          ) -> tuple[Optional[Any], Optional[int]]:
     """Restores the newest checkpoint that passes its integrity check and restores.
 
     Newer ones that fail (damaged, truncated, unsealed, or rejected by orbax) are
-    each named in one warning line and moved to `checkpoints.damaged/` by process 0
-    (the others skip them silently): kept, but out of the way of the checkpoint the
-    resumed run writes at the same step. A restore
-    either returns a whole state or fails: nothing is ever partly restored.
+    skipped and listed in `self.unusable` as (step, reason); with `set_aside_now`,
+    process 0 names each in one warning line and moves it to `checkpoints.damaged/`
+    at once (`set_aside`): kept, but out of the way of the checkpoint the resumed run
+    writes at the same step. A multi-process run passes False and sets them aside
+    once every process has finished looking (another process's checkpoint manager
+    lists the step directories while it starts). A restore either returns a whole
+    state or fails: nothing is ever partly restored.
 
     Args:
       like: a state of the structure, shapes, dtypes and shardings to restore into.
+      set_aside_now: move the unusable ones aside here (process 0 only).
 
     Returns:
       (state, step), or (None, None) when no checkpoint can be restored.
     """
     self.wait()
+    self.unusable: list[tuple[int, str]] = []
     legacy = predates_sealing(self.workdir)
     for step in sorted(self._manager.all_steps(), reverse=True):
       directory = step_dir(self.workdir, step)
@@ -230,13 +248,11 @@ class Checkpointer:
               seal(directory)
           return state, int(step)
       # Every process checks the same files; process 0 alone moves them and names them
-      # (one line for the run, not one per process). Another process may find the
-      # checkpoint already moved: then its record is missing, and it goes on the same.
-      if self._primary:
-        logging.warning('Checkpoint %s cannot be used (%s); moved to %s; trying an '
-                        'earlier one.', directory, reason,
-                        move_damaged(self.workdir, step))
-      self._manager.reload()
+      # (one line for the run, not one per process).
+      self.unusable.append((int(step), reason))
+      if set_aside_now and self._primary:
+        set_aside(self.workdir, int(step), reason)
+        self._manager.reload()
     return None, None
 
   def wait(self) -> None:
