@@ -188,7 +188,8 @@ def test_readme_wall_times_are_the_results_files():
   timings = {norm_cell(r[0]): r for r in find_table(RESULTS / 'timings.md', 'what').rows}
   readme = README.read_text()
   for label, row_name in (('the main job', 'main job (Figure 1), empty compilation cache'),
-                          ('the tests', 'tests')):
+                          ('the tests', 'tests'),
+                          ('the fast tests', "fast tests (`-m 'not slow'`)")):
     quoted = re.findall(re.escape(label) + r' \*\*([^*]+)\*\*', readme)
     assert len(quoted) == 1, f'README: quote {label!r} once as "{label} **<time>**"'
     wall, date = norm_cell(timings[row_name][1]), norm_cell(timings[row_name][3])
