@@ -159,6 +159,7 @@ class Checkpointer:
     self.workdir = workdir
     self._primary = jax.process_index() == 0
     self._unsealed: list[int] = []
+    self.unusable: list[tuple[int, str]] = []  # (step, reason): restore_latest_good's skips
     path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     # A manager of this process alone, even in a multi-process run: the engine gives
     # every process the same host copy of the state and lets one process (0) write,
@@ -230,7 +231,7 @@ class Checkpointer:
       (state, step), or (None, None) when no checkpoint can be restored.
     """
     self.wait()
-    self.unusable: list[tuple[int, str]] = []
+    self.unusable = []
     legacy = predates_sealing(self.workdir)
     for step in sorted(self._manager.all_steps(), reverse=True):
       directory = step_dir(self.workdir, step)
