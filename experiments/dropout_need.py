@@ -17,12 +17,14 @@ Per network and rate (means over seeds): the final and best held-out accuracy an
 train-test gap (the training accuracy of the last log interval, measured in training
 mode with dropout on, minus the final held-out accuracy). A network's dropout gain is
 the best accuracy at its best non-zero rate minus its best accuracy without dropout.
-The claim holds if Inception's gain exceeds both BN networks' gains by MARGIN.
+The claim holds if Inception's gain exceeds both BN networks' gains by MARGIN. It is not
+judged when a network's best held-out accuracy at every rate stays below TRAINED x chance
+(it did not train at this budget, so no gain of it is about dropout).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from bn_research import checks
 from bn_research import experiment
@@ -35,6 +37,10 @@ SEEDS = 2
 STEPS = 300
 EVAL_EVERY = 100
 MARGIN = 0.01   # "clearly more": one point of accuracy
+# A network whose best held-out accuracy (over every rate) stays below this multiple of
+# chance did not train: its dropout gain measures nothing about dropout, and the claim
+# is "not judged".
+TRAINED = 2.0
 DATA = ('digits', 'fashion_mnist', 'synthetic')
 
 NAME = 'dropout_need'
@@ -96,15 +102,27 @@ def summarize(records, args) -> dict:
                     r['best_accuracy'] is not None]
     gain = (max(with_dropout) - no_dropout if with_dropout and no_dropout is not None
             else None)
-    out['networks'][network] = {'rows': rows, 'dropout_gain': gain}
-  out['claims'] = [judge({n: s['dropout_gain'] for n, s in out['networks'].items()})]
+    chance = 1.0 / per_seed[0].config.get('data', {}).get('num_classes', 10)
+    bests = [r['best_accuracy'] for r in rows if r['best_accuracy'] is not None]
+    out['networks'][network] = {
+        'rows': rows, 'dropout_gain': gain, 'chance': chance,
+        'trained': bool(bests) and max(bests) >= TRAINED * chance}
+  out['claims'] = [judge({n: s['dropout_gain'] for n, s in out['networks'].items()},
+                         [n for n, s in out['networks'].items() if not s['trained']])]
   return out
 
 
-def judge(gains: Mapping[str, Any]) -> dict:
+def judge(gains: Mapping[str, Any], untrained: Sequence[str] = ()) -> dict:
   """Inception's dropout gain exceeds every BN network's by MARGIN (None: no rate 0, no
-  non-zero rate, or not both inception and a BN network, to compare)."""
+  non-zero rate, not both inception and a BN network to compare, or a network in
+  `untrained`: its best accuracy stayed below TRAINED x chance)."""
   here = ', '.join(f'{n} {claims.fmt(g)}' for n, g in gains.items())
+  if untrained:
+    return claims.verdict_row(
+        'dropout helps the network without BN clearly more',
+        'BN reduces the need for dropout',
+        f'gains: {here}; {", ".join(untrained)} did not train (best held-out accuracy '
+        f'below {TRAINED:g}x chance at every rate), so its gain is not about dropout', None)
   if 'inception' not in gains or len(gains) < 2:
     return claims.verdict_row('dropout helps the network without BN clearly more',
                               'BN reduces the need for dropout',
@@ -130,8 +148,10 @@ def table(summary: dict) -> str:
       lines.append(f'| {network} | {r["rate"]:g} | {claims.fmt(r["final_accuracy"])} | '
                    f'{claims.fmt(r["best_accuracy"])} | {claims.fmt(r["train_test_gap"])} | '
                    f'{", ".join(sorted(set(r["status"])))} |')
-  lines += ['', '| network | dropout gain (best with - best without) |', '|---|---:|']
-  lines += [f'| {n} | {claims.fmt(s["dropout_gain"])} |'
+  lines += ['', f'| network | dropout gain (best with - best without) | trained (best '
+            f'accuracy >= {TRAINED:g}x chance at some rate) |', '|---|---:|---|']
+  lines += [f'| {n} | {claims.fmt(s["dropout_gain"])} | '
+            f'{ {True: "yes", False: "no", None: "?"}[s.get("trained")]} |'
             for n, s in summary['networks'].items()]
   return claims.with_verdicts(lines, summary)
 

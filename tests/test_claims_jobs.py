@@ -222,3 +222,34 @@ def test_dropout_summary_from_run_directories(tmp_path):
   # Inception gains 0.10, the BN networks 0.01 and 0: the claim holds.
   assert s['claims'][0]['verdict'] == 'holds'
   dropout_need.plot(s).savefig(tmp_path / 'd.png')
+
+
+def test_dropout_claim_is_not_judged_when_a_network_did_not_train(tmp_path):
+  """A network whose best held-out accuracy stays below TRAINED x chance at every rate
+  gives no dropout gain worth comparing: the verdict is 'not judged', whatever the
+  gains say (here they would say 'holds')."""
+  chance = 0.1  # helpers.write_run's runs have no num_classes: 10 classes
+  best = {'inception': (0.10, dropout_need.TRAINED * chance - 0.01),
+          'bn_baseline': (0.90, 0.88)}
+  names = []
+  for network, (without, with_) in best.items():
+    for rate, top in ((0.0, without), (0.4, with_)):
+      name = dropout_need._name(network, rate, 0)  # pylint: disable=protected-access
+      helpers.write_run(tmp_path / name, [
+          {'step': 0, 'eval_accuracy': 0.05, 'train_accuracy': 0.1},
+          {'step': 5, 'eval_accuracy': top, 'train_accuracy': 0.5}])
+      names.append(name)
+  args = _args(dropout_need, dropout_rates=(0.0, 0.4), seeds=1, data='synthetic',
+               networks=tuple(best))
+  s = dropout_need.summarize(_load(tmp_path, names), args)
+  assert s['networks']['inception']['dropout_gain'] > s['networks']['bn_baseline'][
+      'dropout_gain'] + dropout_need.MARGIN
+  assert not s['networks']['inception']['trained']
+  assert s['networks']['bn_baseline']['trained']
+  assert s['claims'][0]['verdict'] == 'not judged'
+  assert 'inception did not train' in s['claims'][0]['here']
+  # Just above the line the same runs are judged.
+  assert dropout_need.judge({'inception': 0.1, 'bn_baseline': -0.02})['verdict'] == 'holds'
+  gain = claims.fmt(s['networks']['inception']['dropout_gain'])
+  assert f'| inception | {gain} | no |' in dropout_need.table(s)
+  assert '| bn_baseline | -0.020 | yes |' in dropout_need.table(s)
