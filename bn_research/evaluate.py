@@ -187,6 +187,34 @@ def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
   return loaded
 
 
+def inference_variables(run: RunToEvaluate, plan: Plan, data, state: dict,
+                        devices: Sequence[Any]) -> tuple[Any, dict, str]:
+  """A run's program on `devices` and its variables for inference, placed.
+
+  The engine's placement (a plain run's `JitProgram`, jit over a 1-D data mesh of the
+  devices, all processes' in a multi-process job): the variables replicated, each
+  held-out batch and each of Algorithm 2's training batches sharded, each process
+  holding its own share. BN's statistics come from the engine's own evaluation path
+  (`JitProgram.inference_statistics`), so Algorithm 2's are estimated exactly as the
+  run's evaluations do, on every device.
+
+  Returns:
+    (program, {'params', 'batch_stats'} on the devices, which statistics: see
+    `_statistics_kind`).
+  """
+  from bn_research.engine import programs  # pylint: disable=g-import-not-at-top
+  config = run.config
+  kind = _statistics_kind(run, plan)
+  config.eval.batch_stats = 'population' if kind == 'population' else 'moving_average'
+  config.eval.population_batches = plan.population_batches or config.eval.population_batches
+  program = programs.JitProgram(config, data, devices, hparams={}, num_members=1,
+                                vmapped=False)
+  placed = program.place([{'params': state['params'],
+                           'batch_stats': state.get('batch_stats') or {}}])
+  stats = program.inference_statistics(types.SimpleNamespace(**placed))
+  return program, {'params': placed['params'], 'batch_stats': stats}, kind
+
+
 def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) -> dict:
   """Evaluates the plan's runs (and their ensemble); returns the record to write.
 
@@ -197,7 +225,6 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from bn_research.engine import programs  # pylint: disable=g-import-not-at-top
   from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
 
   loaded = load_runs(plan) if loaded is None else loaded
@@ -206,22 +233,8 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
   for run, (data, state) in zip(plan.runs, loaded):
     config = run.config
     builder = steps.Builder(config, data.num_classes)
-    kind = _statistics_kind(run, plan)
-    # The engine's own evaluation settings, so that its program estimates Algorithm 2's
-    # statistics exactly as the run's evaluations do (or keeps the moving averages).
-    config.eval.batch_stats = 'population' if kind == 'population' else 'moving_average'
-    config.eval.population_batches = (plan.population_batches
-                                      or config.eval.population_batches)
+    program, variables, kind = inference_variables(run, plan, data, state, jax.devices())
     height, width = (int(n) for n in np.shape(data.sample_image)[1:3])
-    # The engine's placement on every device of every process (a plain run's program,
-    # jit over a 1-D data mesh): the variables replicated, each held-out batch and each
-    # of Algorithm 2's training batches sharded, each process holding its own share.
-    program = programs.JitProgram(config, data, jax.devices(), hparams={},
-                                  num_members=1, vmapped=False)
-    placed = program.place([{'params': state['params'],
-                             'batch_stats': state.get('batch_stats') or {}}])
-    variables = {'params': placed['params'],
-                 'batch_stats': program.inference_statistics(types.SimpleNamespace(**placed))}
     if run.config.data.get('eval_views') == 'squares':
       from bn_research.data import imagenet_images  # pylint: disable=g-import-not-at-top
       side = imagenet_images.squares_size(height)
@@ -244,6 +257,9 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
         'num_classes': data.num_classes, 'batch_stats': kind,
         'image_size': [height, width], 'devices': program.mesh['data'],
         'processes': jax.process_count()})
+  logging.info('Evaluating %d run(s), crops %s, on %d device(s) of %d process(es).',
+               len(members), ', '.join(plan.schemes), jax.device_count(),
+               jax.process_count())
   totals: dict = {}
   if plan.ensemble:
     _evaluate_together(members, plan, views, True, totals)
