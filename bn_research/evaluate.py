@@ -3,7 +3,7 @@ r"""The paper's evaluation of finished runs: top-1 and top-5, multi-crop, ensemb
     python -m bn_research.evaluate --workdir=runs/a [--workdir=runs/b ...] \
         [--crops=center,flip,multi:16] [--batch_stats=run|moving_average|population] \
         [--population_batches=N] [--num_eval_examples=N] [--ensemble] \
-        [--out=DIR] [--name=evaluation] [--note=TEXT]
+        [--out=DIR] [--name=evaluation] [--note=TEXT] [--distributed]
 
 Each run directory's latest checkpoint is restored and its network rebuilt from its
 config.json (the engine's `steps.Builder`), then evaluated on its held-out set:
@@ -31,6 +31,11 @@ the runs; NAME: `--name`, default `evaluation`). Bad input (a workdir that is no
 finished run or has no checkpoint, a crop scheme that does not fit the images, an
 ensemble of runs of different networks or data) is one line and exit code 2, before
 anything is compiled or written.
+
+With `--distributed`, one of several processes started as a multi-process training
+run is (`bn_research.engine.distributed`): the devices of every process evaluate
+together, each process its own share of every batch; every process learns of any
+one's refusal before anything is compiled, and process 0 alone writes the files.
 """
 
 from __future__ import annotations
