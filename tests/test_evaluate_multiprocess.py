@@ -204,7 +204,6 @@ def test_a_peer_killed_mid_evaluation_ends_the_survivor_in_one_line(runs, tmp_pa
   writes nothing. (A test set of 20,000 synthetic images and 32 views keeps the
   evaluation going long after the kill.)"""
   from bn_research import rundir
-  from bn_research.engine import distributed
   run = tmp_path / 'big'
   shutil.copytree(runs['two'], run)
   config = helpers.read_json(run / 'config.json')
@@ -216,19 +215,7 @@ def test_a_peer_killed_mid_evaluation_ends_the_survivor_in_one_line(runs, tmp_pa
                         BN_RESEARCH_PEER_TIMEOUT=str(PEER_TIMEOUT))
   helpers.wait_for(lambda: 'Evaluating 1 run(s)' in open(paths[1]).read(),
                    'the evaluation to begin', proc=procs[1])
-  procs[1].kill()
-  try:
-    procs[0].wait(timeout=PEER_TIMEOUT)  # a bound, not a measurement
-  except subprocess.TimeoutExpired:
-    pass
-  ended_by_itself = procs[0].poll() is not None
-  (code, stderr), _ = multiprocess._finish(procs, paths, end_others=False)
-  assert ended_by_itself, f'still running after {PEER_TIMEOUT} s:\n{stderr[-3000:]}'
-  assert code == distributed.EXIT_PEER_LOST, f'exit code {code}\n{stderr[-3000:]}'
-  for sign in ('Traceback', 'Check failure', 'Fatal Python error', 'Aborted'):
-    assert sign not in stderr, stderr[-3000:]
-  lines = [l for l in stderr.splitlines() if l.startswith('bn_research:')]
-  assert len(lines) == 1, stderr[-3000:]
-  assert 'process 0 of 2: process 1 is gone' in lines[0], lines[0]
-  assert 'nothing is written' in lines[0], lines[0]
+  line = multiprocess.kill_and_read_the_survivor(procs, paths, 1, 0, PEER_TIMEOUT)
+  assert 'process 0 of 2: process 1 is gone' in line, line
+  assert 'nothing is written' in line, line
   assert not out.exists()
