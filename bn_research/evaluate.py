@@ -60,10 +60,10 @@ from absl import logging
 TOP_K = 5
 
 from bn_research.crops import (  # pylint: disable=g-import-not-at-top
-    SQUARES, View, apply_view, check_scheme_fits, parse_scheme, view_matrices)
+    SQUARES, View, apply_view, check_scheme_fits, view_matrices)
 
-from bn_research.evaluation_plan import (  # pylint: disable=g-import-not-at-top
-    Plan, RunToEvaluate, check_ensemble, check_run, config_from_json, make_plan)
+from bn_research.evaluation_plan import (  # pylint: disable=g-import-not-at-top,unused-import
+    Plan, RunToEvaluate, config_from_json, make_plan)
 
 # ---------------------------------------------------------------- evaluation
 
@@ -120,7 +120,8 @@ def _accumulate(totals: dict, key: tuple, out: dict) -> None:
 def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[View],
                        ensemble: bool, totals: dict) -> None:
   """One pass over the first member's held-out batches, every member on each batch
-  (all members share the held-out set when `ensemble`: `check_ensemble`)."""
+  (all members share the held-out set when `ensemble`:
+  `evaluation_plan.check_ensemble`)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -228,7 +229,6 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
     loaded: the runs' data and checkpoints from `load_runs(plan)` (loaded here if None).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
 

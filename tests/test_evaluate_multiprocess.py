@@ -219,3 +219,65 @@ def test_a_peer_killed_mid_evaluation_ends_the_survivor_in_one_line(runs, tmp_pa
   assert 'process 0 of 2: process 1 is gone' in line, line
   assert 'nothing is written' in line, line
   assert not out.exists()
+
+
+# ---------------------------------------------------------------- streamed data
+
+EVALUATE_ON_MOCK_IMAGENET = '''
+import sys
+sys.path.insert(0, '.')
+import tensorflow_datasets as tfds
+from absl import app
+from bn_research import evaluate
+evaluate._define_flags()
+with tfds.testing.mock_data(num_examples=20):
+  app.run(evaluate.main, argv=['bn_research.evaluate'] + sys.argv[1:])
+'''
+
+
+def test_streamed_imagenet_on_two_processes_gives_the_one_process_rows(tmp_path):
+  """A run on TFDS's mock ImageNet (the stream: each process reads its own share of the
+  files), evaluated by 2 processes x 1 device, 1 x 2 and 1 x 1, with the centre view and
+  flips and with Algorithm 2's statistics from the stream's first 2 training batches:
+  the same rows (counts and top-k hits exactly, the NLL within the spread of the two
+  1-process references). The 20 validation images come in batches of 8, the last one
+  padded: each process's share of it is part padding."""
+  from tests import test_multiprocess_stream as stream
+  data_dir = tmp_path / 'tfds'  # mock_data reads nothing from it; it must exist
+  data_dir.mkdir()
+  workdir = str(tmp_path / 'run')
+  stream._run('jit', workdir, str(data_dir), 1, 1)
+  args = [f'--workdir={workdir}', '--crops=center,flip', '--batch_stats=population',
+          '--population_batches=2']
+  records = {}
+  for processes, devices in ((1, 1), (1, 2), (2, 1)):
+    out = tmp_path / f'{processes}x{devices}'
+    command = [sys.executable, '-c', EVALUATE_ON_MOCK_IMAGENET, *args, f'--out={out}']
+    if processes == 1:
+      proc = subprocess.run(command, env=stream._env(devices), cwd=helpers.REPO,
+                            capture_output=True, text=True, timeout=helpers.CEILING)
+      assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+      port = multiprocess._free_port()
+      paths = [str(tmp_path / f'evaluate{i}.stderr') for i in range(processes)]
+      procs = []
+      for i, path in enumerate(paths):
+        with open(path, 'w') as err:
+          procs.append(subprocess.Popen(
+              command + ['--distributed'], cwd=helpers.REPO, stdout=subprocess.DEVNULL,
+              stderr=err, text=True, env=stream._env(
+                  1, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+                  BN_RESEARCH_NUM_PROCESSES=str(processes), BN_RESEARCH_PROCESS_ID=str(i))))
+      result = multiprocess._finish(procs, paths)
+      assert [c for c, _ in result] == [0] * processes, '\n'.join(e[-3000:] for _, e in result)
+    records[processes, devices] = helpers.read_json(out / 'evaluation.json')
+  assert records[2, 1]['runs'][0]['processes'] == 2
+  assert {r['runs'][0]['batch_stats'] for r in records.values()} == {'population'}
+  rows = {k: r['rows'] for k, r in records.items()}
+  assert [r['count'] for r in rows[1, 1]] == [20, 20]
+  spread = max(abs(a['nll'] - b['nll']) for a, b in zip(rows[1, 1], rows[1, 2]))
+  for ref in ((1, 1), (1, 2)):
+    for one, two in zip(rows[ref], rows[2, 1]):
+      for key in ('crops', 'views', 'count', 'top1_accuracy', 'top5_accuracy'):
+        assert two[key] == one[key], (ref, one['crops'], key)
+      assert abs(two['nll'] - one['nll']) <= spread, (ref, one['crops'], spread)
