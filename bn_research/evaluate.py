@@ -34,8 +34,9 @@ anything is compiled or written.
 
 With `--distributed`, one of several processes started as a multi-process training
 run is (`bn_research.engine.distributed`): the devices of every process evaluate
-together, each process its own share of every batch; every process learns of any
-one's refusal before anything is compiled, and process 0 alone writes the files.
+together, each process its own share of every batch, each device keeping its own
+sums until one collective adds them up at the end; every process learns of any one's
+refusal before anything is compiled, and process 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -109,12 +110,37 @@ class _Member:
   matrices: list
   planes: list  # per view: which of the three squares it is of (streamed multi:144)
   to_input: Any = None  # the source's `materialize_eval`: host batch -> network input
+  shards: int = 1  # how many slices each held-out batch is split into (the data axis)
 
 
 def _accumulate(totals: dict, key: tuple, out: dict) -> None:
-  """Adds a batch's sums on the devices: they are read once, after the last batch."""
+  """Adds a batch's per-shard sums where they are: read once, after the last batch."""
   acc = totals.get(key)
   totals[key] = out if acc is None else {k: acc[k] + v for k, v in out.items()}
+
+
+def _shard_metrics_fn(shards: int):
+  """metrics(probs, labels, mask) -> `metrics.probability_metrics`' sums of each of the
+  batch's `shards` slices, (shards,) arrays split as the batch is: each device sums its
+  own slice and nothing crosses devices (or processes) until `_sum_shards`."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from bn_research import metrics  # pylint: disable=g-import-not-at-top
+
+  def per_shard(probs, labels, mask):
+    split = lambda x: x.reshape((shards, -1) + x.shape[1:])
+    return jax.vmap(functools.partial(metrics.probability_metrics, top_k=TOP_K))(
+        split(probs), split(labels), split(mask))
+  return jax.jit(per_shard)
+
+
+def _sum_shards(totals: dict) -> dict:
+  """Every total's per-shard sums added up: the evaluation's one collective across the
+  devices and processes, then its one read."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jax.device_get(jax.jit(lambda t: jax.tree_util.tree_map(
+      lambda x: jnp.sum(x, axis=0), t))(totals))
 
 
 def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[View],
@@ -122,12 +148,11 @@ def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[V
   """One pass over the first member's held-out batches, every member on each batch
   (all members share the held-out set when `ensemble`:
   `evaluation_plan.check_ensemble`)."""
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bn_research import metrics  # pylint: disable=g-import-not-at-top
   index = {v: i for i, v in enumerate(views)}
-  batch_metrics = jax.jit(metrics.probability_metrics, static_argnames='top_k')
+  batch_metrics = _shard_metrics_fn(members[0].shards)
   to_input = members[0].to_input or (lambda b: b)
   for batch in members[0].eval_batches:
     # Streamed ImageNet sends uint8 images; they are normalised on the device.
@@ -140,13 +165,13 @@ def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[V
       for scheme, scheme_views in plan.schemes.items():
         probs = metrics.mean_softmax(logits[np.asarray([index[v] for v in scheme_views])])
         _accumulate(totals, (m.name, scheme),
-                    batch_metrics(probs, batch['label'], batch['mask'], top_k=TOP_K))
+                    batch_metrics(probs, batch['label'], batch['mask']))
         member_probs[scheme].append(probs)
     if ensemble:
       for scheme, probs in member_probs.items():
         _accumulate(totals, ('ensemble', scheme),
                     batch_metrics(jnp.mean(jnp.stack(probs), axis=0), batch['label'],
-                                  batch['mask'], top_k=TOP_K))
+                                  batch['mask']))
 
 
 def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
@@ -253,7 +278,7 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
         _member_logits_fn(builder), program.placed_eval_batches(),
         # NumPy: jit places them on every device of every process, as it does constants.
         [tuple(np.asarray(m) for m in pair) for pair in matrices], planes,
-        data.source.materialize_eval))
+        data.source.materialize_eval, program.mesh['data']))
     descriptions.append({
         'workdir': run.workdir, 'step': int(state['step']), 'status': run.status.get('status'),
         'model': config.model.name, 'normalizer': config.model.normalizer,
@@ -271,7 +296,7 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
   else:
     for member in members:  # each on its own held-out set
       _evaluate_together([member], plan, views, False, totals)
-  totals = jax.device_get(totals)  # the one read of the evaluation
+  totals = _sum_shards(totals)
   names = [m.name for m in members] + (['ensemble'] if plan.ensemble else [])
   rows = [_row(name, scheme, len(plan.schemes[scheme]),
                {k: float(v) for k, v in totals[(name, scheme)].items()})

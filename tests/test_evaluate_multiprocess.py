@@ -281,3 +281,45 @@ def test_streamed_imagenet_on_two_processes_gives_the_one_process_rows(tmp_path)
       for key in ('crops', 'views', 'count', 'top1_accuracy', 'top5_accuracy'):
         assert two[key] == one[key], (ref, one['crops'], key)
       assert abs(two['nll'] - one['nll']) <= spread, (ref, one['crops'], spread)
+
+
+_PER_BATCH_PROGRAM = '''
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from bn_research import evaluate
+mesh = jax.make_mesh((2,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+split = NamedSharding(mesh, P('data'))
+rng = np.random.default_rng(0)
+probs = rng.dirichlet(np.ones(10), size=8).astype(np.float32)
+labels, mask = rng.integers(0, 10, size=8), (np.arange(8) < 7).astype(np.float32)
+fn = evaluate._shard_metrics_fn(2)
+placed = [jax.device_put(x, split) for x in (probs, labels, mask)]
+text = fn.lower(*placed).compile().as_text()
+print([w for w in ('all-reduce', 'all-gather', 'collective-permute', 'all-to-all',
+                   'reduce-scatter') if w in text])
+sums = jax.device_get(evaluate._sum_shards({'k': fn(*placed)})['k'])
+print({k: float(v) for k, v in sums.items()})
+'''
+
+
+def test_a_batch_is_evaluated_without_crossing_devices(tmp_path):
+  """The per-batch sums stay on each device (the compiled per-batch program holds no
+  collective), so processes never wait for each other between batches; the shards'
+  sums then add up to the whole batch's, checked against NumPy on a batch with a
+  padded example."""
+  import ast
+  import numpy as np
+  proc = helpers.run_python(_PER_BATCH_PROGRAM, devices=2, env={'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  collectives, sums = (ast.literal_eval(l) for l in proc.stdout.strip().splitlines()[-2:])
+  assert collectives == [], collectives
+  rng = np.random.default_rng(0)
+  probs = rng.dirichlet(np.ones(10), size=8).astype(np.float32).astype(np.float64)
+  labels, mask = rng.integers(0, 10, size=8), np.arange(8) < 7
+  own = probs[np.arange(8), labels]
+  ranks = (probs > own[:, None]).sum(1)  # classes above the label (ties count for it)
+  assert sums['count'] == 7
+  assert sums['correct'] == np.sum((ranks == 0) & mask)
+  assert sums['correct_top5'] == np.sum((ranks < 5) & mask)
+  assert sums['nll_sum'] == pytest.approx(-np.sum(np.log(own)[mask]), rel=1e-6)
