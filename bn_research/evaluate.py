@@ -3,7 +3,7 @@ r"""The paper's evaluation of finished runs: top-1 and top-5, multi-crop, ensemb
     python -m bn_research.evaluate --workdir=runs/a [--workdir=runs/b ...] \
         [--crops=center,flip,multi:16] [--batch_stats=run|moving_average|population] \
         [--population_batches=N] [--num_eval_examples=N] [--ensemble] \
-        [--out=DIR] [--name=evaluation] [--note=TEXT]
+        [--out=DIR] [--name=evaluation] [--note=TEXT] [--distributed]
 
 Each run directory's latest checkpoint is restored and its network rebuilt from its
 config.json (the engine's `steps.Builder`), then evaluated on its held-out set:
@@ -31,6 +31,12 @@ the runs; NAME: `--name`, default `evaluation`). Bad input (a workdir that is no
 finished run or has no checkpoint, a crop scheme that does not fit the images, an
 ensemble of runs of different networks or data) is one line and exit code 2, before
 anything is compiled or written.
+
+With `--distributed`, one of several processes started as a multi-process training
+run is (`bn_research.engine.distributed`): the devices of every process evaluate
+together, each process its own share of every batch, each device keeping its own
+sums until one collective adds them up at the end; every process learns of any one's
+refusal before anything is compiled, and process 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import datetime
 import os
 import platform
 import sys
+import types
 from typing import Any, Optional, Sequence
 
 from absl import app
@@ -54,140 +61,22 @@ from absl import logging
 TOP_K = 5
 
 from bn_research.crops import (  # pylint: disable=g-import-not-at-top
-    SQUARES, View, apply_view, check_scheme_fits, parse_scheme, view_matrices)
+    SQUARES, View, apply_view, check_scheme_fits, view_matrices)
 
-# ---------------------------------------------------------------- the runs
-
-# Data keys that change training only (its order, augmentation, speed, where the files
-# are), not the held-out set an ensemble's members must share.
-TRAINING_ONLY_DATA_KEYS = ('shuffle', 'distortions', 'num_workers', 'prefetch', 'data_dir',
-                           'download_url', 'download_timeout')
-
-
-def _tuples(value: Any) -> Any:
-  """JSON's lists back to the tuples config files hold."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
-def config_from_json(config: dict):
-  """A run's config.json as a ConfigDict the engine's builders read."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(_tuples(config))
-
-
-@dataclasses.dataclass
-class RunToEvaluate:
-  """A finished run: its directory, config and status."""
-  workdir: str
-  config: Any
-  status: dict
-
-
-def check_run(workdir: str) -> RunToEvaluate:
-  """The run at `workdir`, or a one-line ValueError saying why it cannot be evaluated."""
-  from bn_research import rundir  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(workdir):
-    raise ValueError(f'--workdir={workdir!r} is not a directory; allowed: a run directory.')
-  config = rundir.read_config(workdir)
-  if config is None:
-    raise ValueError(f'--workdir={workdir!r} has no {rundir.CONFIG_FILE}: not a run '
-                     'directory (a sweep directory holds one per run).')
-  if not rundir.checkpoint_steps(workdir):
-    raise ValueError(f'--workdir={workdir!r} has no checkpoint in '
-                     f'{rundir.CHECKPOINT_DIR}/; allowed: a run that trained and saved one.')
-  status = rundir.read_status(workdir) or {}
-  if status.get('status') not in rundir.FINISHED_STATUSES:
-    raise ValueError(f'--workdir={workdir!r} is not finished (status '
-                     f'{status.get("status", "missing")!r}); allowed: '
-                     f'{" or ".join(rundir.FINISHED_STATUSES)} (re-run its command to finish it).')
-  return RunToEvaluate(workdir, config_from_json(config), status)
-
-
-def _eval_set(config) -> dict:
-  data = {k: v for k, v in config.data.to_dict().items() if k not in TRAINING_ONLY_DATA_KEYS}
-  return {'data': data, 'num_eval_examples': config.num_eval_examples}
-
-
-def check_ensemble(runs: Sequence[RunToEvaluate]) -> None:
-  """An ensemble's members must be the same network on the same held-out set.
-
-  Their hyperparameters may differ (the paper's ensemble members differ in initial
-  weights, dropout and BN variant), not the model, the data or its classes.
-
-  Raises:
-    ValueError: one line naming the two runs and the first key that differs.
-  """
-  if len(runs) < 2:
-    raise ValueError(f'--ensemble needs 2 or more --workdir, got {len(runs)}.')
-  first = runs[0]
-  for run in runs[1:]:
-    if run.config.model.name != first.config.model.name:
-      raise ValueError(f'--ensemble: {run.workdir!r} is model.name={run.config.model.name!r}, '
-                       f'{first.workdir!r} is {first.config.model.name!r}; allowed: the same '
-                       'network in every member.')
-    a, b = _eval_set(first.config), _eval_set(run.config)
-    from bn_research import rundir  # pylint: disable=g-import-not-at-top
-    a, b = rundir.flatten(a), rundir.flatten(b)
-    for key in sorted(set(a) | set(b)):
-      if a.get(key) != b.get(key):
-        raise ValueError(f'--ensemble: {run.workdir!r} has {key}={b.get(key)!r}, '
-                         f'{first.workdir!r} has {a.get(key)!r}; allowed: members evaluated '
-                         'on the same data, classes and held-out set.')
-
-
-@dataclasses.dataclass
-class Plan:
-  """What to evaluate, checked: runs, crop schemes and their views, statistics."""
-  runs: list[RunToEvaluate]
-  schemes: dict[str, list[View]]
-  batch_stats: str
-  population_batches: Optional[int]
-  num_eval_examples: Optional[int]
-  ensemble: bool
-
-
-def make_plan(workdirs: Sequence[str], *, crops: Sequence[str], batch_stats: str = 'run',
-              population_batches: Optional[int] = None,
-              num_eval_examples: Optional[int] = None, ensemble: bool = False) -> Plan:
-  """Checks everything that can be checked without compiling; ValueError on bad input."""
-  if not workdirs:
-    raise ValueError('--workdir is required: give one or more finished run directories.')
-  if len(set(map(os.path.abspath, workdirs))) < len(workdirs):
-    raise ValueError(f'--workdir: a run is given twice in {list(workdirs)}.')
-  if population_batches is not None and population_batches < 1:
-    raise ValueError(f'--population_batches={population_batches}; allowed: an integer >= 1.')
-  if num_eval_examples is not None and num_eval_examples < 0:
-    raise ValueError(f'--num_eval_examples={num_eval_examples}; allowed: 0 (all) or more.')
-  if not crops:
-    raise ValueError('--crops is empty; allowed: center, flip, multi:N.')
-  runs = [check_run(w) for w in workdirs]
-  if ensemble:
-    check_ensemble(runs)
-  schemes = {text: parse_scheme(text) for text in crops}
-  return Plan(runs, schemes, batch_stats, population_batches, num_eval_examples, ensemble)
-
+from bn_research.evaluation_plan import (  # pylint: disable=g-import-not-at-top,unused-import
+    Plan, RunToEvaluate, config_from_json, make_plan)
 
 # ---------------------------------------------------------------- evaluation
 
 
-def _inference_statistics(run: RunToEvaluate, plan: Plan, builder, data, params,
-                          batch_stats) -> tuple[Any, str]:
-  """BN's statistics for inference and what they are ('moving_average'/'population')."""
-  import jax  # pylint: disable=g-import-not-at-top
+def _statistics_kind(run: RunToEvaluate, plan: Plan) -> str:
+  """Which statistics BN infers with: 'population', 'moving_average' or 'none'."""
   from bn_research import normalization  # pylint: disable=g-import-not-at-top
-  from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
+  normalizer = run.config.model.normalizer
+  if normalizer not in normalization.MOVING_AVERAGE_NORMALIZERS:
+    return 'none'
   kind = run.config.eval.batch_stats if plan.batch_stats == 'run' else plan.batch_stats
-  if (kind != 'population'
-      or run.config.model.normalizer not in normalization.MOVING_AVERAGE_NORMALIZERS):
-    return batch_stats, 'moving_average' if batch_stats else 'none'
-  n = plan.population_batches or run.config.eval.population_batches
-  population = jax.jit(steps.make_population_fn(builder, data.source.materialize))
-  return population({}, params, batch_stats, data.source.resident,
-                    data.source.chunk(0, n)), 'population'
+  return 'population' if kind == 'population' else 'moving_average'
 
 
 def _member_logits_fn(builder):
@@ -221,24 +110,49 @@ class _Member:
   matrices: list
   planes: list  # per view: which of the three squares it is of (streamed multi:144)
   to_input: Any = None  # the source's `materialize_eval`: host batch -> network input
+  shards: int = 1  # how many slices each held-out batch is split into (the data axis)
 
 
 def _accumulate(totals: dict, key: tuple, out: dict) -> None:
-  acc = totals.setdefault(key, {k: 0.0 for k in out})
-  for k, v in out.items():
-    acc[k] += float(v)
+  """Adds a batch's per-shard sums where they are: read once, after the last batch."""
+  acc = totals.get(key)
+  totals[key] = out if acc is None else {k: acc[k] + v for k, v in out.items()}
+
+
+def _shard_metrics_fn(shards: int):
+  """metrics(probs, labels, mask) -> `metrics.probability_metrics`' sums of each of the
+  batch's `shards` slices, (shards,) arrays split as the batch is: each device sums its
+  own slice and nothing crosses devices (or processes) until `_sum_shards`."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from bn_research import metrics  # pylint: disable=g-import-not-at-top
+
+  def per_shard(probs, labels, mask):
+    split = lambda x: x.reshape((shards, -1) + x.shape[1:])
+    return jax.vmap(functools.partial(metrics.probability_metrics, top_k=TOP_K))(
+        split(probs), split(labels), split(mask))
+  return jax.jit(per_shard)
+
+
+def _sum_shards(totals: dict) -> dict:
+  """Every total's per-shard sums added up: the evaluation's one collective across the
+  devices and processes, then its one read."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jax.device_get(jax.jit(lambda t: jax.tree_util.tree_map(
+      lambda x: jnp.sum(x, axis=0), t))(totals))
 
 
 def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[View],
                        ensemble: bool, totals: dict) -> None:
   """One pass over the first member's held-out batches, every member on each batch
-  (all members share the held-out set when `ensemble`: `check_ensemble`)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  (all members share the held-out set when `ensemble`:
+  `evaluation_plan.check_ensemble`)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bn_research import metrics  # pylint: disable=g-import-not-at-top
   index = {v: i for i, v in enumerate(views)}
-  batch_metrics = jax.jit(metrics.probability_metrics, static_argnames='top_k')
+  batch_metrics = _shard_metrics_fn(members[0].shards)
   to_input = members[0].to_input or (lambda b: b)
   for batch in members[0].eval_batches:
     # Streamed ImageNet sends uint8 images; they are normalised on the device.
@@ -251,13 +165,13 @@ def _evaluate_together(members: Sequence[_Member], plan: Plan, views: Sequence[V
       for scheme, scheme_views in plan.schemes.items():
         probs = metrics.mean_softmax(logits[np.asarray([index[v] for v in scheme_views])])
         _accumulate(totals, (m.name, scheme),
-                    batch_metrics(probs, batch['label'], batch['mask'], top_k=TOP_K))
+                    batch_metrics(probs, batch['label'], batch['mask']))
         member_probs[scheme].append(probs)
     if ensemble:
       for scheme, probs in member_probs.items():
         _accumulate(totals, ('ensemble', scheme),
                     batch_metrics(jnp.mean(jnp.stack(probs), axis=0), batch['label'],
-                                  batch['mask'], top_k=TOP_K))
+                                  batch['mask']))
 
 
 def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
@@ -290,7 +204,7 @@ def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
     height, width = np.shape(data.sample_image)[1:3]
     for text, views in plan.schemes.items():
       check_scheme_fits(text, views, height, width)
-    devices = jax.local_device_count()
+    devices = jax.device_count()  # every process's: each held-out batch spans them
     if run.config.eval_batch_size % devices:
       raise ValueError(f'--workdir={run.workdir!r}: eval_batch_size='
                        f'{run.config.eval_batch_size} cannot be split over the {devices} '
@@ -304,6 +218,34 @@ def load_runs(plan: Plan) -> list[tuple[Any, dict]]:
   return loaded
 
 
+def inference_variables(run: RunToEvaluate, plan: Plan, data, state: dict,
+                        devices: Sequence[Any]) -> tuple[Any, dict, str]:
+  """A run's program on `devices` and its variables for inference, placed.
+
+  The engine's placement (a plain run's `JitProgram`, jit over a 1-D data mesh of the
+  devices, all processes' in a multi-process job): the variables replicated, each
+  held-out batch and each of Algorithm 2's training batches sharded, each process
+  holding its own share. BN's statistics come from the engine's own evaluation path
+  (`JitProgram.inference_statistics`), so Algorithm 2's are estimated exactly as the
+  run's evaluations do, on every device.
+
+  Returns:
+    (program, {'params', 'batch_stats'} on the devices, which statistics: see
+    `_statistics_kind`).
+  """
+  from bn_research.engine import programs  # pylint: disable=g-import-not-at-top
+  config = run.config
+  kind = _statistics_kind(run, plan)
+  config.eval.batch_stats = 'population' if kind == 'population' else 'moving_average'
+  config.eval.population_batches = plan.population_batches or config.eval.population_batches
+  program = programs.JitProgram(config, data, devices, hparams={}, num_members=1,
+                                vmapped=False)
+  placed = program.place([{'params': state['params'],
+                           'batch_stats': state.get('batch_stats') or {}}])
+  stats = program.inference_statistics(types.SimpleNamespace(**placed))
+  return program, {'params': placed['params'], 'batch_stats': stats}, kind
+
+
 def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) -> dict:
   """Evaluates the plan's runs (and their ensemble); returns the record to write.
 
@@ -312,9 +254,7 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
     loaded: the runs' data and checkpoints from `load_runs(plan)` (loaded here if None).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from bn_research.engine import programs  # pylint: disable=g-import-not-at-top
   from bn_research.engine import steps  # pylint: disable=g-import-not-at-top
 
   loaded = load_runs(plan) if loaded is None else loaded
@@ -323,14 +263,8 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
   for run, (data, state) in zip(plan.runs, loaded):
     config = run.config
     builder = steps.Builder(config, data.num_classes)
-    stats, kind = _inference_statistics(run, plan, builder, data, state['params'],
-                                        state.get('batch_stats') or {})
+    program, variables, kind = inference_variables(run, plan, data, state, jax.devices())
     height, width = (int(n) for n in np.shape(data.sample_image)[1:3])
-    # The engine's placement on every local device (a plain run's program, jit over a
-    # 1-D data mesh): the variables replicated, each held-out batch sharded.
-    program = programs.JitProgram(config, data, jax.local_devices(), hparams={},
-                                  num_members=1, vmapped=False)
-    variables = program.place([{'params': state['params'], 'batch_stats': stats}])
     if run.config.data.get('eval_views') == 'squares':
       from bn_research.data import imagenet_images  # pylint: disable=g-import-not-at-top
       side = imagenet_images.squares_size(height)
@@ -342,23 +276,30 @@ def evaluate(plan: Plan, loaded: Optional[Sequence[tuple[Any, dict]]] = None) ->
     members.append(_Member(
         run.workdir, variables['params'], variables['batch_stats'],
         _member_logits_fn(builder), program.placed_eval_batches(),
-        [tuple(jnp.asarray(m) for m in pair) for pair in matrices], planes,
-        data.source.materialize_eval))
+        # NumPy: jit places them on every device of every process, as it does constants.
+        [tuple(np.asarray(m) for m in pair) for pair in matrices], planes,
+        data.source.materialize_eval, program.mesh['data']))
     descriptions.append({
         'workdir': run.workdir, 'step': int(state['step']), 'status': run.status.get('status'),
         'model': config.model.name, 'normalizer': config.model.normalizer,
         'seed': config.seed, 'learning_rate': config.optimizer.learning_rate,
         'batch_size': config.batch_size, 'dataset': data.description.get('dataset'),
         'num_classes': data.num_classes, 'batch_stats': kind,
-        'image_size': [height, width], 'devices': program.mesh['data']})
+        'image_size': [height, width], 'devices': program.mesh['data'],
+        'processes': jax.process_count()})
+  logging.info('Evaluating %d run(s), crops %s, on %d device(s) of %d process(es).',
+               len(members), ', '.join(plan.schemes), jax.device_count(),
+               jax.process_count())
   totals: dict = {}
   if plan.ensemble:
     _evaluate_together(members, plan, views, True, totals)
   else:
     for member in members:  # each on its own held-out set
       _evaluate_together([member], plan, views, False, totals)
+  totals = _sum_shards(totals)
   names = [m.name for m in members] + (['ensemble'] if plan.ensemble else [])
-  rows = [_row(name, scheme, len(plan.schemes[scheme]), totals[(name, scheme)])
+  rows = [_row(name, scheme, len(plan.schemes[scheme]),
+               {k: float(v) for k, v in totals[(name, scheme)].items()})
           for name in names for scheme in plan.schemes]
   record = {'runs': descriptions, 'rows': rows, 'top_k': TOP_K,
             'crop_schemes': {s: [v.name for v in vs] for s, vs in plan.schemes.items()},
@@ -408,37 +349,79 @@ def _define_flags() -> None:
     '.json / .md.')
   flags.DEFINE_string('note', '', 'Text recorded with the results (e.g. how the runs '
     'were trained).')
+  flags.DEFINE_bool('distributed', False, 'One of several processes evaluating '
+    'together, started as a multi-process training run is (JAX_COORDINATOR_ADDRESS, '
+    'BN_RESEARCH_NUM_PROCESSES, BN_RESEARCH_PROCESS_ID; bn_research.engine.distributed).')
+
+
+def _refuse(error: BaseException) -> None:
+  print(f'bn_research.evaluate: error: {error}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _checked(what: str, check, settings=None) -> Any:
+  """`check()`'s value; a ValueError in any process ends every process with one line and
+  exit code 2 (`distributed.agree`: no process is left waiting for one that left).
+  With `settings`, the processes start together after the check (before JAX's first
+  computation), so the check itself needs no other process."""
+  from bn_research.engine import distributed  # pylint: disable=g-import-not-at-top
+  refusal, value = None, None
+  try:
+    value = check()
+  except ValueError as e:
+    refusal = e
+  if settings is not None:
+    distributed.start(settings)
+  try:
+    distributed.agree(what, refusal)
+  except ValueError as e:
+    _refuse(e)
+  return value
 
 
 def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from bn_research.engine import distributed  # pylint: disable=g-import-not-at-top
   try:
-    out = f.out or (default_out(f.workdir) if f.workdir else '.')
+    settings = distributed.read_environment() if f.distributed else None
+  except ValueError as e:
+    _refuse(e)
+  out = f.out or (default_out(f.workdir) if f.workdir else '.')
+
+  def plan_it() -> Plan:
     check_out(out, f.name)
-    plan = make_plan(f.workdir, crops=f.crops, batch_stats=f.batch_stats,
+    return make_plan(f.workdir, crops=f.crops, batch_stats=f.batch_stats,
                      population_batches=f.population_batches,
                      num_eval_examples=f.num_eval_examples, ensemble=f.ensemble)
-    from bn_research import log_filter  # pylint: disable=g-import-not-at-top
-    log_filter.quiet_library_logs()
-    # The data loaders' progress lines stay out of a refusal's one line.
-    logging.set_verbosity(logging.WARNING)
-    loaded = load_runs(plan)
-  except ValueError as e:
-    print(f'bn_research.evaluate: error: {e}', file=sys.stderr)
-    sys.exit(2)
+
+  plan = _checked('evaluation checked', plan_it, settings)
+  from bn_research import log_filter  # pylint: disable=g-import-not-at-top
+  log_filter.quiet_library_logs()
+  # The data loaders' progress lines stay out of a refusal's one line.
+  logging.set_verbosity(logging.WARNING)
+  loaded = _checked('runs loaded', lambda: load_runs(plan))
   logging.set_verbosity(logging.INFO)
   signals.started('bn_research.evaluate')  # after JAX's import and the runs' loading
   signals.end_in_one_line('bn_research.evaluate')
-  record = evaluate(plan, loaded)
   import jax  # pylint: disable=g-import-not-at-top
+  try:
+    record = evaluate(plan, loaded)
+  except jax.errors.JaxRuntimeError as e:
+    if distributed.is_multiprocess():  # most often another process is gone
+      distributed.end_after_failed_collective(
+          e, aftermath='nothing is written; start every process again with the same command')
+    raise
+  if jax.process_index() != 0:
+    return  # process 0 writes the files; every process holds the same totals
   record['command'] = ' '.join(['python -m bn_research.evaluate'] + sys.argv[1:])
   if f.note:
     record['note'] = f.note
   record['date'] = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
   record['machine'] = (f'{platform.machine()}, {os.cpu_count()} CPU cores, JAX devices: '
-                       f'{jax.devices()[0].device_kind} x {jax.device_count()}')
+                       f'{jax.devices()[0].device_kind} x {jax.device_count()} in '
+                       f'{jax.process_count()} process(es)')
   for path in write(record, out, f.name):
     print(path)
   for row in record['rows']:

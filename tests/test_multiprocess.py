@@ -215,6 +215,28 @@ def test_a_locked_workdir_is_refused_by_every_process_before_any_collective(tmp_
 PEER_TIMEOUT = 120  # seconds: the survivor must end well before JAX would end it
 
 
+def kill_and_read_the_survivor(procs, paths, killed: int, survivor: int,
+                               timeout: float) -> str:
+  """SIGKILLs process `killed`; process `survivor` must end by itself within `timeout`
+  seconds with exit status EXIT_PEER_LOST and one `bn_research:` line, without a
+  traceback or an abort. Returns that line."""
+  from bn_research.engine import distributed
+  procs[killed].kill()
+  try:
+    procs[survivor].wait(timeout=timeout)  # a bound, not a measurement
+  except subprocess.TimeoutExpired:
+    pass
+  ended_by_itself = procs[survivor].poll() is not None
+  code, stderr = _finish(procs, paths, end_others=False)[survivor]
+  assert ended_by_itself, f'still running after {timeout} s:\n{stderr[-3000:]}'
+  assert code == distributed.EXIT_PEER_LOST, f'exit code {code}\n{stderr[-3000:]}'
+  for sign in ('Traceback', 'Check failure', 'Fatal Python error', 'Aborted'):
+    assert sign not in stderr, stderr[-3000:]
+  lines = [l for l in stderr.splitlines() if l.startswith('bn_research:')]
+  assert len(lines) == 1, stderr[-3000:]
+  return lines[0]
+
+
 def test_a_peer_killed_mid_run_ends_the_survivor_in_one_line(tmp_path):
   """Process 1 is SIGKILLed while training: process 0 ends by itself (its next
   collective fails at once) before the peer timeout, with exit status EXIT_PEER_LOST and
@@ -225,7 +247,6 @@ def test_a_peer_killed_mid_run_ends_the_survivor_in_one_line(tmp_path):
   other process ends that process with an abort within milliseconds, racing the
   survivor's clean exit; see docs/reliability.md.)"""
   from bn_research import rundir
-  from bn_research.engine import distributed
   workdir = tmp_path / 'run'
   args = helpers.tiny_args(**{'num_train_steps': 1_000_000, 'eval_every_steps': 500_000,
                               'log_every_steps': 100, 'checkpoint_every_steps': 500_000,
@@ -237,22 +258,9 @@ def test_a_peer_killed_mid_run_ends_the_survivor_in_one_line(tmp_path):
   helpers.wait_for(lambda: metrics.exists() and 'train_loss' in metrics.read_text(),
                    'a training row', proc=procs[0])
   killed, survivor = 1, 0
-  procs[killed].kill()
-  try:
-    procs[survivor].wait(timeout=PEER_TIMEOUT)  # a bound, not a measurement
-  except subprocess.TimeoutExpired:
-    pass
-  ended_by_itself = procs[survivor].poll() is not None
-  out = _finish(procs, paths, end_others=False)
-  code, stderr = out[survivor]
-  assert ended_by_itself, f'still running after {PEER_TIMEOUT} s:\n{stderr[-3000:]}'
-  assert code == distributed.EXIT_PEER_LOST, f'exit code {code}\n{stderr[-3000:]}'
-  for sign in ('Traceback', 'Check failure', 'Fatal Python error', 'Aborted'):
-    assert sign not in stderr, stderr[-3000:]
-  lines = [l for l in stderr.splitlines() if l.startswith('bn_research:')]
-  assert len(lines) == 1, stderr[-3000:]
-  assert f'process {survivor} of 2: process {killed}' in lines[0], lines[0]
-  assert 'Connection' in lines[0], lines[0]  # the reason, as the collective reported it
+  line = kill_and_read_the_survivor(procs, paths, killed, survivor, PEER_TIMEOUT)
+  assert f'process {survivor} of 2: process {killed}' in line, line
+  assert 'Connection' in line, line  # the reason, as the collective reported it
   status = rundir.read_status(str(workdir))
   assert status['status'] == 'failed', status
   assert 'Connection' in status['message'], status

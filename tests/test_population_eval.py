@@ -1,5 +1,8 @@
 """Inference as Algorithm 2: evaluation with population statistics, checked in float64 NumPy."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -48,17 +51,9 @@ def test_population_eval_is_algorithm_2_and_leaves_the_moving_averages_alone(tmp
   ds = data_lib.load_dataset(config.data)
   source = inputs.InMemoryInput(ds.train_images, ds.train_labels,
                                 batch_size=config.batch_size, seed=config.seed)
-  idx = source.example_indices(0, n_batches)
-  eps, m = config.model.bn_epsilon, config.batch_size
-  stats = []
-  for layer in range(2):
-    means, variances = [], []
-    for b in idx:
-      # Algorithm 2 runs the training network: the layers below use their batch moments.
-      pre = _pre_bn(state['params'], ds.train_images[b], layer, eps)
-      means.append(pre.mean(0))
-      variances.append(pre.var(0))
-    stats.append((np.mean(means, 0), m / (m - 1) * np.mean(variances, 0)))
+  eps = config.model.bn_epsilon
+  stats = _algorithm_2(state['params'], [ds.train_images[b] for b in
+                                         source.example_indices(0, n_batches)], eps)
   logits = _forward(state['params'], stats, ds.test_images, eps)
   logits = logits - logits.max(1, keepdims=True)
   log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
@@ -70,6 +65,19 @@ def test_population_eval_is_algorithm_2_and_leaves_the_moving_averages_alone(tmp
   # ... and it is not what the moving averages give.
   with_moving = rundir.read_metrics(str(tmp_path / 'moving'))[-1]
   assert abs(with_moving['eval_loss'] - final['eval_loss']) > 1e-4
+
+
+def _algorithm_2(params, batches, eps):
+  """Algorithm 2's (E[x], Var[x]) of both BN layers in float64, from training batches:
+  the mean of the batch means and m/(m-1) times the mean of the batch variances."""
+  stats = []
+  for layer in range(2):
+    # Algorithm 2 runs the training network: the layers below use their batch moments.
+    pres = [_pre_bn(params, x, layer, eps) for x in batches]
+    m = len(batches[0])
+    stats.append((np.mean([z.mean(0) for z in pres], 0),
+                  m / (m - 1) * np.mean([z.var(0) for z in pres], 0)))
+  return stats
 
 
 def _pre_bn(params, x, layer, eps):
@@ -147,13 +155,9 @@ def test_population_probe_uses_algorithm_2_statistics(tmp_path):
   ds = data_lib.load_dataset(config.data)
   source = inputs.InMemoryInput(ds.train_images, ds.train_labels,
                                 batch_size=config.batch_size, seed=config.seed)
-  eps, m = config.model.bn_epsilon, config.batch_size
-  stats = []
-  for layer in range(2):
-    pres = [_pre_bn(state['params'], ds.train_images[b], layer, eps)
-            for b in source.example_indices(0, n_batches)]
-    stats.append((np.mean([z.mean(0) for z in pres], 0),
-                  m / (m - 1) * np.mean([z.var(0) for z in pres], 0)))
+  eps = config.model.bn_epsilon
+  stats = _algorithm_2(state['params'], [ds.train_images[b] for b in
+                                         source.example_indices(0, n_batches)], eps)
   images = ds.test_images[:config.probe.num_examples]
   final = rundir.read_metrics(str(tmp_path / 'run'))[-1]
   logged = [final[f'act_p{q:g}'] for q in qs]
@@ -161,3 +165,65 @@ def test_population_probe_uses_algorithm_2_statistics(tmp_path):
   np.testing.assert_allclose(logged, expected, rtol=1e-4, atol=1e-5)
   own = np.percentile(_probe_reference(state['params'], images, eps)[0], qs)
   assert np.max(np.abs(np.asarray(logged) - own)) > 1e-3  # not the batch's own moments
+
+
+_ON_DEVICES = """
+import sys
+import jax
+import numpy as np
+from bn_research import evaluate as ev
+workdir, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+plan = ev.make_plan([workdir], crops=['center'], batch_stats='population',
+                    population_batches=n)
+(data, state), = ev.load_runs(plan)
+out = {}
+for count in (1, 2):
+  program, variables, kind = ev.inference_variables(plan.runs[0], plan, data, state,
+                                                    jax.devices()[:count])
+  assert kind == 'population', kind
+  assert program.mesh['data'] == count, program.mesh
+  for layer, stats in jax.device_get(variables['batch_stats']).items():
+    for name, value in stats.items():
+      out[f'{count}/{layer}/{name}'] = np.asarray(value)
+np.savez(path, **out)
+"""
+
+
+@pytest.mark.slow
+def test_population_statistics_split_over_devices_are_the_one_device_ones(tmp_path):
+  """`bn_research.evaluate`'s Algorithm 2 (the engine's, through
+  `evaluate.inference_variables`) with each of the N training batches split over 2
+  (forced host) devices: the statistics of the whole batches, as on 1 device.
+
+  Tolerance, derived: both results are float32 evaluations of the same sums in another
+  order, so each is within float32's rounding error of the float64 NumPy Algorithm 2;
+  the 2-device result may be at most twice as far from it as the 1-device result is
+  (plus half an ulp of float32, where the 1-device result happens to be exact). Per-device
+  batch moments (statistics of half-batches) would be far outside it."""
+  from bn_research import data as data_lib
+  from bn_research import inputs, rundir, train
+  n_batches = 5
+  config = helpers.tiny_mlp_config(**{'num_train_steps': 20, 'eval_every_steps': 20})
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  path = str(tmp_path / 'stats.npz')
+  proc = subprocess.run(
+      [sys.executable, '-c', _ON_DEVICES, workdir, str(n_batches), path], cwd=helpers.REPO,
+      env=helpers.subprocess_env(2, cpu=True), capture_output=True, text=True,
+      timeout=helpers.CEILING)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(path)
+  state = rundir.load_latest(workdir)
+  ds = data_lib.load_dataset(config.data)
+  source = inputs.InMemoryInput(ds.train_images, ds.train_labels,
+                                batch_size=config.batch_size, seed=config.seed)
+  reference = _algorithm_2(state['params'], [ds.train_images[b] for b in
+                                             source.example_indices(0, n_batches)],
+                           config.model.bn_epsilon)
+  for layer, (mean, var) in enumerate(reference):
+    for name, exact in (('mean', mean), ('var', var)):
+      one, two = (np.asarray(got[f'{c}/bn_{layer}/{name}'], np.float64) for c in (1, 2))
+      own_error = np.max(np.abs(one - exact))
+      assert own_error < 1e-4 * np.max(np.abs(exact)), (layer, name)  # it is Algorithm 2
+      bound = 2 * own_error + 2.0 ** -24 * np.abs(exact)
+      assert np.all(np.abs(two - exact) <= bound), (layer, name, np.abs(two - exact), bound)

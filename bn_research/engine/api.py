@@ -185,27 +185,13 @@ class _KillHook:
 def _devices(config: ml_collections.ConfigDict) -> list:
   if config.distributed:
     # The environment was validated by the caller (distributed.read_environment).
-    if not _has_accelerator():
-      # CPU collectives across processes need an implementation (gloo ships with jaxlib).
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    distributed.initialize(distributed.read_environment())
+    distributed.start(distributed.read_environment())
   if config.num_devices:
     if config.num_devices > jax.device_count():
       raise ValueError(f'num_devices={config.num_devices} but only {jax.device_count()} '
                        'devices are available.')
     return jax.devices()[:config.num_devices]
   return jax.devices()
-
-
-def _has_accelerator() -> bool:
-  """Whether JAX_PLATFORMS names an accelerator, or one is installed (without
-  initialising a backend: that must come after jax.distributed.initialize)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  platforms = os.environ.get('JAX_PLATFORMS', '')
-  if platforms:
-    return any(p in platforms for p in ('gpu', 'cuda', 'rocm', 'tpu'))
-  return any(importlib.util.find_spec(m) is not None
-             for m in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu', 'jax_rocm_plugin'))
 
 
 def _restore(members: list[_Member], keys: Sequence[str], data: inputs_lib.RunData,

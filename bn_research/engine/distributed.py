@@ -156,6 +156,28 @@ def _missing_message(settings: Settings) -> str:
           'process with the same address, or raise the wait.')
 
 
+def start(settings: Settings) -> None:
+  """Starts this process's part of a multi-process job (`initialize`), with CPU
+  collectives across processes when no accelerator is there: the one start-up of every
+  program that spans processes (training, sweeps, evaluation). Call before any JAX
+  computation."""
+  if not _has_accelerator():
+    # CPU collectives across processes need an implementation (gloo ships with jaxlib).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  initialize(settings)
+
+
+def _has_accelerator() -> bool:
+  """Whether JAX_PLATFORMS names an accelerator, or one is installed (without
+  initialising a backend: that must come after jax.distributed.initialize)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  if platforms:
+    return any(p in platforms for p in ('gpu', 'cuda', 'rocm', 'tpu'))
+  return any(importlib.util.find_spec(m) is not None
+             for m in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu', 'jax_rocm_plugin'))
+
+
 def initialize(settings: Settings) -> None:
   """`jax.distributed.initialize`, waiting at most `settings.start_timeout` seconds.
 
@@ -281,14 +303,17 @@ def _reads_as_lost_peer(error: BaseException) -> bool:
 
 
 def lost_peer_message(error: BaseException,
-                      environ: Mapping[str, str] = os.environ) -> str:
+                      environ: Mapping[str, str] = os.environ,
+                      aftermath: Optional[str] = None) -> str:
   """One line: which process was lost, the error that showed it, and what to do.
 
   A survivor cannot ask the coordinator which process died (the coordinator learns of
   it only at the peer timeout, when JAX ends every process), so the process is named
   from what this one can see: the other one of two, or process 0 when the coordinator
   no longer answers. An error that does not read as a lost connection (e.g. memory
-  exhausted) is this process's own failure, and the line says so.
+  exhausted) is this process's own failure, and the line says so. `aftermath`: what
+  became of the job and what to do, instead of a training run's (recorded 'failed',
+  resumed by the same command).
   """
   settings = read_environment(environ)
   me, n = jax.process_index(), jax.process_count()
@@ -305,6 +330,9 @@ def lost_peer_message(error: BaseException,
     who = f'process {1 - me} is gone'
   else:
     who = 'a peer process is gone'
+  if aftermath is not None:
+    return (f'bn_research: process {me} of {n}: {who} ({type(error).__name__}: '
+            f'{reason}); {aftermath}.')
   if me == 0:
     recorded = "the run is recorded 'failed'"
   elif coordinator_gone:
@@ -321,16 +349,18 @@ def _jax_state():
   return jax_distributed.global_state
 
 
-def end_after_failed_collective(error: BaseException) -> NoReturn:
+def end_after_failed_collective(error: BaseException,
+                                aftermath: Optional[str] = None) -> NoReturn:
   """Ends this process after a failed collective: one line (`lost_peer_message`), exit
   status EXIT_PEER_LOST if the error reads as a lost peer, else 1.
 
-  Call once the failure is recorded and locks are released. Python's exit would run
+  Call once the failure is recorded and locks are released; `aftermath` as in
+  `lost_peer_message`. Python's exit would run
   `jax.distributed.shutdown`, whose barrier waits for the dead process until the peer
   timeout and then aborts (SIGABRT, a C++ stack trace), so the process ends here with
   `os._exit`, after flushing what it printed and logged.
   """
-  line = lost_peer_message(error)
+  line = lost_peer_message(error, aftermath=aftermath)
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()

@@ -284,7 +284,7 @@ class JitProgram(Program):
       return self._global(piece, self._chunk_sharding)
     return self._process_local(piece, self._chunk_sharding, batch_axis=1)
 
-  def _inference_statistics(self, state) -> Any:
+  def inference_statistics(self, state) -> Any:
     """BN's statistics for evaluation: the moving averages, or Algorithm 2's population
     statistics from the first `eval.population_batches` training batches.
 
@@ -308,7 +308,7 @@ class JitProgram(Program):
     return stats
 
   def evaluate(self, state) -> list[dict]:
-    stats = self._inference_statistics(state)
+    stats = self.inference_statistics(state)
     totals = None
     for b in self.placed_eval_batches():
       self.check_stop()
@@ -333,6 +333,6 @@ class JitProgram(Program):
     if self._probe_images is None:
       self._probe_images = self._global(np.asarray(self.data.probe_images),
                                         self._replicated)
-    values = np.asarray(self._probe(self._hp, state.params, self._inference_statistics(state),
+    values = np.asarray(self._probe(self._hp, state.params, self.inference_statistics(state),
                                     self._probe_images)).reshape(self.num_members, -1)
     return probe_rows(values, self.config.probe.percentiles)
