@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -37,6 +38,23 @@ def whole(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('whole') / 'run'
   proc = helpers.run_main(ARGS + [f'--workdir={workdir}'])
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def killed(tmp_path_factory):
+  """ARGS killed by SIGKILL at step 50, after its sealed checkpoints at steps 20 and 40.
+  Tests damage and resume their own copies (`_copy_of`): one killed process for all."""
+  workdir = tmp_path_factory.mktemp('killed') / 'run'
+  proc = helpers.run_main(ARGS + [f'--workdir={workdir}'],
+                          env={'BN_RESEARCH_KILL_AT_STEP': '50'})
+  assert proc.returncode != 0, proc.stderr[-3000:]  # SIGKILL
+  return workdir
+
+
+def _copy_of(run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run, workdir)
   return workdir
 
 
@@ -86,11 +104,8 @@ def _tree_digest(path) -> dict[str, str]:
     (_unseal, 'save never completed'),
 ])
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous(
-    tmp_path, whole, damage, reason):
-  workdir = tmp_path / 'run'
-  killed = helpers.run_main(ARGS + [f'--workdir={workdir}'],
-                            env={'BN_RESEARCH_KILL_AT_STEP': '50'})
-  assert killed.returncode != 0  # SIGKILL
+    tmp_path, whole, killed, damage, reason):
+  workdir = _copy_of(killed, tmp_path)
   assert rundir.checkpoint_steps(str(workdir)) == [20, 40]
   newest = workdir / rundir.CHECKPOINT_DIR / '40'
   assert rundir.verify(str(newest)) is None  # sealed before the kill
@@ -130,9 +145,7 @@ def test_every_saved_checkpoint_is_sealed_with_the_sha256_of_its_files(whole):
 @pytest.mark.parametrize('keep', ['everything', 'checkpoints', 'metrics'])
 def test_a_run_without_its_config_is_refused_in_one_line_and_nothing_is_deleted(
     tmp_path, whole, keep):
-  workdir = tmp_path / 'run'
-  import shutil  # pylint: disable=g-import-not-at-top
-  shutil.copytree(whole, workdir)
+  workdir = _copy_of(whole, tmp_path)
   os.remove(workdir / rundir.CONFIG_FILE)
   if keep != 'everything':
     for name in os.listdir(workdir):
@@ -156,15 +169,13 @@ def test_a_run_without_its_config_is_refused_in_one_line_and_nothing_is_deleted(
   assert _rows(workdir) == _rows(whole)
 
 
-def test_a_run_from_before_checkpoints_were_sealed_resumes_from_its_newest(tmp_path, whole):
+def test_a_run_from_before_checkpoints_were_sealed_resumes_from_its_newest(
+    tmp_path, whole, killed):
   """No checkpoint of the run has an integrity record (written by a version that did not
   seal them): upgrading must not cost the resume point. The newest is restored as orbax
   finalised it, named in one warning line, and sealed; nothing is moved aside; the run
   ends equal to an uninterrupted one. Readers load such a run's final state too."""
-  workdir = tmp_path / 'run'
-  killed = helpers.run_main(ARGS + [f'--workdir={workdir}'],
-                            env={'BN_RESEARCH_KILL_AT_STEP': '50'})
-  assert killed.returncode != 0  # SIGKILL
+  workdir = _copy_of(killed, tmp_path)
   assert rundir.checkpoint_steps(str(workdir)) == [20, 40]
   for step in (20, 40):
     _unseal(workdir / rundir.CHECKPOINT_DIR / str(step))
@@ -180,7 +191,6 @@ def test_a_run_from_before_checkpoints_were_sealed_resumes_from_its_newest(tmp_p
   for step in rundir.checkpoint_steps(str(workdir)):  # the newer ones sealed as they came
     assert rundir.verify(str(workdir / rundir.CHECKPOINT_DIR / str(step))) is None
 
-  import shutil  # pylint: disable=g-import-not-at-top
   legacy = tmp_path / 'legacy'
   shutil.copytree(whole, legacy)
   for step in rundir.checkpoint_steps(str(legacy)):
