@@ -2,10 +2,23 @@
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
 import pytest
+
+# ------------------------------------------------------------- SIGINT
+#
+# A suite started in the background of a shell without job control (`cmd &`, nohup, some
+# CI runners) inherits SIGINT ignored, and so would every process the tests start: the
+# tests that stop a run with SIGINT would wait for a stop that never comes (the library
+# rightly keeps an inherited "ignore"). SIGINT gets its default back here, before any test
+# starts a process: Python's KeyboardInterrupt in this process, and the default
+# disposition in the processes the tests start (exec resets a handled signal, while an
+# ignored one stays ignored).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # ------------------------------------------------------------- compilation cache
 #
