@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -54,6 +55,13 @@ def set_keys(c, values: dict):
 # ceiling for a hang, far above what a loaded 2-core machine needs (pytest.ini's per-test
 # timeout is the ceiling above this one).
 CEILING = 600
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that no process holds now (for a coordinator address)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
 
 
 def subprocess_env(devices: int | None = None, *, cpu: bool = False,

@@ -45,7 +45,7 @@ def _start(args: list[str], *, processes: int, logs, cwds=None, **env):
   """`python -m bn_research.evaluate args --distributed` as `processes` cooperating
   processes of 1 CPU device each; returns them and their stderr files' paths (stdout
   goes to the same path ending in .stdout)."""
-  port = multiprocess._free_port()
+  port = helpers.free_port()
   procs, paths = [], []
   for i in range(processes):
     paths.append(os.path.join(str(logs), f'evaluate{i}.stderr'))
@@ -258,7 +258,7 @@ def test_streamed_imagenet_on_two_processes_gives_the_one_process_rows(tmp_path)
                             capture_output=True, text=True, timeout=helpers.CEILING)
       assert proc.returncode == 0, proc.stderr[-3000:]
     else:
-      port = multiprocess._free_port()
+      port = helpers.free_port()
       paths = [str(tmp_path / f'evaluate{i}.stderr') for i in range(processes)]
       procs = []
       for i, path in enumerate(paths):

@@ -8,7 +8,6 @@ process learns of before the first collective."""
 
 import glob
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,12 +25,6 @@ TINY = helpers.tiny_args(**{
     # The config file's own: the sweep varies the first; the second evaluates with
     # population statistics, gathered across the processes.
     'optimizer.learning_rate': None, 'eval.batch_stats': None})
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _launch(module: str, args: list[str], *, processes: int, logs, optimized=False,
@@ -58,7 +51,7 @@ def _start(module: str, args: list[str], *, processes: int, logs, ids=None, cwds
   """Starts the processes `ids` (default all) of a `processes`-process run, in the
   directories `cwds` (default all in the repository); returns them and the paths of
   their stderr files."""
-  port = _free_port()
+  port = helpers.free_port()
   ids = range(processes) if ids is None else ids
   procs, paths = [], []
   for i in ids:

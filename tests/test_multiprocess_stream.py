@@ -6,7 +6,6 @@ the evaluation sums cover every process's share (a sum over this process's share
 gives another eval_loss)."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -49,12 +48,6 @@ RUN = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _env(devices: int, **extra) -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
@@ -71,7 +64,7 @@ def _run(layout: str, workdir: str, data_dir: str, processes: int, devices: int)
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return
-  port = _free_port()
+  port = helpers.free_port()
   procs = [subprocess.Popen(
       [sys.executable, '-c', RUN, layout, workdir, data_dir, '1'],
       env=_env(devices, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
